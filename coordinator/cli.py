@@ -1,0 +1,171 @@
+"""The `coordinator` command line (click). Parses flags into a RunConfig and hands over; no logic here.
+
+Never imports torch: commands that need it (make-tiny, adapter training) import it lazily in the
+worker-side modules they call.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+
+import click
+
+from .runner import RunConfig, run
+from .session import StartupError, WorkerSpec
+
+MODES = ("baseline", "parallel", "speculative")
+
+
+def _kv(pairs: tuple[str, ...], flag: str) -> dict:
+    """KEY=VALUE pairs; values parsed as int/float/bool where they look like one."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise click.BadParameter(f"{pair!r}: expected KEY=VALUE", param_hint=flag)
+        key, value = pair.split("=", 1)
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                pass
+        if value in ("true", "false"):
+            value = value == "true"
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def model_options(f):
+    """Flags shared by `run` and `bench`: which backends, which weights, where."""
+    opts = [
+        click.option("--draft-backend", default="eventgpt", show_default=True, help="eventgpt | fake"),
+        click.option("--target-backend", default="videollava", show_default=True, help="videollava | fake"),
+        click.option("--draft-model", type=click.Path(), help="EventGPT checkpoint folder"),
+        click.option("--target-model", type=click.Path(), help="Video-LLaVA checkpoint folder (-hf layout)"),
+        click.option("--clip-path", type=click.Path(), help="local CLIP folder (overrides mm_visual_tower)"),
+        click.option("--precision", type=click.Choice(["nf4", "bf16", "fp16", "fp32"]),
+                     help="both models (default: nf4 on a GPU, fp32 on the CPU)"),
+        click.option("--device", help="both workers: cpu, cuda, cuda:N (default: cuda if available)"),
+        click.option("--draft-device", help="the draft worker's device (overrides --device)"),
+        click.option("--target-device", help="the target worker's device (overrides --device)"),
+        click.option("--temperature", type=float, default=0.0, show_default=True,
+                     help="0 = greedy; > 0 = speculative rejection sampling"),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--synthetic-weights", type=click.Choice(["7b"]),
+                     help="random full-size weights (no checkpoint needed; results are labelled synthetic)"),
+        click.option("--adapter", type=click.Path(), help="draft-to-target adapter checkpoint (draft worker)"),
+        click.option("--no-cuda-graphs", is_flag=True, help="eager decoding even on a GPU"),
+        click.option("--draft-option", multiple=True, metavar="KEY=VALUE", help="extra draft backend option"),
+        click.option("--target-option", multiple=True, metavar="KEY=VALUE", help="extra target backend option"),
+        click.option("--draft-endpoint", help="attach a draft worker started elsewhere: the coordinator binds here"),
+        click.option("--target-endpoint", help="attach a target worker started elsewhere: the coordinator binds here"),
+        click.option("--allow-public-endpoint", is_flag=True, help="allow endpoints on non-loopback interfaces"),
+        click.option("--allow-vocab-mismatch", is_flag=True, help="run although the tokenizers differ"),
+        click.option("--mps", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                     help="private CUDA MPS daemon for the run (auto: where a GPU and the MPS tools exist)"),
+        click.option("--no-mps", is_flag=True, help="same as --mps off"),
+        click.option("--draft-sm-percent", type=click.IntRange(1, 100), help="MPS SM share of the draft"),
+        click.option("--target-sm-percent", type=click.IntRange(1, 100), help="MPS SM share of the target"),
+        click.option("--startup-timeout", type=float, default=600.0, show_default=True,
+                     help="seconds to wait for both workers to be READY"),
+        click.option("--request-timeout", type=float, default=600.0, show_default=True,
+                     help="seconds without an answer before a request fails"),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def build_specs(kw: dict) -> tuple[WorkerSpec, WorkerSpec]:
+    specs = []
+    for role in ("draft", "target"):
+        backend = kw[f"{role}_backend"]
+        options = {"temperature": kw["temperature"], "seed": kw["seed"], "cuda_graphs": not kw["no_cuda_graphs"]}
+        model = kw.get(f"{role}_model")
+        if backend != "fake" and not model and not kw.get("synthetic_weights"):
+            raise click.UsageError(f"--{role}-model PATH is required for the {backend} backend "
+                                   f"(or --synthetic-weights 7b, or --{role}-backend fake)")
+        if model:
+            options["model"] = model
+        if kw.get("synthetic_weights"):
+            options["synthetic_weights"] = kw["synthetic_weights"]
+        if kw.get("clip_path") and role == "draft":
+            options["clip_path"] = kw["clip_path"]
+        if kw.get("adapter") and role == "draft":
+            options["adapter"] = kw["adapter"]
+        if kw.get("precision"):
+            options["precision"] = kw["precision"]
+        device = kw.get(f"{role}_device") or kw.get("device")
+        if device:
+            options["device"] = device
+        options.update(_kv(kw[f"{role}_option"], f"--{role}-option"))
+        specs.append(WorkerSpec(role=role, backend=backend, options=options, endpoint=kw.get(f"{role}_endpoint")))
+    return specs[0], specs[1]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main():
+    """eventspec: EventGPT drafts while Video-LLaVA prefills; lossless speculative decoding."""
+
+
+@main.command("run")
+@click.option("--input", "input_", required=True, type=click.Path(), help="sequence/dataset/clip folder")
+@click.option("--output-dir", type=click.Path(), help="default runs/<timestamp>/")
+@click.option("--samples", type=click.IntRange(1), help="use at most N samples")
+@click.option("--question", help="ask this question of every sample")
+@click.option("--question-set", type=click.Choice(["dataset", "top10"]), default="dataset", show_default=True)
+@click.option("--split", help="dataset split to use (e.g. test)")
+@click.option("--input-format", type=click.Choice(["auto", "dataset", "clip", "dsec", "folder"]), default="auto",
+              show_default=True)
+@click.option("--clip-ms", type=click.IntRange(1), default=1000, show_default=True, help="DSEC clip length")
+@click.option("--clip-stride-ms", type=click.IntRange(1), help="DSEC clip stride (default: --clip-ms)")
+@click.option("--event-frames", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--event-window-ms", type=float, help="use only the last W ms of events of each clip")
+@click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--mode", type=click.Choice(MODES + ("all",)), default="all", show_default=True)
+@click.option("--k-max", type=click.IntRange(0, 64), default=16, show_default=True,
+              help="most drafted tokens per verification")
+@click.option("--no-adaptive", is_flag=True, help="always verify up to --k-max drafts")
+@click.option("--max-ahead", type=click.IntRange(1), default=32, show_default=True,
+              help="the draft pauses this many tokens beyond the committed prefix")
+@click.option("--ignore-eos", is_flag=True, help="fixed-length outputs (benchmarks)")
+@click.option("--quiet", is_flag=True)
+@model_options
+def run_command(input_, **kw):
+    """Run samples through baseline / parallel / speculative decoding and write the reports."""
+    draft, target = build_specs(kw)
+    if kw["ignore_eos"]:
+        for spec in (draft, target):
+            spec.options["ignore_eos"] = True
+    cfg = RunConfig(
+        input=input_, output_dir=kw["output_dir"], modes=list(MODES) if kw["mode"] == "all" else [kw["mode"]],
+        max_new_tokens=kw["max_new_tokens"], samples=kw["samples"], question=kw["question"],
+        question_set=kw["question_set"], split=kw["split"], input_format=kw["input_format"],
+        clip_ms=kw["clip_ms"], clip_stride_ms=kw["clip_stride_ms"], event_frames=kw["event_frames"],
+        event_window_ms=kw["event_window_ms"], on_error=kw["on_error"], draft=draft, target=target,
+        mps="off" if kw["no_mps"] else kw["mps"], draft_sm_percent=kw["draft_sm_percent"],
+        target_sm_percent=kw["target_sm_percent"], startup_timeout_s=kw["startup_timeout"],
+        request_timeout_s=kw["request_timeout"], allow_public_endpoint=kw["allow_public_endpoint"],
+        allow_vocab_mismatch=kw["allow_vocab_mismatch"], k_max=kw["k_max"], adaptive=not kw["no_adaptive"],
+        max_ahead=kw["max_ahead"], ignore_eos=kw["ignore_eos"], quiet=kw["quiet"],
+        command=shlex.join(["coordinator"] + sys.argv[1:]))
+    from workers.inputs.errors import InputError
+    try:
+        code = run(cfg)
+    except (StartupError, InputError, ValueError) as exc:
+        raise click.ClickException(str(exc))
+    sys.exit(code)
+
+
+def _register_optional() -> None:
+    """Commands that live beside the modules they drive."""
+    try:
+        from .input_commands import make_demo_command, render_events_command
+        main.add_command(render_events_command)
+        main.add_command(make_demo_command)
+    except ImportError:
+        pass
+
+
+_register_optional()

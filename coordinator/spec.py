@@ -1,0 +1,155 @@
+"""The coordinator's decision logic for one request, as a pure state machine over token ids.
+
+Owns what to verify and when, when to rebase the draft, and when the answer is complete, for the modes
+baseline / parallel / speculative. Events in (prefill_done, draft, verify_result, decode_result), actions
+out (verify, rebase, decode, stop_draft, finish). Never touches sockets or clocks, so it is tested in
+milliseconds; coordinator.session executes the actions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODES = ("baseline", "parallel", "speculative")
+
+
+@dataclass
+class Action:
+    kind: str                 # verify | rebase | decode | stop_draft | finish
+    start_pos: int = 0
+    tokens: list = field(default_factory=list)
+    epoch: int = 0
+    count: int = 0
+
+
+def next_k(k: int, drafted: int, accepted: int, k_min: int, k_max: int) -> int:
+    """Adaptive draft length: grow after a fully accepted round, shrink after a rejection."""
+    if drafted and accepted == drafted:
+        return min(k_max, k + 2)
+    return max(k_min, min(k, accepted + 1) if drafted else k)
+
+
+@dataclass
+class RequestState:
+    mode: str
+    max_new_tokens: int
+    eos_id: int
+    k_max: int = 16
+    k_min: int = 1
+    adaptive: bool = True
+    committed: list = field(default_factory=list)
+    draft_seq: list = field(default_factory=list)
+    epoch: int = 0
+    target_busy: bool = True          # prefilling
+    finished: bool = False
+    prefill_done: bool = False
+    free_draft_tokens: int | None = None
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    per_round: list = field(default_factory=list)   # (drafted, accepted)
+    _in_flight: list = field(default_factory=list)
+    _k: int = 0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}")
+        self._k = self.k_max
+
+    # --- queries ---------------------------------------------------------------------------
+
+    @property
+    def output(self) -> list[int]:
+        """The answer: committed tokens up to (not including) EOS, at most max_new_tokens."""
+        out = self.committed[: self.max_new_tokens]
+        if self.eos_id in out:
+            out = out[: out.index(self.eos_id)]
+        return out
+
+    def _complete(self) -> bool:
+        return len(self.committed) >= self.max_new_tokens or self.eos_id in self.committed
+
+    def _candidates(self) -> list[int]:
+        n = len(self.committed)
+        if self.draft_seq[:n] != self.committed:
+            return []
+        return self.draft_seq[n:]
+
+    # --- events ----------------------------------------------------------------------------
+
+    def on_prefill_done(self, first_token: int) -> list[Action]:
+        self.prefill_done = True
+        self.committed = [int(first_token)]
+        self.free_draft_tokens = len(self.draft_seq)
+        self.target_busy = False
+        if self._complete():
+            return self._finish()
+        if self.mode == "baseline":
+            return self._decode_rest()
+        if self.mode == "parallel":
+            cands = self._candidates()[: self.max_new_tokens - 1]
+            actions = [Action("stop_draft")]
+            if not cands:
+                return actions + self._decode_rest()
+            return actions + self._verify(cands)
+        return self._reconcile() + self._maybe_verify()
+
+    def on_draft(self, epoch: int, start_pos: int, tokens: list[int]) -> list[Action]:
+        if epoch != self.epoch or start_pos > len(self.draft_seq) or self.finished:
+            return []                      # stale (before a rebase) or out of order: ignore
+        self.draft_seq = self.draft_seq[:start_pos] + [int(t) for t in tokens]
+        if self.mode == "speculative" and self.prefill_done and not self.target_busy:
+            return self._maybe_verify()
+        return []
+
+    def on_verify_result(self, accepted: int, next_token: int) -> list[Action]:
+        sent = self._in_flight
+        if not 0 <= accepted <= len(sent):
+            raise ValueError(f"target accepted {accepted} of {len(sent)} drafted tokens")
+        self.target_busy = False
+        self.committed += sent[:accepted] + [int(next_token)]
+        self.drafted += len(sent)
+        self.accepted += accepted
+        self.rounds += 1
+        self.per_round.append((len(sent), accepted))
+        if self.adaptive:
+            self._k = next_k(self._k, len(sent), accepted, self.k_min, self.k_max)
+        if self._complete():
+            return self._finish()
+        if self.mode == "parallel":
+            return self._decode_rest()
+        return self._reconcile() + self._maybe_verify()
+
+    def on_decode_result(self, tokens: list[int]) -> list[Action]:
+        self.target_busy = False
+        self.committed += [int(t) for t in tokens]
+        return self._finish()
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _finish(self) -> list[Action]:
+        self.finished = True
+        return [Action("finish")]
+
+    def _decode_rest(self) -> list[Action]:
+        self.target_busy = True
+        return [Action("decode", count=self.max_new_tokens - len(self.committed))]
+
+    def _verify(self, cands: list[int]) -> list[Action]:
+        self.target_busy = True
+        self._in_flight = list(cands)
+        return [Action("verify", start_pos=len(self.committed), tokens=list(cands))]
+
+    def _reconcile(self) -> list[Action]:
+        """Tell the draft the committed prefix; a new epoch when its tokens no longer extend it."""
+        n = len(self.committed)
+        if self.draft_seq[:n] != self.committed:
+            self.epoch += 1
+            self.draft_seq = list(self.committed)
+        return [Action("rebase", epoch=self.epoch, tokens=list(self.committed))]
+
+    def _maybe_verify(self) -> list[Action]:
+        if self.target_busy or self.finished:
+            return []
+        room = self.max_new_tokens - len(self.committed) - 1
+        cands = self._candidates()[: max(0, min(self._k, room))]
+        return self._verify(cands)

@@ -1,0 +1,111 @@
+"""ZeroMQ sockets and endpoints: the one place sockets are made.
+
+The coordinator binds a ROUTER, each worker connects a DEALER whose identity is its name. Every socket
+has LINGER 0 and bounded queues; every receive has a deadline. Default endpoints are ipc:// in a private
+0700 temporary directory; tcp is loopback unless the user names another address.
+"""
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import os
+import tempfile
+import time
+from urllib.parse import urlparse
+
+import zmq
+
+from .messages import Message, ProtocolError, decode, encode
+
+HWM = 10_000
+
+
+def private_ipc_dir() -> str:
+    """A short, user-only directory for ipc sockets (Unix socket paths are limited to ~107 bytes)."""
+    base = "/tmp" if os.path.isdir("/tmp") else None
+    path = tempfile.mkdtemp(prefix="es-", dir=base)
+    os.chmod(path, 0o700)
+    return path
+
+
+def ipc_endpoint(directory: str, name: str) -> str:
+    return f"ipc://{os.path.join(directory, name)}.sock"
+
+
+def check_endpoint(endpoint: str, *, allow_public: bool = False) -> str:
+    """Refuse endpoints that would listen on or reach a non-loopback interface unless asked for."""
+    parsed = urlparse(endpoint)
+    if parsed.scheme == "ipc":
+        return endpoint
+    if parsed.scheme != "tcp":
+        raise ValueError(f"endpoint {endpoint!r}: use ipc://PATH or tcp://HOST:PORT")
+    host = parsed.hostname or ""
+    if host in ("localhost",):
+        return endpoint
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not allow_public:
+        raise ValueError(
+            f"endpoint {endpoint!r} is not on loopback; pass --allow-public-endpoint to use another interface")
+    return endpoint
+
+
+def make_socket(ctx: zmq.Context, kind: int, identity: str | None = None) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity.encode())
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)   # sending to an unknown peer raises, not drops
+    return sock
+
+
+class Channel:
+    """One socket plus stamping, ids and decoding. Not thread-safe (ZeroMQ sockets are not)."""
+
+    def __init__(self, sock: zmq.Socket, name: str, *, router: bool):
+        self.sock = sock
+        self.name = name
+        self.router = router
+        self._ids = itertools.count()
+        self.poller = zmq.Poller()
+        self.poller.register(sock, zmq.POLLIN)
+
+    def send(self, msg: Message, to: str | None = None) -> Message:
+        msg.src = self.name
+        if to is not None:
+            msg.dst = to
+        if not msg.msg_id:
+            msg.msg_id = f"{self.name}-{next(self._ids)}"
+        msg.sent_ns = time.monotonic_ns()
+        frames = encode(msg)
+        if self.router:
+            self.sock.send_multipart([msg.dst.encode()] + frames, copy=False)
+        else:
+            self.sock.send_multipart(frames, copy=False)
+        return msg
+
+    def recv(self, timeout_ms: float) -> tuple[Message | None, str | None]:
+        """Wait at most timeout_ms. Returns (message, None), (None, None) on timeout, or
+        (None, reason) for a malformed message (the caller answers with ERROR)."""
+        if not self.poller.poll(max(0, int(timeout_ms))):
+            return None, None
+        frames = self.sock.recv_multipart()
+        recv_ns = time.monotonic_ns()
+        sender = None
+        if self.router:
+            sender, frames = frames[0].decode(errors="replace"), frames[1:]
+        try:
+            msg = decode(frames, recv_ns)
+        except ProtocolError as exc:
+            return None, f"{sender or 'peer'}: {exc}"
+        if self.router:
+            msg.src = sender
+        return msg, None
+
+    def close(self) -> None:
+        self.sock.close(0)

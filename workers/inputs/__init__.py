@@ -1,0 +1,14 @@
+"""Input side of eventspec: discovering samples and loading events and video frames, without torch."""
+from .demo import make_demo
+from .errors import InputError
+from .events import Events, load_events, load_events_file, validate_events
+from .render import render_event_images
+from .samples import (DEFAULT_QUESTION, INPUT_FORMATS, QUESTION_SETS, TOP10_QUESTIONS, detect_layout,
+                      discover_samples, load_sample_inputs)
+from .video import load_video_frames, sample_frame_indices
+
+__all__ = [
+    "DEFAULT_QUESTION", "INPUT_FORMATS", "QUESTION_SETS", "TOP10_QUESTIONS", "Events", "InputError",
+    "detect_layout", "discover_samples", "load_events", "load_events_file", "load_sample_inputs",
+    "load_video_frames", "make_demo", "render_event_images", "sample_frame_indices", "validate_events",
+]
