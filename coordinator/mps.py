@@ -13,6 +13,10 @@ import tempfile
 CONTROL = "nvidia-cuda-mps-control"
 
 
+class MpsError(RuntimeError):
+    pass
+
+
 def gpu_present() -> bool:
     smi = shutil.which("nvidia-smi")
     if not smi:
@@ -30,7 +34,7 @@ def mps_wanted(setting: str) -> bool:
         return False
     if setting == "on":
         if not shutil.which(CONTROL):
-            raise RuntimeError(f"--mps on: {CONTROL} is not on PATH; install the CUDA MPS tools or use --mps off")
+            raise MpsError(f"--mps on: {CONTROL} is not on PATH; install the CUDA MPS tools or use --mps off")
         return True
     return bool(shutil.which(CONTROL)) and gpu_present()
 
@@ -51,7 +55,7 @@ class MpsDaemon:
         out = subprocess.run([CONTROL, "-d"], env={**os.environ, **self.env}, capture_output=True, text=True,
                              timeout=30)
         if out.returncode != 0:
-            raise RuntimeError(f"starting the MPS daemon failed ({CONTROL} -d exited {out.returncode}): "
+            raise MpsError(f"starting the MPS daemon failed ({CONTROL} -d exited {out.returncode}): "
                                f"{(out.stderr or out.stdout).strip()}; run with --mps off to go without it")
         self.running = True
         return self

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import reports
-from .mps import MpsDaemon, mps_wanted
+from .mps import MpsDaemon, MpsError, mps_wanted
 from .session import Session, StartupError, WorkerDied, WorkerSpec
 
 EXIT_OK, EXIT_SAMPLE_FAILED, EXIT_WORKER_DIED, EXIT_STARTUP, EXIT_INTERRUPTED = 0, 1, 3, 4, 130
@@ -147,7 +147,7 @@ def run(cfg: RunConfig) -> int:
                 break
     except WorkerDied as exc:
         failure, exit_code = f"worker died: {exc}", EXIT_WORKER_DIED
-    except StartupError as exc:
+    except (StartupError, MpsError) as exc:
         failure, exit_code = f"startup failed: {exc}", EXIT_STARTUP
     except KeyboardInterrupt:
         failure, exit_code = "interrupted (Ctrl-C)", EXIT_INTERRUPTED
@@ -199,6 +199,7 @@ def _run_info(cfg: RunConfig, session: Session, daemon) -> dict:
             "device": {r: h.ready.device for r, h in session.workers.items()},
             "synthetic": any(h.ready.synthetic for h in session.workers.values()),
             "memory_at_ready": {r: h.ready.memory for r, h in session.workers.items()},
+            "worker_info": {r: h.ready.info for r, h in session.workers.items()},
             "mps": bool(daemon), "max_new_tokens": cfg.max_new_tokens, "modes": cfg.modes,
             "python": platform.python_version(), "host": platform.node()}
     precision = {r: h.spec.options.get("precision") for r, h in session.workers.items()}

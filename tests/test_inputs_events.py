@@ -202,8 +202,9 @@ def test_missing_compression_filter_says_install_hdf5plugin(tmp_path):
         "import sys; sys.modules['hdf5plugin'] = None\n"  # simulate hdf5plugin not installed
         "from workers.inputs.events import load_events_file, InputError\n"
         f"try:\n    load_events_file({str(path)!r})\nexcept InputError as e:\n    print('ERR', e)\n")
-    env = {**os.environ, "HDF5_PLUGIN_PATH": str(tmp_path / "no_plugins")}
+    env = {**os.environ, "HDF5_PLUGIN_PATH": str(tmp_path / "nothing_here")}
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=60)
     assert "ERR" in result.stdout, result.stderr
-    assert "hdf5plugin" in result.stdout and str(path) in result.stdout
+    assert "pip install hdf5plugin" in result.stdout and "blosc" in result.stdout.lower()
+    assert str(path) in result.stdout

@@ -19,8 +19,8 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from .render import render_event_images
 from .events import Events
+from .render import render_event_images
 
 T_OFFSET_US = 10_000_000      # DSEC stores event t relative to t_offset; images use absolute time
 CONTRAST_THRESHOLD = 0.25     # log-intensity step that makes a pixel fire
@@ -109,7 +109,10 @@ def _simulate(rng: np.random.Generator, size: tuple[int, int], duration_us: int,
         polarity = np.concatenate([polarity, rng.integers(0, 2, NOISE_EVENTS_PER_SUBFRAME).astype(np.uint8)])
         times = t_us - step_us + rng.integers(1, step_us + 1, len(fx))  # inside (previous step, this step]
         order = np.argsort(times, kind="stable")
-        xs_out.append(fx[order]), ys_out.append(fy[order]), ts_out.append(times[order]), ps_out.append(polarity[order])
+        xs_out.append(fx[order])
+        ys_out.append(fy[order])
+        ts_out.append(times[order])
+        ps_out.append(polarity[order])
     events = {"x": np.concatenate(xs_out).astype(np.uint16), "y": np.concatenate(ys_out).astype(np.uint16),
               "t": np.concatenate(ts_out).astype(np.int64), "p": np.concatenate(ps_out).astype(np.uint8)}
     return np.stack(frames), np.array(frame_times, np.int64), events, shapes

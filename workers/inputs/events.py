@@ -127,11 +127,31 @@ def _read_npy(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- h5 files
+def _missing_filters(path: Path) -> list[str]:
+    """Names of the HDF5 filters this file's datasets use that this process cannot decode."""
+    missing = []
+    try:
+        with h5py.File(path, "r") as f:
+            def visit(_, obj):
+                if isinstance(obj, h5py.Dataset):
+                    plist = obj.id.get_create_plist()
+                    for i in range(plist.get_nfilters()):
+                        code, _, _, name = plist.get_filter(i)
+                        if not h5py.h5z.filter_avail(code):
+                            missing.append(f"{name.decode(errors='replace') or 'filter'} (id {code})")
+            f.visititems(visit)
+    except Exception:  # only used to improve an error message
+        pass
+    return sorted(set(missing))
+
+
 def _h5_error(path: Path, exc: Exception) -> InputError:
     text = str(exc)
-    if "filter" in text.lower() or "plugin" in text.lower():
-        hint = ("it is compressed with a filter HDF5 cannot find (DSEC uses Blosc/ZSTD). Install hdf5plugin "
-                "(pip install hdf5plugin); eventspec imports it before opening event files")
+    missing = _missing_filters(path)
+    if missing or "filter" in text.lower():
+        hint = (f"it is compressed with {', '.join(missing) or 'a filter'} that HDF5 cannot find here (DSEC "
+                "uses Blosc/ZSTD). Install hdf5plugin (pip install hdf5plugin); eventspec imports it before "
+                "opening event files")
         if _HDF5PLUGIN_MISSING is not None:
             hint += f" (importing it here failed: {_HDF5PLUGIN_MISSING})"
         return InputError(f"{path}: cannot read events: {hint}. HDF5 said: {text}")

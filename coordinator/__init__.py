@@ -1,0 +1,1 @@
+"""eventspec's coordinator: orchestration, the `coordinator` CLI and the reports. Never imports torch."""

@@ -1,0 +1,70 @@
+"""The wire format: typed msgpack messages, array frames, rejection of what does not fit."""
+import msgpack
+import numpy as np
+import pytest
+
+from protocol import messages as m
+from protocol.transport import check_endpoint
+
+
+def roundtrip(msg):
+    return m.decode([bytes(f) for f in m.encode(msg)])
+
+
+def test_every_type_roundtrips_with_its_fields():
+    for name, cls in m.MESSAGE_TYPES.items():
+        got = roundtrip(cls(src="draft", request_id="r1", msg_id="draft-3", sent_ns=123))
+        assert type(got) is cls and got.type == name
+        assert (got.src, got.request_id, got.msg_id, got.sent_ns) == ("draft", "r1", "draft-3", 123)
+        assert got.recv_ns >= 0
+
+
+def test_payload_and_arrays_travel_as_frames():
+    probs = np.random.default_rng(0).random((3, 7), dtype=np.float32)
+    msg = m.Draft(epoch=2, start_pos=5, tokens=[4, 5, 6])
+    msg.arrays["probs"] = probs
+    frames = m.encode(msg)
+    assert len(frames) == 2                       # header + one zero-copy array frame
+    assert b"probs" in frames[0] and len(frames[1]) == probs.nbytes
+    got = m.decode([bytes(f) for f in frames])
+    assert (got.epoch, got.start_pos, got.tokens) == (2, 5, [4, 5, 6])
+    np.testing.assert_array_equal(got.arrays["probs"], probs)
+
+
+def test_unknown_type_and_version_are_rejected_with_reasons():
+    head = msgpack.unpackb(m.encode(m.Stop())[0])
+    bad_type = dict(head, type="launch_missiles")
+    with pytest.raises(m.ProtocolError, match="unknown message type 'launch_missiles'"):
+        m.decode([msgpack.packb(bad_type)])
+    bad_version = dict(head, v=99)
+    with pytest.raises(m.ProtocolError, match="version 99"):
+        m.decode([msgpack.packb(bad_version)])
+    with pytest.raises(m.ProtocolError, match="not valid msgpack|not a map"):
+        m.decode([b"\xc1garbage"])
+    with pytest.raises(m.ProtocolError, match="unknown fields"):
+        m.decode([msgpack.packb(dict(head, body={"reason": "x", "evil": 1}))])
+
+
+def test_array_frames_must_match_their_description():
+    msg = m.Verify(tokens=[1])
+    msg.arrays["probs"] = np.zeros((2, 3), np.float32)
+    frames = [bytes(f) for f in m.encode(msg)]
+    with pytest.raises(m.ProtocolError, match="2 frames|1 arrays described"):
+        m.decode(frames + [b"extra"])
+    with pytest.raises(m.ProtocolError, match="elements"):
+        m.decode([frames[0], frames[1][:-4]])
+    head = msgpack.unpackb(frames[0])
+    head["arrays"][0][1] = "|O"                  # object arrays would need pickle: never
+    with pytest.raises(m.ProtocolError, match="dtype"):
+        m.decode([msgpack.packb(head), frames[1]])
+
+
+def test_endpoints_stay_on_loopback_unless_allowed():
+    assert check_endpoint("ipc:///tmp/x.sock")
+    assert check_endpoint("tcp://127.0.0.1:5555")
+    assert check_endpoint("tcp://[::1]:5555")
+    with pytest.raises(ValueError, match="not on loopback"):
+        check_endpoint("tcp://0.0.0.0:5555")
+    assert check_endpoint("tcp://0.0.0.0:5555", allow_public=True)
+    with pytest.raises(ValueError):
+        check_endpoint("http://127.0.0.1:80")

@@ -1,0 +1,124 @@
+"""The coordinator's decision logic, driven by hand: what it verifies, when it rebases, what it outputs."""
+import random
+
+import pytest
+
+from coordinator.spec import RequestState, next_k
+from workers.engine.core import greedy_accept
+
+EOS = 2
+
+
+def simulate(mode, target, draft_fn, max_new, k_max=8, adaptive=True, drafts_before_prefill=5):
+    """Play both workers by their definitions: the target's greedy answer is `target`; the draft proposes
+    draft_fn(position) after the committed prefix. Returns the state after completion."""
+    st = RequestState(mode=mode, max_new_tokens=max_new, eos_id=EOS, k_max=k_max, adaptive=adaptive)
+    epoch_seen = 0
+    draft = [draft_fn(i) for i in range(drafts_before_prefill)]
+    if mode != "baseline":
+        st.on_draft(0, 0, draft)
+    actions = st.on_prefill_done(target[0])
+    rounds = 0
+    while not st.finished:
+        rounds += 1
+        assert rounds < 500
+        nxt = []
+        for a in actions:
+            if a.kind == "verify":
+                pos = a.start_pos
+                assert st.committed == target[:pos]
+                choices = target[pos: pos + len(a.tokens) + 1]
+                nxt += st.on_verify_result(*greedy_accept(a.tokens, choices))
+            elif a.kind == "decode":
+                have = len(st.committed)
+                rest = []
+                while len(rest) < a.count and (have + len(rest)) < len(target) and target[have + len(rest) - 1] != EOS:
+                    rest.append(target[have + len(rest)])
+                nxt += st.on_decode_result(rest)
+            elif a.kind == "rebase":
+                # the draft drafts 3 more tokens from the committed prefix after each rebase
+                base = a.tokens
+                if a.epoch != epoch_seen:
+                    epoch_seen = a.epoch
+                seq = list(base) + [draft_fn(len(base) + i) for i in range(3)]
+                nxt += st.on_draft(a.epoch, len(base), seq[len(base):])
+        actions = nxt
+    return st
+
+
+def target_seq(n, eos_at=None, seed=0):
+    rng = random.Random(seed)
+    seq = [rng.randrange(3, 1000) for _ in range(n)]
+    if eos_at is not None:
+        seq[eos_at] = EOS
+    return seq
+
+
+@pytest.mark.parametrize("mode", ["baseline", "parallel", "speculative"])
+@pytest.mark.parametrize("quality", ["perfect", "wrong", "prefix3", "alpha"])
+def test_output_is_the_targets_greedy_answer(mode, quality):
+    target = target_seq(80, eos_at=37)
+    rng = random.Random(1)
+    noise = [rng.random() < 0.6 for _ in range(200)]
+    fn = {"perfect": lambda i: target[i], "wrong": lambda i: target[i] + 1,
+          "prefix3": lambda i: target[i] if i < 3 else target[i] + 1,
+          "alpha": lambda i: target[i] if noise[i] else target[i] + 1}[quality]
+    st = simulate(mode, target, fn, max_new=50)
+    assert st.output == target[:37]
+    if mode != "baseline":
+        assert st.drafted >= st.accepted >= 0
+    if mode != "baseline" and quality == "wrong":
+        assert st.accepted == 0
+
+
+def test_token_limit_and_perfect_drafts_accept_everything():
+    target = target_seq(100)
+    st = simulate("speculative", target, lambda i: target[i], max_new=30)
+    assert st.output == target[:30] and len(st.committed) == 30
+    assert st.accepted == st.drafted > 0
+
+
+def test_parallel_verifies_only_the_free_drafts_then_decodes():
+    target = target_seq(60)
+    st = RequestState(mode="parallel", max_new_tokens=20, eos_id=EOS)
+    st.on_draft(0, 0, target[:6])
+    actions = st.on_prefill_done(target[0])
+    assert [a.kind for a in actions] == ["stop_draft", "verify"]
+    assert actions[1].start_pos == 1 and actions[1].tokens == target[1:6]
+    assert st.free_draft_tokens == 6
+    actions = st.on_verify_result(5, target[6])
+    assert [a.kind for a in actions] == ["decode"] and actions[0].count == 20 - 7
+
+
+def test_wrong_first_draft_token_means_nothing_to_verify():
+    st = RequestState(mode="parallel", max_new_tokens=10, eos_id=EOS)
+    st.on_draft(0, 0, [5, 6, 7])
+    actions = st.on_prefill_done(9)
+    assert [a.kind for a in actions] == ["stop_draft", "decode"]
+
+
+def test_stale_drafts_after_a_rebase_are_ignored():
+    st = RequestState(mode="speculative", max_new_tokens=50, eos_id=EOS, k_max=4)
+    st.on_draft(0, 0, [10, 11, 12, 13])
+    st.on_prefill_done(10)                      # verify [11, 12, 13]
+    actions = st.on_verify_result(1, 99)        # committed 10 11 99: the draft went wrong at 12
+    rebase = [a for a in actions if a.kind == "rebase"][0]
+    assert rebase.epoch == 1 and rebase.tokens == [10, 11, 99]
+    assert st.on_draft(0, 4, [14, 15]) == []    # old epoch: dropped
+    assert st.draft_seq == [10, 11, 99]
+
+
+def test_adaptive_k_grows_on_success_and_shrinks_on_rejection():
+    assert next_k(4, 4, 4, 1, 16) == 6
+    assert next_k(16, 16, 16, 1, 16) == 16
+    assert next_k(8, 8, 2, 1, 16) == 3
+    assert next_k(8, 8, 0, 1, 16) == 1
+    assert next_k(5, 0, 0, 1, 16) == 5
+
+
+def test_greedy_accept_positions():
+    assert greedy_accept([5, 6, 7], [5, 6, 7, 8]) == (3, 8)
+    assert greedy_accept([5, 6, 7], [5, 9, 7, 8]) == (1, 9)
+    assert greedy_accept([], [4]) == (0, 4)
+    with pytest.raises(ValueError):
+        greedy_accept([1, 2], [1, 2])
