@@ -158,6 +158,21 @@ def run_command(input_, **kw):
     sys.exit(code)
 
 
+@main.command("make-tiny")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--share-weights", is_flag=True,
+              help="the draft's language model copies the target's, so drafts are mostly accepted")
+@click.option("--seed", type=int, default=0, show_default=True)
+def make_tiny_command(out_dir, share_weights, seed):
+    """Write tiny random EventGPT (released layout) and Video-LLaVA (-hf layout) checkpoints sharing one
+    small offline tokenizer: for tests and the demo, loaded through the same code as the 7B ones."""
+    from workers.models.tiny import make_tiny  # imports torch: only for this command
+
+    paths = make_tiny(out_dir, share_weights=share_weights, seed=seed)
+    for name, path in paths.items():
+        click.echo(f"{name}: {path}")
+
+
 def _register_optional() -> None:
     """Commands that live beside the modules they drive."""
     try:

@@ -253,11 +253,12 @@ class Session:
         sample_id = sample.get("sample_id", "")
         self.context = {"sample_id": sample_id, "mode": mode}
         options = dict(options or {})
-        eos = self.workers["target"].ready.eos_id
+        eos = -1 if (options or {}).get("ignore_eos") else self.workers["target"].ready.eos_id
         state = RequestState(mode=mode, max_new_tokens=max_new_tokens, eos_id=eos, k_max=k_max,
                              adaptive=adaptive)
-        roles = ["target"] if mode == "baseline" else ["draft", "target"]
-        draft_active = mode != "baseline"
+        target_only = mode in ("baseline", "hf-generate")
+        roles = ["target"] if target_only else ["draft", "target"]
+        draft_active = not target_only
         record = {"sample_id": sample_id, "mode": mode, "request_id": rid, "question": question,
                   "status": "ok", "error": None}
         msgs = {role: m.Prefill(request_id=rid, mode=mode, sample=sample, question=question,
@@ -316,6 +317,31 @@ class Session:
         record.update(self._measure(state, dones, start_ns, end_ns, ttft_ns, mode))
         record.update(info)
         return record
+
+    def run_draft_alone(self, sample: dict, *, question: str, steps: int, options: dict | None = None) -> dict:
+        """The draft's prefill and `steps` decode steps with the target idle: its uncontended step time."""
+        self._request_no += 1
+        rid = f"r{self._request_no}"
+        self.context = {"sample_id": sample.get("sample_id", ""), "mode": "draft-alone"}
+        opts = dict(options or {}, ignore_eos=True)
+        self.send(m.Prefill(request_id=rid, mode="draft-alone", sample=sample, question=question,
+                            max_new_tokens=steps + 1, max_ahead=steps + 1, options=opts), "draft")
+        deadline = time.monotonic() + self.request_timeout_s
+        have = 0
+        while have < steps + 1:
+            msg = self.recv(deadline)
+            if msg.request_id != rid:
+                continue
+            if isinstance(msg, m.Error):
+                raise RequestFailed(msg.reason)
+            if isinstance(msg, m.Draft):
+                have = max(have, msg.start_pos + len(msg.tokens))
+        self.send(m.Stop(request_id=rid), "draft")
+        done = self._collect_done(rid, ["draft"], {})["draft"]
+        steps_ms = [(e - s) / 1e6 for n, s, e, _ in done.spans if n == "draft_step"]
+        prefill_ms = [(e - s) / 1e6 for n, s, e, _ in done.spans if n == "prefill"]
+        return {"sample_id": sample.get("sample_id"), "draft_step_ms": steps_ms,
+                "prefill_ms": prefill_ms[0] if prefill_ms else None}
 
     def _collect_done(self, rid: str, roles: list[str], early: dict) -> dict[str, m.Done]:
         dones: dict[str, m.Done] = {}
@@ -393,7 +419,7 @@ class Session:
         else:
             rec["draft"] = None
             rec["overlap_window_ms"] = None
-        spec = mode != "baseline"
+        spec = mode in ("parallel", "speculative")
         rec.update({
             "free_draft_tokens": state.free_draft_tokens if spec else None,
             "drafted_tokens": state.drafted if spec else None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MODES = ("baseline", "parallel", "speculative")
+MODES = ("baseline", "parallel", "speculative", "hf-generate")
 
 
 @dataclass
@@ -83,7 +83,7 @@ class RequestState:
         self.target_busy = False
         if self._complete():
             return self._finish()
-        if self.mode == "baseline":
+        if self.mode in ("baseline", "hf-generate"):
             return self._decode_rest()
         if self.mode == "parallel":
             cands = self._candidates()[: self.max_new_tokens - 1]

@@ -21,6 +21,7 @@ import zmq
 
 from protocol import messages as m
 from protocol.transport import Channel, make_socket
+from workers.oracle import Oracle
 
 HEARTBEAT_S = 1.0
 
@@ -66,6 +67,8 @@ class Worker:
         self.received: list = []
         self.stats: dict = {}
         self.request_max_new = 0
+        self.oracle = None
+        self.generated: list[int] = []
 
     @contextmanager
     def span(self, name: str, **attrs):
@@ -166,11 +169,26 @@ class Worker:
         self._reset_request("")
         return shutdown
 
+    def _eos(self, prefill: m.Prefill) -> int:
+        return -1 if prefill.options.get("ignore_eos") else self.backend.eos_id
+
     def _prefill(self, prefill: m.Prefill) -> tuple[int, int, dict]:
         opts = dict(prefill.options, max_new_tokens=prefill.max_new_tokens)
         with self.span("load_inputs"):
             prepared = self.backend.prepare(prefill.sample, prefill.question, opts)
-        self.backend.configure_request(opts) if hasattr(self.backend, "configure_request") else None
+        self.oracle = None
+        if self.role == "draft" and opts.get("oracle"):
+            spec = opts["oracle"]
+            self.oracle = Oracle(spec["answer"], alpha=spec.get("alpha"), profile=spec.get("profile"),
+                                 seed=int(spec.get("seed", 0)), key=prefill.sample.get("sample_id", ""),
+                                 vocab_size=self.backend.vocab_size, eos_id=self.backend.eos_id)
+            self.backend.engine.override = self.oracle
+        if prefill.mode == "hf-generate":
+            with self.span("hf_generate") as attrs:
+                tokens = self.backend.hf_generate(prepared, prefill.max_new_tokens, self._eos(prefill))
+                attrs["tokens"] = len(tokens)
+            self.generated = tokens
+            return tokens[0], 0, prepared.info
         with self.span("prefill") as attrs:
             first, prompt_len = self.backend.prefill(prepared)
             attrs["prompt_len"] = prompt_len
@@ -202,15 +220,17 @@ class Worker:
                 self.send(m.VerifyResult(start_pos=msg.start_pos, drafted=len(msg.tokens), accepted=accepted,
                                          next_token=nxt))
             elif isinstance(msg, m.Decode):
-                self.send(m.DecodeResult(tokens=self._decode_alone(msg.max_tokens)))
+                if prefill.mode == "hf-generate":
+                    self.send(m.DecodeResult(tokens=self.generated[1: 1 + msg.max_tokens]))
+                else:
+                    self.send(m.DecodeResult(tokens=self._decode_alone(msg.max_tokens, self._eos(prefill))))
             else:
                 self.send(m.Error(reason=f"{self.name}: unexpected {msg.type!r} during a request",
                                   in_reply_to=msg.msg_id))
 
-    def _decode_alone(self, max_tokens: int) -> list[int]:
+    def _decode_alone(self, max_tokens: int, eos: int) -> list[int]:
         engine = self.backend.engine
         out: list[int] = []
-        eos = self.backend.eos_id
         while len(out) < max_tokens and engine.tokens[-1] != eos:
             with self.span("decode"):
                 out.append(engine.step())
@@ -229,7 +249,7 @@ class Worker:
     def _serve_draft(self, prefill: m.Prefill) -> None:
         first, _, _ = self._prefill(prefill)
         engine = self.backend.engine
-        eos = self.backend.eos_id
+        eos = self._eos(prefill)
         batch = max(1, int(prefill.options.get("draft_batch", 1)))
         max_total = prefill.max_new_tokens
         max_ahead = prefill.max_ahead
@@ -259,6 +279,8 @@ class Worker:
                 raise RequestAborted(shutdown=True)
             if isinstance(msg, m.Rebase):
                 committed_len = len(msg.committed)
+                if self.oracle is not None:
+                    self.oracle.committed_len = committed_len
                 if msg.epoch != epoch:
                     epoch = msg.epoch
                     with self.span("rebase", committed=committed_len):

@@ -46,6 +46,15 @@ class Backend(ABC):
         first = self.engine.start(prepared.prompt)
         return first, self.engine.seq.prompt_len
 
+    def hf_generate(self, prepared: Prepared, max_new_tokens: int, eos_id: int) -> list[int]:
+        """The target alone the way users run it without eventspec (transformers' generate()); the
+        engine's own loop where a backend has no generate()."""
+        first = self.engine.start(prepared.prompt)
+        out = [first]
+        while len(out) < max_new_tokens and out[-1] != eos_id:
+            out.append(self.engine.step())
+        return out
+
     def decode_text(self, token_ids: list[int]) -> str:
         return " ".join(str(t) for t in token_ids)
 

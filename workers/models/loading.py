@@ -404,9 +404,9 @@ def videollava_prefill_inputs(lm: LoadedModel, frames: np.ndarray, question: str
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be [n, H, W, 3] uint8, got shape {frames.shape}")
-    pixels = lm.image_processor(images=list(frames), return_tensors="pt", return_legacy_image_output=False)[
-        "pixel_values"
-    ]
+    processed = lm.image_processor(images=list(frames), return_tensors="pt")
+    # transformers < 5.23 names the output pixel_values_images, later versions pixel_values
+    pixels = processed["pixel_values"] if "pixel_values" in processed else processed["pixel_values_images"]
     ids = videollava_prompt_ids(lm.tokenizer, lm.model.config, question, len(frames)).to(lm.device)
     kwargs = {
         "input_ids": ids,

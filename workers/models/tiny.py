@@ -75,7 +75,7 @@ def _train_tokenizer(out_dir: Path):
     for piece, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
         vocab.setdefault(piece, len(vocab))
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
-    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges)
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
     tokenizer.save_pretrained(str(out_dir))
     return tokenizer
 

@@ -1,0 +1,76 @@
+"""Real-geometry arithmetic (event positions, prompt lengths) and the synthetic models' code path."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from workers.models.eventgpt import EventGPTConfig, EventGPTForCausalLM
+from workers.models.prompts import REFERENCE_QUESTION, eventgpt_prompt_ids, spliced_length
+from workers.models.synthetic import StandInTokenizer, synthetic_model, synthetic_prefill_inputs
+
+
+def _real_eventgpt_on_meta():
+    # The released geometry (LLaMA-7B + CLIP ViT-L/14-336) on the meta device: shapes flow, nothing is computed.
+    with torch.device("meta"):
+        return EventGPTForCausalLM(EventGPTConfig(event_feature_adaptor=True))
+
+
+@pytest.mark.parametrize("n_images", [5, 1])
+def test_real_geometry_event_positions(n_images):
+    model = _real_eventgpt_on_meta()
+    vision = model.config.clip_vision_config()
+    assert (vision.image_size, vision.patch_size, vision.hidden_size) == (336, 14, 1024)
+    embeds = model.model.encode_events(torch.empty(n_images, 3, 336, 336, device="meta"))
+    assert tuple(embeds.shape) == (n_images + 577, 4096)
+
+
+def test_real_prompt_lengths_with_standin_tokenizer():
+    # StandInTokenizer reproduces the Vicuna SentencePiece piece counts of the template (see synthetic.py).
+    ids = eventgpt_prompt_ids(StandInTokenizer(), REFERENCE_QUESTION)
+    assert len(ids) - 1 == 59  # text tokens, the placeholder excluded
+    assert spliced_length(ids, 5 + 577) == 641
+    assert spliced_length(ids, 1 + 577) == 637
+
+
+def test_standin_tokenizer_is_not_a_constant_counter():
+    tok = StandInTokenizer()
+    short = eventgpt_prompt_ids(tok, "Describe the following scene.")
+    long = eventgpt_prompt_ids(tok, "What types of vehicles are present in the scene and how are they positioned?")
+    assert len(long) - len(short) == 15 - 5
+    assert short != long[: len(short)]
+
+
+@pytest.mark.parametrize("kind", ["eventgpt", "videollava"])
+def test_synthetic_tiny_prefill_then_decode(kind):
+    lm = synthetic_model(kind, size="tiny-test", precision="fp32", device="cpu", seed=0)
+    assert lm.synthetic and lm.model_id.startswith("synthetic:")
+    kwargs, prompt_len = synthetic_prefill_inputs(lm)
+    cache = DynamicCache()
+    with torch.no_grad():
+        out = lm.model(**kwargs, past_key_values=cache, use_cache=True)
+        assert cache.get_seq_length() == prompt_len
+        nxt = out.logits[:, -1:].argmax(-1)
+        out = lm.model(input_ids=nxt, past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == prompt_len + 1
+    assert torch.isfinite(out.logits).all()
+    if kind == "eventgpt":
+        assert prompt_len == 59 + 5 + 17
+    else:  # 20 text tokens + 8 frames × 17 tokens in the tiny geometry
+        assert prompt_len == 20 + 8 * 17
+    rope = next(m for m in lm.model.modules() if "RotaryEmbedding" in type(m).__name__)
+    assert rope.inv_freq.dtype == torch.float32 and rope.inv_freq[0].item() == 1.0  # buffers rebuilt after to_empty
+
+
+def test_synthetic_weights_are_seeded():
+    a = synthetic_model("eventgpt", size="tiny-test", precision="fp32", seed=3)
+    b = synthetic_model("eventgpt", size="tiny-test", precision="fp32", seed=3)
+    c = synthetic_model("eventgpt", size="tiny-test", precision="fp32", seed=4)
+    w = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(a.model.state_dict()[w], b.model.state_dict()[w])
+    assert not torch.equal(a.model.state_dict()[w], c.model.state_dict()[w])
+    assert a.model.state_dict()[w].std() > 0
+
+
+def test_synthetic_nf4_refused_on_cpu():
+    with pytest.raises(ValueError, match="nf4"):
+        synthetic_model("videollava", size="tiny-test", precision="nf4", device="cpu")

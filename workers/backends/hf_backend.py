@@ -1,0 +1,153 @@
+"""What the EventGPT and Video-LLaVA backends share: precision and device choice, loading real or
+synthetic weights, the step model (eager or CUDA-graph), sampling, memory, text, transformers' generate().
+
+Never touches sockets or clocks. Imports torch (only worker processes import this module).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from workers.backends.base import Backend, Prepared
+from workers.engine.core import TokenEngine
+from workers.engine.hf import HFStepModel
+
+
+def pick_device(requested: str | None) -> str:
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {requested}: no CUDA device is visible to this worker; use --device cpu")
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_precision(requested: str | None, device: str) -> str:
+    if requested:
+        return requested
+    return "nf4" if device.startswith("cuda") else "fp32"
+
+
+class HFBackend(Backend):
+    kind = ""           # eventgpt | videollava
+
+    def load(self) -> dict:
+        opts = self.options
+        self.device = pick_device(opts.get("device"))
+        if self.device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(self.device))
+            torch.cuda.reset_peak_memory_stats()
+        self.precision = pick_precision(opts.get("precision"), self.device)
+        seed = int(opts.get("seed", 0))
+        torch.manual_seed(seed)
+        if opts.get("synthetic_weights"):
+            from workers.models.synthetic import synthetic_model
+            size = {"7b": "7b"}.get(opts["synthetic_weights"], opts["synthetic_weights"])
+            self.lm = synthetic_model(self.kind, size=size, precision=self.precision, device=self.device, seed=seed)
+        else:
+            if not opts.get("model"):
+                raise ValueError(f"the {self.kind} backend needs a checkpoint folder (--{self.role}-model PATH) "
+                                 f"or --synthetic-weights 7b")
+            self.lm = self._load_checkpoint(opts["model"])
+        self.step_model = self._make_step_model()
+        sampler = None
+        temperature = float(opts.get("temperature") or 0.0)
+        if temperature > 0:
+            from workers.engine.sampling import Sampler
+            sampler = Sampler(temperature, seed)
+        self.engine = TokenEngine(self.step_model, sampler)
+        tok = self.lm.tokenizer
+        self.eos_id = int(getattr(tok, "eos_token_id", None) or 2)
+        config = self.lm.model.config
+        text_config = getattr(config, "text_config", None) or config
+        self.vocab_size = int(text_config.vocab_size)
+        from workers.models.loading import tokenizer_fingerprint
+        checksum = (tokenizer_fingerprint(tok) if hasattr(tok, "convert_ids_to_tokens")
+                    else f"stand-in:{tok.vocab_size}")
+        n_params = sum(p.numel() for p in self.lm.model.parameters())
+        return {"model_id": self.lm.model_id, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
+                "tokenizer_checksum": checksum, "device": self.device, "synthetic": bool(self.lm.synthetic),
+                "info": {"precision": self.precision, "dtype": str(self.lm.dtype), "parameters": n_params,
+                         "step_model": type(self.step_model).__name__,
+                         "cuda_device": torch.cuda.get_device_name() if self.device.startswith("cuda") else None,
+                         "torch": torch.__version__}}
+
+    def _make_step_model(self):
+        want_hidden = bool(self.options.get("want_hidden"))
+        use_graphs = bool(self.options.get("cuda_graphs", True)) and self.device.startswith("cuda")
+        if use_graphs:
+            try:
+                from workers.engine.fast import make_step_model
+            except ImportError:
+                make_step_model = None
+            if make_step_model is not None:
+                return make_step_model(self.lm.model, device=self.device,
+                                       max_cache_len=int(self.options.get("max_cache_len", 4096)),
+                                       cuda_graphs=True, want_hidden=want_hidden)
+        return HFStepModel(self.lm.model, want_hidden=want_hidden)
+
+    # --- per request ---------------------------------------------------------------------------
+
+    def prepare(self, sample: dict, question: str, options: dict) -> Prepared:
+        from workers.inputs import load_sample_inputs
+        loaded = None
+        if sample.get("events") or sample.get("video"):
+            loaded = load_sample_inputs(sample, self.role, event_frames=int(options.get("event_frames", 5)),
+                                        event_window_ms=options.get("event_window_ms"))
+        if self.lm.synthetic:
+            from workers.models.synthetic import synthetic_prefill_inputs
+            kwargs, prompt_len = synthetic_prefill_inputs(self.lm, question or _reference_question(),
+                                                          seed=int(self.options.get("seed", 0)))
+            info = dict((loaded or {}).get("info", {}), synthetic_prompt=True)
+        else:
+            if loaded is None:
+                from workers.inputs.errors import InputError
+                raise InputError(f"sample {sample.get('sample_id')!r} ({sample.get('path')}): no event or video "
+                                 f"input found; the {self.kind} backend needs real inputs")
+            kwargs, prompt_len = self._prefill_inputs(loaded, question)
+            info = dict(loaded.get("info", {}))
+        info["prompt_len"] = prompt_len
+        return Prepared(prompt=kwargs, info=info)
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def memory(self) -> dict:
+        mem = super().memory()
+        if self.device.startswith("cuda"):
+            mem["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
+        return mem
+
+    def decode_text(self, token_ids: list[int]) -> str:
+        tok = self.lm.tokenizer
+        if hasattr(tok, "decode"):
+            return tok.decode(token_ids, skip_special_tokens=True)
+        return " ".join(str(t) for t in token_ids)
+
+    def hf_generate(self, prepared: Prepared, max_new_tokens: int, eos_id: int) -> list[int]:
+        """transformers' own generate(): how users run the target without eventspec."""
+        kwargs = dict(prepared.prompt)
+        gen_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
+        if eos_id < 0:
+            gen_kwargs.update(min_new_tokens=max_new_tokens, eos_token_id=None)
+        with torch.inference_mode():
+            out = self.lm.model.generate(**kwargs, **gen_kwargs)
+        n_in = kwargs["input_ids"].shape[1] if "input_ids" in kwargs and out.shape[1] > max_new_tokens else 0
+        return [int(t) for t in out[0, n_in:]]
+
+    # --- what each model adds ------------------------------------------------------------------
+
+    def _load_checkpoint(self, path: str):
+        raise NotImplementedError
+
+    def _prefill_inputs(self, loaded: dict, question: str):
+        raise NotImplementedError
+
+
+def _reference_question() -> str:
+    from workers.models.prompts import REFERENCE_QUESTION
+    return REFERENCE_QUESTION
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
