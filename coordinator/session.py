@@ -298,7 +298,8 @@ class Session:
                         self.send(m.Verify(request_id=rid, start_pos=action.start_pos, tokens=action.tokens),
                                   "target")
                     elif action.kind == "rebase" and draft_active:
-                        self.send(m.Rebase(request_id=rid, epoch=action.epoch, committed=action.tokens), "draft")
+                        self.send(m.Rebase(request_id=rid, epoch=action.epoch, committed=action.tokens,
+                                           max_ahead=action.count if adaptive else -1), "draft")
                     elif action.kind == "decode":
                         self.send(m.Decode(request_id=rid, max_tokens=action.count), "target")
                     elif action.kind == "stop_draft" and draft_active:

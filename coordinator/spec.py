@@ -22,10 +22,13 @@ class Action:
 
 
 def next_k(k: int, drafted: int, accepted: int, k_min: int, k_max: int) -> int:
-    """Adaptive draft length: grow after a fully accepted round, shrink after a rejection."""
-    if drafted and accepted == drafted:
+    """Adaptive draft length: grow after a fully accepted round; after a rejection shrink to what was
+    accepted plus one, or halve when nothing was (reaching 0 pauses the draft)."""
+    if not drafted:
+        return k
+    if accepted == drafted:
         return min(k_max, k + 2)
-    return max(k_min, min(k, accepted + 1) if drafted else k)
+    return max(k_min, min(k, accepted + 1) if accepted else k // 2)
 
 
 @dataclass
@@ -34,8 +37,10 @@ class RequestState:
     max_new_tokens: int
     eos_id: int
     k_max: int = 16
-    k_min: int = 1
+    k_min: int = 0
     adaptive: bool = True
+    probe_every: int = 8              # while paused (k = 0), try one draft every this many rounds
+    lookahead_margin: int = 2
     committed: list = field(default_factory=list)
     draft_seq: list = field(default_factory=list)
     epoch: int = 0
@@ -49,6 +54,8 @@ class RequestState:
     per_round: list = field(default_factory=list)   # (drafted, accepted)
     _in_flight: list = field(default_factory=list)
     _k: int = 0
+    _paused_rounds: int = 0
+    k_history: list = field(default_factory=list)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -56,6 +63,10 @@ class RequestState:
         self._k = self.k_max
 
     # --- queries ---------------------------------------------------------------------------
+
+    @property
+    def k(self) -> int:
+        return self._k
 
     @property
     def output(self) -> list[int]:
@@ -106,13 +117,27 @@ class RequestState:
         if not 0 <= accepted <= len(sent):
             raise ValueError(f"target accepted {accepted} of {len(sent)} drafted tokens")
         self.target_busy = False
+        n_prev = len(self.committed)
         self.committed += sent[:accepted] + [int(next_token)]
         self.drafted += len(sent)
         self.accepted += accepted
         self.rounds += 1
         self.per_round.append((len(sent), accepted))
         if self.adaptive:
-            self._k = next_k(self._k, len(sent), accepted, self.k_min, self.k_max)
+            # judge the draft on every newly committed position it had proposed, sent or not: a draft
+            # whose first token after a rebase is already wrong never gets anything verified
+            proposed = self.draft_seq[n_prev: len(self.committed)] if self.draft_seq[:n_prev] == self.committed[:n_prev] else []
+            agree = 0
+            for a, b in zip(proposed, self.committed[n_prev:]):
+                if a != b:
+                    break
+                agree += 1
+            self._k = next_k(self._k, len(proposed), agree, self.k_min, self.k_max)
+            self.k_history.append(self._k)
+            if self._k == 0:
+                self._paused_rounds += 1
+                if self._paused_rounds >= self.probe_every:
+                    self._k, self._paused_rounds = 1, 0
         if self._complete():
             return self._finish()
         if self.mode == "parallel":
@@ -145,7 +170,8 @@ class RequestState:
         if self.draft_seq[:n] != self.committed:
             self.epoch += 1
             self.draft_seq = list(self.committed)
-        return [Action("rebase", epoch=self.epoch, tokens=list(self.committed))]
+        ahead = self._k + self.lookahead_margin if self._k else 0
+        return [Action("rebase", epoch=self.epoch, tokens=list(self.committed), count=ahead)]
 
     def _maybe_verify(self) -> list[Action]:
         if self.target_busy or self.finished:

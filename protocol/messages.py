@@ -151,6 +151,7 @@ class DecodeResult(Message):
 class Rebase(Message):
     epoch: int = 0
     committed: list = field(default_factory=list)
+    max_ahead: int = -1             # new lookahead limit for the draft (0 pauses it); -1 keeps the current one
 
 
 @_message("stop")

@@ -227,6 +227,7 @@ def test_eventgpt_cached_decode_matches_full_forward(draft):
 def test_videollava_cached_decode_matches_full_forward(target):
     kwargs, prompt_len = videollava_prefill_inputs(target, _frames(), QUESTION)
     assert kwargs["pixel_values_videos"].shape == (1, 8, 3, 56, 56)
+    assert kwargs["input_ids"][0, 0].item() == target.tokenizer.bos_token_id
     assert int((kwargs["input_ids"] == target.model.config.video_token_index).sum()) == 8 * TINY_TOKENS_PER_IMAGE
     tokens, cache = _greedy_with_cache(target.model, kwargs, N_NEW)
     assert cache.get_seq_length() == prompt_len + N_NEW - 1

@@ -74,3 +74,35 @@ def test_synthetic_weights_are_seeded():
 def test_synthetic_nf4_refused_on_cpu():
     with pytest.raises(ValueError, match="nf4"):
         synthetic_model("videollava", size="tiny-test", precision="nf4", device="cpu")
+
+
+def test_nf4_skip_modules_cover_every_vision_linear():
+    # transformers matches llm_int8_skip_modules from the start of a module name; check ours do cover
+    # every Linear outside the language model (and nothing inside it) for both real architectures.
+    from transformers import VideoLlavaForConditionalGeneration
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from workers.models.loading import EVENTGPT_SKIP_MODULES, VIDEOLLAVA_SKIP_MODULES
+    from workers.models.synthetic import _videollava_config
+
+    with torch.device("meta"):
+        eg = EventGPTForCausalLM(EventGPTConfig(event_feature_adaptor=True, num_hidden_layers=1))
+        vl = VideoLlavaForConditionalGeneration(_videollava_config("tiny-test"))
+    for model, skip, lm_prefix in ((eg, EVENTGPT_SKIP_MODULES, "model.layers."),
+                                   (vl, VIDEOLLAVA_SKIP_MODULES, "model.language_model.layers.")):
+        linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        converted = {n for n in linears if should_convert_module(n, skip)}
+        assert converted == {n for n in linears if n.startswith(lm_prefix)}
+
+
+def test_real_video_prompt_length_with_standin_tokenizer():
+    from transformers import VideoLlavaConfig
+
+    from workers.models.loading import video_tokens_per_frame, videollava_prompt_ids
+
+    config = VideoLlavaConfig()  # the released geometry: CLIP-L/14 towers at 224 px, <video> = 32001
+    assert video_tokens_per_frame(config) == 257
+    tok = StandInTokenizer(added_tokens={"<image>": 32000, "<video>": 32001})
+    ids = videollava_prompt_ids(tok, config, REFERENCE_QUESTION, 8)
+    assert int((ids == 32001).sum()) == 8 * 257
+    assert ids.shape[1] == 2076 and ids[0, 0].item() == 1

@@ -112,13 +112,20 @@ def test_adaptive_k_grows_on_success_and_shrinks_on_rejection():
     assert next_k(4, 4, 4, 1, 16) == 6
     assert next_k(16, 16, 16, 1, 16) == 16
     assert next_k(8, 8, 2, 1, 16) == 3
-    assert next_k(8, 8, 0, 1, 16) == 1
+    assert next_k(8, 8, 0, 0, 16) == 4
+    assert next_k(1, 1, 0, 0, 16) == 0
     assert next_k(5, 0, 0, 1, 16) == 5
 
 
-def test_greedy_accept_positions():
-    assert greedy_accept([5, 6, 7], [5, 6, 7, 8]) == (3, 8)
-    assert greedy_accept([5, 6, 7], [5, 9, 7, 8]) == (1, 9)
-    assert greedy_accept([], [4]) == (0, 4)
-    with pytest.raises(ValueError):
-        greedy_accept([1, 2], [1, 2])
+def test_hopeless_drafts_pause_the_draft_and_good_ones_grow_k():
+    target = target_seq(300)
+    bad = simulate("speculative", target, lambda i: target[i] + 1, max_new=200, k_max=16)
+    assert bad.output == target[:200]
+    ks = bad.k_history
+    first_zero = ks.index(0)
+    assert first_zero <= 6                              # 16 → 8 → 4 → 2 → 1 → 0
+    after = ks[first_zero:]
+    assert sum(1 for k in after if k > 0) <= len(after) / 8 + 1    # one probe per 8 paused rounds
+    good = simulate("speculative", target, lambda i: target[i], max_new=200, k_max=16)
+    assert good.output == target[:200]
+    assert max(good.k_history) == 16 and 0 not in good.k_history

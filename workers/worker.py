@@ -279,6 +279,8 @@ class Worker:
                 raise RequestAborted(shutdown=True)
             if isinstance(msg, m.Rebase):
                 committed_len = len(msg.committed)
+                if msg.max_ahead >= 0:
+                    max_ahead = msg.max_ahead
                 if self.oracle is not None:
                     self.oracle.committed_len = committed_len
                 if msg.epoch != epoch:

@@ -38,9 +38,10 @@ PRECISIONS = ("nf4", "bf16", "fp16", "fp32")
 _DTYPES = {"nf4": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 EVENTGPT_TOWER_PREFIX = "model.visual_tower.visual_tower.vision_model."
-# Kept out of 4-bit quantization: vision towers, projectors, adaptor and the output head.
-EVENTGPT_SKIP_MODULES = ["visual_tower", "visual_projector", "feature_adaptor", "lm_head"]
-VIDEOLLAVA_SKIP_MODULES = ["video_tower", "image_tower", "multi_modal_projector", "lm_head"]
+# Kept out of 4-bit quantization: vision towers, projectors, adaptor and the output head. Full module
+# paths: transformers matches these from the start of a module's name (or as its suffix), not anywhere.
+EVENTGPT_SKIP_MODULES = ["model.visual_tower", "model.visual_projector", "model.feature_adaptor", "lm_head"]
+VIDEOLLAVA_SKIP_MODULES = ["model.video_tower", "model.image_tower", "model.multi_modal_projector", "lm_head"]
 # Non-persistent buffers that older transformers versions wrote into checkpoints; harmless if present.
 _IGNORABLE_SUFFIXES = (".position_ids", "rotary_emb.inv_freq")
 

@@ -156,7 +156,7 @@ def quantize_nf4_(model: nn.Module, skip_modules: list[str]) -> nn.Module:
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if not isinstance(child, nn.Linear) or any(s in full.split(".") for s in skip_modules):
+            if not isinstance(child, nn.Linear) or any(full == s or full.startswith(s + ".") for s in skip_modules):
                 continue
             device = child.weight.device
             q = bnb.nn.Linear4bit(
