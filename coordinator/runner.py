@@ -111,11 +111,14 @@ def run(cfg: RunConfig) -> int:
                           request_timeout_s=cfg.request_timeout_s, allow_public_endpoint=cfg.allow_public_endpoint)
         say(f"starting workers: {', '.join(f'{s.role}={s.backend}' for s in specs)}")
         session.start()
+        warning = None
         if "draft" in session.workers:
             warning = check_vocab(session, cfg.allow_vocab_mismatch)
             if warning:
-                say(warning)
+                print(warning, file=sys.stderr)     # even under --quiet
         run_info = _run_info(cfg, session, daemon)
+        if "draft" in session.workers and warning:
+            run_info["vocab_warning"] = warning
         options = dict(cfg.request_options, event_frames=cfg.event_frames, event_window_ms=cfg.event_window_ms,
                        ignore_eos=cfg.ignore_eos)
         total = len(samples) * len(cfg.modes)

@@ -123,12 +123,16 @@ def read_split(data_dir, split: str, *, hidden: bool = True) -> list[Record]:
         path = Path(data_dir) / shard
         if not path.is_file():
             raise DataError(f"{path}: shard listed in {INDEX} is missing; re-run `coordinator adapter collect`")
-        with safe_open(str(path), framework="numpy") as f:
-            for e in shard_entries:
-                i = e["row"]
-                loaded[e["key"]] = Record(
-                    key=e["key"], sequence=e["sequence"], target=f.get_tensor(f"{i}.target"),
-                    draft=f.get_tensor(f"{i}.draft"), hidden=f.get_tensor(f"{i}.hidden") if hidden else None)
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                for e in shard_entries:
+                    i = e["row"]
+                    loaded[e["key"]] = Record(
+                        key=e["key"], sequence=e["sequence"], target=f.get_tensor(f"{i}.target"),
+                        draft=f.get_tensor(f"{i}.draft"), hidden=f.get_tensor(f"{i}.hidden") if hidden else None)
+        except Exception as exc:   # safetensors raises its own error types for damaged files
+            raise DataError(f"{path}: cannot read this shard ({exc}); delete the data folder's index entries for "
+                            "it or re-collect into a new --out folder") from None
     return [loaded[e["key"]] for e in entries]
 
 

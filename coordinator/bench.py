@@ -1,0 +1,383 @@
+"""`coordinator bench`: every decoding mode measured in one run on the same samples, with a benchmark
+oracle setting the draft's acceptance, with and without MPS, and the contention between the two workers.
+
+Owns the benchmark plan (warm-up, hf-generate, baseline, oracle sweep, draft alone), the aggregation
+into per-configuration medians and paired speedups, and bench.json / bench.md / plots. Speedups are ratios
+of walls measured in this run on the same sample; nothing is computed from constants. Never imports torch.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import reports
+from .mps import MpsDaemon, MpsError
+from .session import Session, StartupError, WorkerDied, WorkerSpec
+
+
+@dataclass
+class BenchConfig:
+    input: str
+    output_dir: Path
+    draft: WorkerSpec
+    target: WorkerSpec
+    samples: int = 10
+    warmup: int = 1
+    max_new_tokens: list = field(default_factory=lambda: [50, 200])
+    alphas: list = field(default_factory=lambda: [0.0, 0.28, 0.5, 0.7, 0.9, 1.0])
+    profiles: list = field(default_factory=lambda: ["seed"])
+    modes: list = field(default_factory=lambda: ["parallel", "speculative"])
+    mps: list = field(default_factory=lambda: ["on", "off"])
+    hf_generate: bool = True
+    ignore_eos: bool = True
+    draft_alone_steps: int = 32
+    k_max: int = 16
+    adaptive: bool = True
+    seed: int = 0
+    startup_timeout_s: float = 900.0
+    request_timeout_s: float = 600.0
+    draft_sm_percent: int | None = None
+    target_sm_percent: int | None = None
+    placement: str = "same-gpu"
+    command: str = ""
+
+
+def oracle_settings(cfg: BenchConfig) -> list[dict]:
+    out = [{"label": f"alpha={a:g}", "alpha": float(a)} for a in cfg.alphas]
+    out += [{"label": f"profile={p}", "profile": p} for p in cfg.profiles]
+    return out
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def load_samples(cfg: BenchConfig) -> list[dict]:
+    from workers.inputs.samples import discover_samples
+
+    fake = cfg.draft.backend == "fake" and cfg.target.backend == "fake"
+    found, bad = discover_samples(cfg.input, fake=fake)
+    if not found:
+        raise StartupError(f"no usable samples in {cfg.input}")
+    samples = []
+    for i in range(cfg.samples):          # cycle when there are fewer clips than asked for
+        sample = dict(found[i % len(found)])
+        if i >= len(found):
+            sample["sample_id"] = f"{sample['sample_id']}#{i // len(found)}"
+        samples.append(sample)
+    return samples
+
+
+def run_bench(cfg: BenchConfig) -> int:
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    samples = load_samples(cfg)
+    records: list[dict] = []
+    draft_alone: list[dict] = []
+    events: list[dict] = []
+    run_info: dict = {}
+    failure = None
+    for mps_setting in cfg.mps:
+        try:
+            events += _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info)
+        except (WorkerDied, StartupError, MpsError) as exc:
+            failure = f"mps={mps_setting}: {exc}"
+            _say(f"error: {failure}")
+            break
+        except KeyboardInterrupt:
+            failure = "interrupted"
+            break
+        finally:
+            _write(cfg, records, draft_alone, events, run_info, failure)
+    return 0 if failure is None else 3
+
+
+def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info) -> list[dict]:
+    daemon = None
+    session = None
+    draft = WorkerSpec(cfg.draft.role, cfg.draft.backend, dict(cfg.draft.options), cfg.draft.endpoint, {})
+    target = WorkerSpec(cfg.target.role, cfg.target.backend, dict(cfg.target.options), cfg.target.endpoint, {})
+    try:
+        if mps_setting == "on":
+            daemon = MpsDaemon().start()
+            draft.env.update(daemon.client_env(cfg.draft_sm_percent))
+            target.env.update(daemon.client_env(cfg.target_sm_percent))
+        session = Session([draft, target], log_dir=cfg.output_dir / f"logs-mps-{mps_setting}",
+                          startup_timeout_s=cfg.startup_timeout_s, request_timeout_s=cfg.request_timeout_s)
+        _say(f"[mps {mps_setting}] starting workers ({draft.backend} / {target.backend})")
+        session.start()
+        run_info[f"mps_{mps_setting}"] = {
+            r: {"model_id": h.ready.model_id, "device": h.ready.device, "synthetic": h.ready.synthetic,
+                "info": h.ready.info, "memory_at_ready": h.ready.memory} for r, h in session.workers.items()}
+        base_opts = {"ignore_eos": cfg.ignore_eos, "event_frames": 5}
+        oracles = oracle_settings(cfg)
+
+        def one(sample, mode, n, oracle=None, keep=True):
+            opts = dict(base_opts)
+            if oracle is not None:
+                opts["oracle"] = {k: v for k, v in oracle.items() if k != "label"}
+            rec = session.run_request(sample, mode, question=sample.get("question") or "", max_new_tokens=n,
+                                      options=opts, k_max=cfg.k_max, adaptive=cfg.adaptive)
+            rec.update(mps=mps_setting, max_new_tokens=n, oracle=oracle["label"] if oracle else None,
+                       alpha=oracle.get("alpha") if oracle else None, placement=cfg.placement)
+            if rec["status"] != "ok":
+                _say(f"  {sample['sample_id']} {mode} {rec.get('oracle') or ''}: ERROR {rec['error']}")
+            if keep:
+                records.append(rec)
+            return rec
+
+        for w in range(cfg.warmup):          # graph capture, allocator, caches: not measured
+            n = min(cfg.max_new_tokens)
+            base = one(samples[0], "baseline", n, keep=False)
+            answer = base.get("committed_ids") or []
+            for mode in cfg.modes:
+                one(samples[0], mode, n, dict(oracles[-1], seed=cfg.seed, answer=answer), keep=False)
+            if cfg.hf_generate:
+                one(samples[0], "hf-generate", n, keep=False)
+        total = len(cfg.max_new_tokens) * len(samples)
+        done = 0
+        for n in cfg.max_new_tokens:
+            for sample in samples:
+                if cfg.hf_generate:
+                    one(sample, "hf-generate", n)
+                base = one(sample, "baseline", n)
+                answer = base.get("committed_ids") or []
+                for oracle in oracles:
+                    for mode in cfg.modes:
+                        one(sample, mode, n, dict(oracle, seed=cfg.seed, answer=answer))
+                done += 1
+                _say(f"[mps {mps_setting}] {done}/{total} samples×lengths; last baseline {base.get('wall_ms', 0):.0f} ms")
+        for sample in samples[: min(3, len(samples))]:
+            rec = session.run_draft_alone(sample, question=sample.get("question") or "",
+                                          steps=cfg.draft_alone_steps, options=base_opts)
+            rec["mps"] = mps_setting
+            draft_alone.append(rec)
+        return session.events
+    finally:
+        if session is not None:
+            events = session.events
+            session.close()
+            if not events:
+                pass
+        if daemon is not None:
+            daemon.stop()
+
+
+# --- aggregation -------------------------------------------------------------------------------
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _pct(xs, q):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    pos = (len(xs) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def aggregate(records: list[dict], draft_alone: list[dict], events: list[dict]) -> dict:
+    ok = [r for r in records if r.get("status") == "ok"]
+    spans_by_request: dict[str, list] = {}
+    for e in events:
+        if e.get("kind") == "span":
+            spans_by_request.setdefault(e["request_id"], []).append(e)
+    walls = {}
+    for r in ok:
+        walls[(r["mps"], r["max_new_tokens"], r["mode"], r.get("oracle"), r["sample_id"])] = r["wall_ms"]
+    configs: dict[tuple, list] = {}
+    for r in ok:
+        configs.setdefault((r["mps"], r["max_new_tokens"], r["mode"], r.get("oracle")), []).append(r)
+    rows = []
+    for (mps, n, mode, oracle), recs in sorted(configs.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+        def paired(ref_mode):
+            ratios = []
+            for r in recs:
+                ref = walls.get((mps, n, ref_mode, None, r["sample_id"]))
+                if ref:
+                    ratios.append(ref / r["wall_ms"])
+            return _median(ratios)
+        verify_by_k: dict[int, list] = {}
+        for r in recs:
+            for s in spans_by_request.get(r["request_id"], []):
+                if s["name"] == "verify" and s["proc"] == "target":
+                    verify_by_k.setdefault(int(s["attrs"].get("k", 0)), []).append((s["end_ns"] - s["start_ns"]) / 1e6)
+        decode_steps = [(s["end_ns"] - s["start_ns"]) / 1e6 for r in recs
+                        for s in spans_by_request.get(r["request_id"], []) if s["name"] == "decode"]
+        draft_steps_in_prefill = []
+        for r in recs:
+            spans = spans_by_request.get(r["request_id"], [])
+            t_pre = [s for s in spans if s["proc"] == "target" and s["name"] == "prefill"]
+            if not t_pre:
+                continue
+            t0, t1 = t_pre[0]["start_ns"], t_pre[0]["end_ns"]
+            draft_steps_in_prefill += [(s["end_ns"] - s["start_ns"]) / 1e6 for s in spans
+                                       if s["proc"] == "draft" and s["name"] == "draft_step"
+                                       and s["start_ns"] >= t0 and s["end_ns"] <= t1]
+        walls_ms = [r["wall_ms"] for r in recs]
+        drafted = sum(r.get("drafted_tokens") or 0 for r in recs)
+        accepted = sum(r.get("accepted_tokens") or 0 for r in recs)
+        matched = [r.get("matches_baseline") for r in recs if r.get("matches_baseline") is not None]
+        rows.append({
+            "mps": mps, "max_new_tokens": n, "mode": mode, "oracle": oracle, "n": len(recs),
+            "wall_ms_median": _median(walls_ms), "wall_ms_p10": _pct(walls_ms, 0.1), "wall_ms_p90": _pct(walls_ms, 0.9),
+            "speedup_vs_baseline": paired("baseline") if mode != "baseline" else 1.0,
+            "speedup_vs_hf_generate": paired("hf-generate") if mode != "hf-generate" else 1.0,
+            "target_prefill_ms": _median([(r.get("target") or {}).get("prefill_ms") for r in recs]),
+            "target_ms_per_token": _median([(r.get("target") or {}).get("ms_per_token") for r in recs]),
+            "target_decode_step_ms": _median(decode_steps),
+            "draft_prefill_ms": _median([(r.get("draft") or {}).get("prefill_ms") for r in recs]),
+            "draft_step_ms": _median([(r.get("draft") or {}).get("ms_per_token") for r in recs]),
+            "draft_step_ms_during_target_prefill": _median(draft_steps_in_prefill),
+            "load_ms_target": _median([(r.get("target") or {}).get("load_ms") for r in recs]),
+            "overlap_window_ms": _median([r.get("overlap_window_ms") for r in recs]),
+            "free_draft_tokens": _median([r.get("free_draft_tokens") for r in recs]),
+            "accepted_tokens": _median([r.get("accepted_tokens") for r in recs]),
+            "acceptance_rate": accepted / drafted if drafted else None,
+            "mean_acceptance_length": _median([r.get("mean_acceptance_length") for r in recs]),
+            "verify_ms_by_k": {k: _median(v) for k, v in sorted(verify_by_k.items())},
+            "matches_baseline": f"{sum(bool(x) for x in matched)}/{len(matched)}" if matched else None,
+        })
+    contention = {}
+    for mps in sorted({r["mps"] for r in ok}):
+        alone = [r for r in ok if r["mps"] == mps and r["mode"] == "baseline"]
+        beside = [r for r in ok if r["mps"] == mps and r["mode"] in ("parallel", "speculative")]
+        steps_alone = [x for d in draft_alone if d["mps"] == mps for x in d["draft_step_ms"]]
+        during = [row["draft_step_ms_during_target_prefill"] for row in rows
+                  if row["mps"] == mps and row["draft_step_ms_during_target_prefill"] is not None]
+        prefill_alone = _median([r["target"]["prefill_ms"] for r in alone])
+        prefill_beside = _median([r["target"]["prefill_ms"] for r in beside])
+        step_alone = _median(steps_alone)
+        windows = [r.get("overlap_window_ms") for r in beside if r["mode"] == "parallel"]
+        free = [r.get("free_draft_tokens") for r in beside if r["mode"] == "parallel"]
+        ideal = [w / step_alone for w in windows if w is not None and step_alone] if step_alone else []
+        contention[mps] = {
+            "target_prefill_ms_alone": prefill_alone,
+            "target_prefill_ms_beside_draft": prefill_beside,
+            "target_prefill_slowdown": (prefill_beside / prefill_alone) if prefill_alone and prefill_beside else None,
+            "draft_step_ms_alone": step_alone,
+            "draft_step_ms_beside_target_prefill": _median(during),
+            "overlap_window_ms": _median(windows),
+            "free_draft_tokens": _median(free),
+            "ideal_free_draft_tokens": _median(ideal),
+            "free_vs_ideal": (_median(free) / _median(ideal)) if free and ideal and _median(ideal) else None,
+        }
+    return {"rows": rows, "contention": contention}
+
+
+def _write(cfg: BenchConfig, records, draft_alone, events, run_info, failure) -> None:
+    agg = aggregate(records, draft_alone, events)
+    synthetic = any(v.get("synthetic") for info in run_info.values() for v in info.values())
+    data = {"command": cfg.command, "created": dt.datetime.now().isoformat(timespec="seconds"),
+            "synthetic_weights": synthetic, "failure": failure, "config": {
+                "samples": cfg.samples, "warmup": cfg.warmup, "max_new_tokens": cfg.max_new_tokens,
+                "alphas": cfg.alphas, "profiles": cfg.profiles, "modes": cfg.modes, "mps": cfg.mps,
+                "ignore_eos": cfg.ignore_eos, "k_max": cfg.k_max, "adaptive": cfg.adaptive,
+                "placement": cfg.placement},
+            "host": {"python": platform.python_version(), "node": platform.node()},
+            "run_info": run_info, "aggregate": agg, "draft_alone": draft_alone, "records": records}
+    tmp = cfg.output_dir / "bench.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, cfg.output_dir / "bench.json")
+    (cfg.output_dir / "bench.md").write_text(render_markdown(data))
+    try:
+        plot_speedup(agg["rows"], cfg.output_dir / "speedup_vs_alpha.png")
+        spec = [r for r in records if r.get("mode") == "speculative" and r.get("status") == "ok"]
+        if spec:
+            rid = spec[len(spec) // 2]["request_id"]
+            one = [e for e in events if e.get("request_id") == rid]
+            reports.write_timeline_png(cfg.output_dir / "timeline.png", one, [r for r in records
+                                                                            if r.get("request_id") == rid])
+    except Exception as exc:       # plots never cost the numbers
+        _say(f"warning: plots not written: {exc}")
+
+
+def _f(x, digits=1, suffix=""):
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}{suffix}"
+    return f"{x}{suffix}"
+
+
+def render_markdown(data: dict) -> str:
+    rows = data["aggregate"]["rows"]
+    lines = ["# eventspec benchmark", ""]
+    if data.get("synthetic_weights"):
+        lines += ["**Random full-size weights (`--synthetic-weights`): timings are real, the text is meaningless; "
+                  "acceptance is set by the benchmark oracle.**", ""]
+    lines += ["Every number below was measured in one run of:", "", "```bash", data.get("command", ""), "```", ""]
+    if data.get("failure"):
+        lines += [f"**The run stopped early:** {data['failure']}", ""]
+    for info_key, info in data.get("run_info", {}).items():
+        for role, v in info.items():
+            lines.append(f"- {info_key} {role}: {v.get('model_id')} on {v.get('device')} "
+                         f"({(v.get('info') or {}).get('cuda_device') or ''}, {(v.get('info') or {}).get('precision')}, "
+                         f"step model {(v.get('info') or {}).get('step_model')}, torch {(v.get('info') or {}).get('torch')})")
+    lines += ["", "## End to end (medians over samples; speedups are paired per sample in this run)", "",
+              "| MPS | new tokens | mode | oracle | n | wall ms | p10–p90 | vs baseline | vs hf-generate | "
+              "accept | mean len | free drafts | lossless |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['mps']} | {r['max_new_tokens']} | {r['mode']} | {r['oracle'] or '—'} | {r['n']} | "
+                     f"{_f(r['wall_ms_median'])} | {_f(r['wall_ms_p10'])}–{_f(r['wall_ms_p90'])} | "
+                     f"{_f(r['speedup_vs_baseline'], 2, '×')} | {_f(r['speedup_vs_hf_generate'], 2, '×')} | "
+                     f"{_f(r['acceptance_rate'] * 100 if r['acceptance_rate'] is not None else None, 0, '%')} | "
+                     f"{_f(r['mean_acceptance_length'], 2)} | {_f(r['free_draft_tokens'], 0)} | "
+                     f"{r['matches_baseline'] or '—'} |")
+    lines += ["", "## Per-model costs", "",
+              "| MPS | new tokens | mode | oracle | target prefill ms | target decode step ms | target ms/token | "
+              "draft prefill ms | draft step ms | verify ms by k |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vk = ", ".join(f"{k}: {_f(v, 2)}" for k, v in list(r["verify_ms_by_k"].items())[:8]) or "—"
+        lines.append(f"| {r['mps']} | {r['max_new_tokens']} | {r['mode']} | {r['oracle'] or '—'} | "
+                     f"{_f(r['target_prefill_ms'])} | {_f(r['target_decode_step_ms'], 2)} | "
+                     f"{_f(r['target_ms_per_token'], 2)} | {_f(r['draft_prefill_ms'])} | {_f(r['draft_step_ms'], 2)} | {vk} |")
+    lines += ["", "## Contention between the workers", "",
+              "| MPS | target prefill alone ms | beside the draft ms | slowdown | draft step alone ms | "
+              "beside target prefill ms | overlap window ms | free drafts | ideal (window ÷ step alone) | free ÷ ideal |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for mps, c in data["aggregate"]["contention"].items():
+        lines.append(f"| {mps} | {_f(c['target_prefill_ms_alone'])} | {_f(c['target_prefill_ms_beside_draft'])} | "
+                     f"{_f(c['target_prefill_slowdown'], 3, '×')} | {_f(c['draft_step_ms_alone'], 2)} | "
+                     f"{_f(c['draft_step_ms_beside_target_prefill'], 2)} | {_f(c['overlap_window_ms'])} | "
+                     f"{_f(c['free_draft_tokens'], 0)} | {_f(c['ideal_free_draft_tokens'], 1)} | "
+                     f"{_f(c['free_vs_ideal'], 2)} |")
+    lines += ["", "Definitions: wall = PREFILL sent → last token at the coordinator, input loading included; "
+              "acceptance = accepted / drafted; mean len = 1 + accepted / verify rounds; the oracle replaces the "
+              "draft's token ids with the baseline's answer (right with probability α per position, or per the "
+              "seed's per-position profile) while the draft model runs every forward pass.", ""]
+    return "\n".join(lines)
+
+
+def plot_speedup(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[tuple, list] = {}
+    for r in rows:
+        if r["oracle"] and r["oracle"].startswith("alpha=") and r["speedup_vs_baseline"] is not None:
+            alpha = float(r["oracle"].split("=", 1)[1])
+            series.setdefault((r["mode"], r["mps"], r["max_new_tokens"]), []).append((alpha, r["speedup_vs_baseline"]))
+    for (mode, mps, n), pts in sorted(series.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{mode}, MPS {mps}, {n} tok")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("oracle acceptance α (per position)")
+    ax.set_ylabel("speedup vs baseline (paired, same run)")
+    ax.set_title("eventspec: speedup vs draft acceptance")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,99 @@
+"""The real EventGPT / Video-LLaVA workers on tiny checkpoints written in the released layouts, CPU fp32,
+spawned as real processes: lossless in every mode, for a high-acceptance and an independent draft."""
+import json
+
+import pytest
+
+from tests.conftest import load_results, run_cli
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    run_cli("make-tiny", root / "shared", "--share-weights", check=True)
+    run_cli("make-tiny", root / "independent", "--seed", "7", check=True)
+    run_cli("make-demo", root / "data", check=True)
+    return root
+
+
+def _run(tiny, draft, out, *extra):
+    return run_cli("run", "--input", tiny / "data" / "dataset", "--draft-model", tiny / draft / "eventgpt",
+                   "--target-model", tiny / "shared" / "videollava", "--output-dir", out, "--mps", "off",
+                   "--max-new-tokens", "24", "--quiet", *extra, timeout=300)
+
+
+@pytest.mark.parametrize("draft", ["shared", "independent"])
+def test_lossless_in_every_mode_on_tiny_checkpoints(tiny, tmp_path, draft):
+    proc = _run(tiny, draft, tmp_path / "out", "--question-set", "top10")
+    assert proc.returncode == 0, proc.stderr
+    res = load_results(tmp_path / "out")
+    recs = res["records"]
+    assert len(recs) == 12 and all(r["status"] == "ok" for r in recs)
+    for r in recs:
+        if r["mode"] != "baseline":
+            assert r["matches_baseline"] is True, (r["sample_id"], r["mode"])
+    base_texts = {r["text"] for r in recs if r["mode"] == "baseline"}
+    assert len(base_texts) > 1                       # different inputs, different answers
+    spec = [r for r in recs if r["mode"] == "speculative"]
+    accepted = sum(r["accepted_tokens"] for r in spec)
+    drafted = sum(r["drafted_tokens"] for r in spec)
+    if draft == "shared":
+        assert accepted > 0 and accepted / max(1, drafted) > 0.2
+    else:
+        assert accepted <= 2
+    info = res["run_info"]
+    assert info["synthetic"] is False
+    assert info["models"]["draft"].endswith("eventgpt") and info["device"]["target"] == "cpu"
+    assert all(r["target"]["prompt_len"] > 8 * 17 for r in recs)          # 8 frames × 17 tokens + text
+    assert all(r["draft"]["prompt_len"] > 5 + 17 for r in recs if r["draft"])
+    assert info["memory_at_ready"]["target"]["rss_bytes"] > 0
+
+
+def test_broken_checkpoint_fails_at_startup_naming_the_tensor(tiny, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "eventgpt"
+    shutil.copytree(tiny / "shared" / "eventgpt", broken)
+    sd = load_file(broken / "model.safetensors")
+    del sd["model.feature_adaptor.weight"]
+    save_file(sd, broken / "model.safetensors")
+    # the copy's mm_visual_tower ("../clip") points nowhere: --clip-path supplies the tower
+    proc = run_cli("run", "--input", tiny / "data" / "dataset", "--draft-model", broken, "--target-model",
+                   tiny / "shared" / "videollava", "--clip-path", tiny / "shared" / "clip",
+                   "--output-dir", tmp_path / "out", "--mps", "off", timeout=120)
+    assert proc.returncode != 0
+    assert "model.feature_adaptor.weight" in proc.stderr and "draft" in proc.stderr
+
+
+def test_a_bad_sample_is_skipped_and_reported(tiny, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tiny / "data" / "dataset", data)
+    index = json.loads((data / "EventGPT_Instruction_Subset.json").read_text())
+    victim = data / "event_npy" / (index[0]["event_data"])
+    victim.write_bytes(b"not a numpy file")
+    proc = run_cli("run", "--input", data, "--draft-model", tiny / "shared" / "eventgpt", "--target-model",
+                   tiny / "shared" / "videollava", "--output-dir", tmp_path / "out", "--mps", "off",
+                   "--max-new-tokens", "8", "--mode", "speculative", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    recs = load_results(tmp_path / "out")["records"]
+    bad = [r for r in recs if r["status"] == "error"]
+    assert len(bad) == 1 and victim.name in bad[0]["error"]
+    assert victim.name in proc.stderr
+    assert sum(r["status"] == "ok" for r in recs) == len(index) - 1
+    proc = run_cli("run", "--input", data, "--draft-model", tiny / "shared" / "eventgpt", "--target-model",
+                   tiny / "shared" / "videollava", "--output-dir", tmp_path / "out2", "--mps", "off",
+                   "--max-new-tokens", "8", "--mode", "speculative", "--on-error", "fail", timeout=300)
+    assert proc.returncode == 1
+
+
+def test_tokenizer_mismatch_is_refused_unless_allowed(tmp_path, fake_input):
+    args = ["run", "--input", fake_input, "--draft-backend", "fake", "--target-backend", "fake", "--mps", "off",
+            "--draft-option", "tokenizer_checksum=other-vocab", "--output-dir", tmp_path / "o"]
+    proc = run_cli(*args, timeout=60)
+    assert proc.returncode == 4 and "--allow-vocab-mismatch" in proc.stderr
+    proc = run_cli(*args, "--allow-vocab-mismatch", "--quiet", timeout=60)
+    assert proc.returncode == 0 and "warning" in proc.stderr
