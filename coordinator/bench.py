@@ -117,7 +117,7 @@ def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info) ->
         base_opts = {"ignore_eos": cfg.ignore_eos, "event_frames": 5}
         oracles = oracle_settings(cfg)
 
-        def one(sample, mode, n, oracle=None, keep=True):
+        def one(sample, mode, n, oracle=None, keep=True, baseline=None):
             opts = dict(base_opts)
             if oracle is not None:
                 opts["oracle"] = {k: v for k, v in oracle.items() if k != "label"}
@@ -125,6 +125,8 @@ def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info) ->
                                       options=opts, k_max=cfg.k_max, adaptive=cfg.adaptive)
             rec.update(mps=mps_setting, max_new_tokens=n, oracle=oracle["label"] if oracle else None,
                        alpha=oracle.get("alpha") if oracle else None, placement=cfg.placement)
+            if baseline is not None and rec["status"] == "ok" and baseline.get("status") == "ok":
+                rec["matches_baseline"] = rec["output_ids"] == baseline["output_ids"]
             if rec["status"] != "ok":
                 _say(f"  {sample['sample_id']} {mode} {rec.get('oracle') or ''}: ERROR {rec['error']}")
             if keep:
@@ -143,13 +145,13 @@ def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info) ->
         done = 0
         for n in cfg.max_new_tokens:
             for sample in samples:
-                if cfg.hf_generate:
-                    one(sample, "hf-generate", n)
                 base = one(sample, "baseline", n)
+                if cfg.hf_generate:
+                    one(sample, "hf-generate", n, baseline=base)
                 answer = base.get("committed_ids") or []
                 for oracle in oracles:
                     for mode in cfg.modes:
-                        one(sample, mode, n, dict(oracle, seed=cfg.seed, answer=answer))
+                        one(sample, mode, n, dict(oracle, seed=cfg.seed, answer=answer), baseline=base)
                 done += 1
                 _say(f"[mps {mps_setting}] {done}/{total} samples×lengths; last baseline {base.get('wall_ms', 0):.0f} ms")
         for sample in samples[: min(3, len(samples))]:

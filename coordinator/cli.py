@@ -158,6 +158,82 @@ def run_command(input_, **kw):
     sys.exit(code)
 
 
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated numbers", param_hint=flag) from None
+
+
+@main.command("bench")
+@click.option("--input", "input_", type=click.Path(), help="samples to use (default: generated demo data)")
+@click.option("--output-dir", type=click.Path(), help="default runs/bench-<timestamp>/")
+@click.option("--samples", type=click.IntRange(1), default=10, show_default=True,
+              help="measured samples per configuration (clips are reused when there are fewer)")
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
+@click.option("--max-new-tokens", "lengths", default="50,200", show_default=True, help="comma-separated")
+@click.option("--alphas", default="0,0.28,0.5,0.7,0.9,1.0", show_default=True,
+              help="oracle acceptance per position, comma-separated ('' for none)")
+@click.option("--oracle-profile", "profiles", default="seed", show_default=True,
+              help="per-position profiles, comma-separated: seed ('' for none)")
+@click.option("--modes", default="parallel,speculative", show_default=True)
+@click.option("--bench-mps", "mps_list", default="on,off", show_default=True,
+              help="MPS settings to measure, in this order (on needs nvidia-cuda-mps-control)")
+@click.option("--hf-generate/--no-hf-generate", default=True, show_default=True,
+              help="also time the target alone through transformers' generate()")
+@click.option("--ignore-eos/--respect-eos", default=True, show_default=True, help="fixed-length outputs")
+@click.option("--draft-alone-steps", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--k-max", type=click.IntRange(0, 64), default=16, show_default=True)
+@click.option("--no-adaptive", is_flag=True)
+@click.option("--placement", type=click.Choice(["same-gpu", "two-gpu"]), default="same-gpu", show_default=True,
+              help="two-gpu puts the draft on cuda:1 and the target on cuda:0 unless --*-device say otherwise")
+@model_options
+def bench_command(input_, **kw):
+    """Measure hf-generate, baseline, parallel and speculative on the same samples in one run, with an
+    oracle sweep of draft acceptance, MPS on and off; writes bench.json, bench.md and plots."""
+    import datetime as dt
+    from pathlib import Path
+
+    from .bench import BenchConfig, run_bench
+
+    if kw["placement"] == "two-gpu":
+        kw["draft_device"] = kw["draft_device"] or "cuda:1"
+        kw["target_device"] = kw["target_device"] or "cuda:0"
+    draft, target = build_specs(kw)
+    out = Path(kw["output_dir"] or Path("runs") / dt.datetime.now().strftime("bench-%Y%m%d-%H%M%S"))
+    if not input_:
+        from workers.inputs.demo import make_demo
+        input_ = str(out / "data" / "dataset")
+        if not Path(input_).exists():
+            make_demo(out / "data")
+    mps_list = [x.strip() for x in kw["mps_list"].split(",") if x.strip()]
+    if kw["no_mps"] or kw["mps"] == "off":
+        mps_list = ["off"]
+    bad = set(mps_list) - {"on", "off"}
+    if bad:
+        raise click.BadParameter(f"{sorted(bad)}: use on and/or off", param_hint="--bench-mps")
+    modes = [x.strip() for x in kw["modes"].split(",") if x.strip()]
+    if set(modes) - {"parallel", "speculative"}:
+        raise click.BadParameter("choose from parallel, speculative", param_hint="--modes")
+    cfg = BenchConfig(
+        input=input_, output_dir=out, draft=draft, target=target, samples=kw["samples"], warmup=kw["warmup"],
+        max_new_tokens=[int(x) for x in _floats(kw["lengths"], "--max-new-tokens")],
+        alphas=_floats(kw["alphas"], "--alphas"),
+        profiles=[p.strip() for p in kw["profiles"].split(",") if p.strip()], modes=modes, mps=mps_list,
+        hf_generate=kw["hf_generate"], ignore_eos=kw["ignore_eos"], draft_alone_steps=kw["draft_alone_steps"],
+        k_max=kw["k_max"], adaptive=not kw["no_adaptive"], seed=kw["seed"],
+        startup_timeout_s=kw["startup_timeout"], request_timeout_s=kw["request_timeout"],
+        draft_sm_percent=kw["draft_sm_percent"], target_sm_percent=kw["target_sm_percent"],
+        placement=kw["placement"], command=shlex.join(["coordinator"] + sys.argv[1:]))
+    try:
+        code = run_bench(cfg)
+    except (StartupError, ValueError) as exc:
+        raise click.ClickException(str(exc))
+    click.echo((out / "bench.md").read_text())
+    click.echo(f"bench outputs in {out}/ (bench.json, bench.md, speedup_vs_alpha.png, timeline.png)")
+    sys.exit(code)
+
+
 @main.command("make-tiny")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--share-weights", is_flag=True,

@@ -369,7 +369,8 @@ class Session:
         spans = {role: done.spans for role, done in dones.items()}
 
         def total(role, *names):
-            return sum((e - s) for n, s, e, _ in spans.get(role, []) if n in names) / 1e6
+            picked = [(e - s) for n, s, e, _ in spans.get(role, []) if n in names]
+            return sum(picked) / 1e6 if picked else None
 
         def count(role, *names):
             return sum(1 for n, *_ in spans.get(role, []) if n in names)
@@ -394,9 +395,10 @@ class Session:
             "load_ms": total("target", "load_inputs"),
             "prefill_ms": total("target", "prefill"),
             "decode_ms": target_decode_ms,
+            "hf_generate_ms": total("target", "hf_generate"),
             "tokens": len(out_ids),
             "forward_passes": target_steps,
-            "ms_per_token": target_decode_ms / max(1, len(state.committed) - 1) if target_steps else None,
+            "ms_per_token": (target_decode_ms / max(1, len(state.committed) - 1)) if target_steps else None,
             "prompt_len": dones.get("target").stats.get("prompt_len") if "target" in dones else None,
             "memory": dones["target"].stats.get("memory") if "target" in dones else None,
         }
@@ -428,7 +430,7 @@ class Session:
             "acceptance_rate": (state.accepted / state.drafted if state.drafted else None) if spec else None,
             "verify_rounds": state.rounds if spec else None,
             "mean_acceptance_length": (1 + state.accepted / state.rounds if state.rounds else None) if spec else None,
-            "verify_ms": total("target", "verify") if spec else None,
+            "verify_ms": (total("target", "verify") or 0.0) if spec else None,
             "verify_rounds_detail": state.per_round if spec else None,
         })
         return rec

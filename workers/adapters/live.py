@@ -33,7 +33,6 @@ class LiveAdapter:
     def reset(self) -> None:
         self.draft_tokens: list[int] = []     # position -> the draft's own greedy token
         self.hidden: list[torch.Tensor] = []  # position -> the draft's last-layer hidden state
-        self.emitted: list[int] = []          # position -> what this adapter returned
         self.calls = 0
 
     def attach(self, engine) -> "LiveAdapter":
@@ -52,15 +51,15 @@ class LiveAdapter:
     def __call__(self, position: int, model_token: int, out, row: int) -> int:
         if position == 0:
             self.reset()                      # a new request (start): nothing earlier can be reused
-        first = position - row
+        first = max(0, position - row)       # rows before answer position 0 (prompt rows) are not kept
         if first > len(self.draft_tokens):
             raise RuntimeError(f"adapter history ends at position {len(self.draft_tokens)} but the draft emitted "
                                f"position {position} from {row + 1} rows: the engine skipped positions")
         if self.needs_hidden and out.hidden is None:
             raise RuntimeError("a hidden adapter needs the draft's hidden states: build the draft's HFStepModel "
                                "with want_hidden=True")
-        del self.draft_tokens[first:], self.hidden[first:], self.emitted[first:]
-        for i in range(row + 1):
+        del self.draft_tokens[first:], self.hidden[first:]
+        for i in range(row - (position - first), row + 1):
             self.draft_tokens.append(int(model_token) if i == row else int(out.greedy[i]))
             if self.needs_hidden:
                 self.hidden.append(out.hidden[i])
@@ -68,10 +67,7 @@ class LiveAdapter:
         token = None
         if self.max_len is None or position < self.max_len:
             token = self._predict(self, position)
-        token = int(model_token) if token is None else int(token)
-        self.emitted.extend([None] * (position - len(self.emitted)))
-        self.emitted.append(token)
-        return token
+        return int(model_token) if token is None else int(token)
 
 
 def oracle_adapter(answer: Sequence[int]) -> LiveAdapter:
