@@ -1,5 +1,4 @@
 """Input side of eventspec: discovering samples and loading events and video frames, without torch."""
-from .demo import make_demo
 from .errors import InputError
 from .events import Events, load_events, load_events_file, validate_events
 from .render import render_event_images
@@ -12,3 +11,10 @@ __all__ = [
     "detect_layout", "discover_samples", "load_events", "load_events_file", "load_sample_inputs",
     "load_video_frames", "make_demo", "render_event_images", "sample_frame_indices", "validate_events",
 ]
+
+
+def __getattr__(name):
+    if name == "make_demo":           # PyAV and h5py only where demo data is written
+        from .demo import make_demo
+        return make_demo
+    raise AttributeError(name)

@@ -17,12 +17,22 @@ from pathlib import Path
 import numpy as np
 from numpy.lib import format as npy_format
 
-try:  # registers Blosc/ZSTD/LZ4 with HDF5; must happen before h5py opens a DSEC file
-    import hdf5plugin  # noqa: F401
-    _HDF5PLUGIN_MISSING = None
-except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
-    _HDF5PLUGIN_MISSING = exc
-import h5py
+_HDF5PLUGIN_MISSING: Exception | None = None
+h5py = None
+
+
+def _import_h5py():
+    """h5py (and hdf5plugin, which registers Blosc/ZSTD/LZ4 and must come first) only when an h5 file is
+    read: a worker reading .npy events needs neither."""
+    global h5py, _HDF5PLUGIN_MISSING
+    if h5py is None:
+        try:
+            import hdf5plugin  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+            _HDF5PLUGIN_MISSING = exc
+        import h5py as _h5py
+        h5py = _h5py
+    return h5py
 
 from .errors import InputError
 
@@ -131,6 +141,7 @@ def _missing_filters(path: Path) -> list[str]:
     """Names of the HDF5 filters this file's datasets use that this process cannot decode."""
     missing = []
     try:
+        _import_h5py()
         with h5py.File(path, "r") as f:
             def visit(_, obj):
                 if isinstance(obj, h5py.Dataset):
@@ -160,6 +171,7 @@ def _h5_error(path: Path, exc: Exception) -> InputError:
 
 
 def _open_h5(path: Path) -> h5py.File:
+    _import_h5py()
     if not path.is_file():
         raise InputError(f"{path}: event file not found. Check the path.")
     try:

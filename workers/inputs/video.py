@@ -8,7 +8,6 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image
 
@@ -25,6 +24,11 @@ def sample_frame_indices(n_source: int, n_frames: int = 8) -> list[int]:
 def _decode_mp4(path: Path) -> list[np.ndarray]:
     if not path.is_file():
         raise InputError(f"{path}: video not found. Check the path (mp4/<video_data>.mp4 in the dataset layout).")
+    try:
+        import av  # only mp4 needs PyAV; frame folders do not
+    except ImportError:
+        raise InputError(f"{path}: reading mp4 needs PyAV (pip install av), which is not installed here; "
+                         "install it or give the clip's PNG frames instead.") from None
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
