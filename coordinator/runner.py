@@ -84,14 +84,17 @@ def run(cfg: RunConfig) -> int:
     out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr))
+
+    def warn(*a):      # errors and skipped samples are printed even under --quiet
+        print(*a, file=sys.stderr)
     samples, bad = discover(cfg)
     records: list[dict] = [{"sample_id": b["sample_id"], "mode": mode, "status": "error", "error": b["error"]}
                            for b in bad for mode in cfg.modes]
     for b in bad:
-        say(f"skipping sample {b['sample_id']}: {b['error']}")
+        warn(f"skipping sample {b['sample_id']}: {b['error']}")
     if bad and cfg.on_error == "fail":
         _write_outputs(out_dir, cfg, records, [], {}, "input error")
-        say(f"error: {len(bad)} bad sample(s) and --on-error fail")
+        warn(f"error: {len(bad)} bad sample(s) and --on-error fail")
         return EXIT_SAMPLE_FAILED
     if not samples:
         raise StartupError(f"no usable samples in {cfg.input}" + (f" ({len(bad)} bad)" if bad else ""))
@@ -141,7 +144,7 @@ def run(cfg: RunConfig) -> int:
                 bar(f"{sample['sample_id']} {mode}: " + (f"{rec['wall_ms']:.0f} ms" if rec["status"] == "ok"
                                                           else f"ERROR {rec['error']}"))
                 if rec["status"] != "ok":
-                    say(f"sample {sample['sample_id']} ({mode}) failed: {rec['error']}")
+                    warn(f"sample {sample['sample_id']} ({mode}) failed: {rec['error']}")
                     exit_code = EXIT_SAMPLE_FAILED if cfg.on_error == "fail" else exit_code
                     if cfg.on_error == "fail":
                         stop_all = True
@@ -162,7 +165,7 @@ def run(cfg: RunConfig) -> int:
             daemon.stop()
             say("MPS daemon stopped")
     if failure:
-        say(f"error: {failure}")
+        warn(f"error: {failure}")
     _write_outputs(out_dir, cfg, records, events, run_info, failure)
     if not cfg.quiet:
         ok = [r for r in records if r.get("status") == "ok"]

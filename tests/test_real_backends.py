@@ -97,3 +97,43 @@ def test_tokenizer_mismatch_is_refused_unless_allowed(tmp_path, fake_input):
     assert proc.returncode == 4 and "--allow-vocab-mismatch" in proc.stderr
     proc = run_cli(*args, "--allow-vocab-mismatch", "--quiet", timeout=60)
     assert proc.returncode == 0 and "warning" in proc.stderr
+
+
+def test_placement_flags_reach_each_worker_and_an_attached_draft_serves_a_run(tiny, tmp_path):
+    """Two-GPU placement on the CPU: each worker reports the device it was given; a draft worker started
+    on its own (as on another GPU or host) attaches over tcp on loopback."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"tcp://127.0.0.1:{port}"
+    worker = subprocess.Popen([sys.executable, "-m", "workers", "--role", "draft", "--backend", "eventgpt",
+                               "--model", str(tiny / "shared" / "eventgpt"), "--device", "cpu", "--precision", "fp32",
+                               "--connect", endpoint], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        out = tmp_path / "out"
+        proc = _run(tiny, "shared", out, "--draft-endpoint", endpoint, "--target-device", "cpu",
+                    "--mode", "all", "--samples", "2")
+        assert proc.returncode == 0, proc.stderr
+        res = load_results(out)
+        assert res["run_info"]["device"] == {"draft": "cpu", "target": "cpu"}
+        recs = res["records"]
+        assert len(recs) == 6 and all(r["status"] == "ok" for r in recs)
+        assert all(r["matches_baseline"] for r in recs if r["mode"] != "baseline")
+        assert worker.poll() is None
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_a_cuda_device_on_a_machine_without_one_is_a_clear_error(tiny, tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = _run(tiny, "shared", tmp_path / "out", "--draft-device", "cuda:1", "--startup-timeout", "60")
+    assert proc.returncode != 0
+    assert "cuda:1" in proc.stderr and "no CUDA device" in proc.stderr
