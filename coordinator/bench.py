@@ -39,6 +39,7 @@ class BenchConfig:
     draft_alone_steps: int = 32
     k_max: int = 16
     adaptive: bool = True
+    wait_for_drafts: int = 0
     seed: int = 0
     startup_timeout_s: float = 900.0
     request_timeout_s: float = 600.0
@@ -122,7 +123,8 @@ def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info) ->
             if oracle is not None:
                 opts["oracle"] = {k: v for k, v in oracle.items() if k != "label"}
             rec = session.run_request(sample, mode, question=sample.get("question") or "", max_new_tokens=n,
-                                      options=opts, k_max=cfg.k_max, adaptive=cfg.adaptive)
+                                      options=opts, k_max=cfg.k_max, adaptive=cfg.adaptive,
+                                      wait_for_drafts=cfg.wait_for_drafts)
             rec.update(mps=mps_setting, max_new_tokens=n, oracle=oracle["label"] if oracle else None,
                        alpha=oracle.get("alpha") if oracle else None, placement=cfg.placement)
             if baseline is not None and rec["status"] == "ok" and baseline.get("status") == "ok":
@@ -284,6 +286,7 @@ def _write(cfg: BenchConfig, records, draft_alone, events, run_info, failure) ->
                 "samples": cfg.samples, "warmup": cfg.warmup, "max_new_tokens": cfg.max_new_tokens,
                 "alphas": cfg.alphas, "profiles": cfg.profiles, "modes": cfg.modes, "mps": cfg.mps,
                 "ignore_eos": cfg.ignore_eos, "k_max": cfg.k_max, "adaptive": cfg.adaptive,
+                "wait_for_drafts": cfg.wait_for_drafts,
                 "placement": cfg.placement},
             "host": {"python": platform.python_version(), "node": platform.node()},
             "run_info": run_info, "aggregate": agg, "draft_alone": draft_alone, "records": records}

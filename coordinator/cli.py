@@ -129,6 +129,9 @@ def main():
 @click.option("--no-adaptive", is_flag=True, help="always verify up to --k-max drafts")
 @click.option("--max-ahead", type=click.IntRange(1), default=32, show_default=True,
               help="the draft pauses this many tokens beyond the committed prefix")
+@click.option("--wait-for-drafts", type=click.IntRange(0, 64), default=0, show_default=True,
+              help="speculative: hold each verification until this many drafts exist (0: never wait, the "
+                   "target decodes a token itself when none are ready)")
 @click.option("--ignore-eos", is_flag=True, help="fixed-length outputs (benchmarks)")
 @click.option("--quiet", is_flag=True)
 @model_options
@@ -149,6 +152,7 @@ def run_command(input_, **kw):
         request_timeout_s=kw["request_timeout"], allow_public_endpoint=kw["allow_public_endpoint"],
         allow_vocab_mismatch=kw["allow_vocab_mismatch"], k_max=kw["k_max"], adaptive=not kw["no_adaptive"],
         max_ahead=kw["max_ahead"], ignore_eos=kw["ignore_eos"], quiet=kw["quiet"],
+        wait_for_drafts=kw["wait_for_drafts"],
         command=shlex.join(["coordinator"] + sys.argv[1:]))
     from workers.inputs.errors import InputError
     try:
@@ -185,6 +189,7 @@ def _floats(text: str, flag: str) -> list[float]:
 @click.option("--draft-alone-steps", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--k-max", type=click.IntRange(0, 64), default=16, show_default=True)
 @click.option("--no-adaptive", is_flag=True)
+@click.option("--wait-for-drafts", type=click.IntRange(0, 64), default=0, show_default=True)
 @click.option("--placement", type=click.Choice(["same-gpu", "two-gpu"]), default="same-gpu", show_default=True,
               help="two-gpu puts the draft on cuda:1 and the target on cuda:0 unless --*-device say otherwise")
 @model_options
@@ -221,7 +226,7 @@ def bench_command(input_, **kw):
         alphas=_floats(kw["alphas"], "--alphas"),
         profiles=[p.strip() for p in kw["profiles"].split(",") if p.strip()], modes=modes, mps=mps_list,
         hf_generate=kw["hf_generate"], ignore_eos=kw["ignore_eos"], draft_alone_steps=kw["draft_alone_steps"],
-        k_max=kw["k_max"], adaptive=not kw["no_adaptive"], seed=kw["seed"],
+        k_max=kw["k_max"], adaptive=not kw["no_adaptive"], seed=kw["seed"], wait_for_drafts=kw["wait_for_drafts"],
         startup_timeout_s=kw["startup_timeout"], request_timeout_s=kw["request_timeout"],
         draft_sm_percent=kw["draft_sm_percent"], target_sm_percent=kw["target_sm_percent"],
         placement=kw["placement"], command=shlex.join(["coordinator"] + sys.argv[1:]))
@@ -257,6 +262,8 @@ def _register_optional() -> None:
         main.add_command(make_demo_command)
     except ImportError:
         pass
+    from .adapter_commands import adapter_group
+    main.add_command(adapter_group)
 
 
 _register_optional()

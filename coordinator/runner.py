@@ -50,6 +50,7 @@ class RunConfig:
     adaptive: bool = True
     max_ahead: int = 32
     ignore_eos: bool = False
+    wait_for_drafts: int = 0
     command: str = ""
     request_options: dict = field(default_factory=dict)
     quiet: bool = False
@@ -133,7 +134,7 @@ def run(cfg: RunConfig) -> int:
                 question = sample.get("question") or cfg.question or ""
                 rec = session.run_request(sample, mode, question=question, max_new_tokens=cfg.max_new_tokens,
                                           options=options, k_max=cfg.k_max, adaptive=cfg.adaptive,
-                                          max_ahead=cfg.max_ahead)
+                                          max_ahead=cfg.max_ahead, wait_for_drafts=cfg.wait_for_drafts)
                 rec["sequence"] = sample.get("sequence")
                 if rec["status"] == "ok" and mode == "baseline":
                     baseline_ids = rec["output_ids"]

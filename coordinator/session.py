@@ -230,9 +230,11 @@ class Session:
         self._log_message(msg)
         return msg
 
-    def recv(self, deadline: float) -> m.Message:
+    def recv(self, deadline: float, timeout_ok: bool = False) -> m.Message | None:
         while True:
             if time.monotonic() > deadline:
+                if timeout_ok:
+                    return None
                 raise RequestFailed(f"no answer from the workers within {self.request_timeout_s:g} s "
                                     f"(request timeout)")
             msg = self._recv_raw(POLL_MS)
@@ -246,7 +248,7 @@ class Session:
 
     def run_request(self, sample: dict, mode: str, *, question: str, max_new_tokens: int,
                     options: dict | None = None, k_max: int = 16, adaptive: bool = True,
-                    max_ahead: int = 32) -> dict:
+                    max_ahead: int = 32, wait_for_drafts: int = 0, wait_timeout_ms: float = 200.0) -> dict:
         """Run one (sample, mode); returns the result record (status ok or error)."""
         self._request_no += 1
         rid = f"r{self._request_no}"
@@ -255,7 +257,7 @@ class Session:
         options = dict(options or {})
         eos = -1 if (options or {}).get("ignore_eos") else self.workers["target"].ready.eos_id
         state = RequestState(mode=mode, max_new_tokens=max_new_tokens, eos_id=eos, k_max=k_max,
-                             adaptive=adaptive)
+                             adaptive=adaptive, wait_for_drafts=wait_for_drafts)
         target_only = mode in ("baseline", "hf-generate")
         roles = ["target"] if target_only else ["draft", "target"]
         draft_active = not target_only
@@ -272,9 +274,31 @@ class Session:
         ttft_ns = None
         info = {}
         early_dones: dict[str, m.Done] = {}
+
+        def execute(actions, now_ns):
+            nonlocal draft_active, end_ns
+            for action in actions:
+                if action.kind == "verify":
+                    self.send(m.Verify(request_id=rid, start_pos=action.start_pos, tokens=action.tokens), "target")
+                elif action.kind == "rebase" and draft_active:
+                    self.send(m.Rebase(request_id=rid, epoch=action.epoch, committed=action.tokens,
+                                       max_ahead=action.count if adaptive else -1), "draft")
+                elif action.kind == "decode":
+                    self.send(m.Decode(request_id=rid, max_tokens=action.count), "target")
+                elif action.kind == "stop_draft" and draft_active:
+                    self.send(m.Stop(request_id=rid, reason="parallel mode: drafting is over"), "draft")
+                    draft_active = False
+                elif action.kind == "finish":
+                    end_ns = now_ns
         try:
             while not state.finished:
-                msg = self.recv(deadline)
+                if state.waiting:
+                    msg = self.recv(min(deadline, time.monotonic() + wait_timeout_ms / 1e3), timeout_ok=True)
+                    if msg is None:
+                        execute(state.on_wait_timeout(), time.monotonic_ns())
+                        continue
+                else:
+                    msg = self.recv(deadline)
                 if msg.request_id != rid:
                     continue                     # a straggler from an earlier request
                 actions = []
@@ -293,20 +317,7 @@ class Session:
                     actions = state.on_verify_result(msg.accepted, msg.next_token)
                 elif isinstance(msg, m.DecodeResult):
                     actions = state.on_decode_result(msg.tokens)
-                for action in actions:
-                    if action.kind == "verify":
-                        self.send(m.Verify(request_id=rid, start_pos=action.start_pos, tokens=action.tokens),
-                                  "target")
-                    elif action.kind == "rebase" and draft_active:
-                        self.send(m.Rebase(request_id=rid, epoch=action.epoch, committed=action.tokens,
-                                           max_ahead=action.count if adaptive else -1), "draft")
-                    elif action.kind == "decode":
-                        self.send(m.Decode(request_id=rid, max_tokens=action.count), "target")
-                    elif action.kind == "stop_draft" and draft_active:
-                        self.send(m.Stop(request_id=rid, reason="parallel mode: drafting is over"), "draft")
-                        draft_active = False
-                    elif action.kind == "finish":
-                        end_ns = msg.recv_ns
+                execute(actions, msg.recv_ns)
         except RequestFailed as exc:
             record.update(status="error", error=str(exc))
         if end_ns is None:

@@ -41,6 +41,10 @@ class RequestState:
     adaptive: bool = True
     probe_every: int = 8              # while paused (k = 0), try one draft every this many rounds
     lookahead_margin: int = 2
+    # speculative: hold a verification until this many drafts exist (classic synchronous windows) as
+    # long as the draft can still deliver; 0 = never wait (the target decodes a token itself instead)
+    wait_for_drafts: int = 0
+    waiting: bool = False
     committed: list = field(default_factory=list)
     draft_seq: list = field(default_factory=list)
     epoch: int = 0
@@ -112,6 +116,17 @@ class RequestState:
             return self._maybe_verify()
         return []
 
+    def on_wait_timeout(self) -> list[Action]:
+        """The draft did not deliver in time: verify what exists."""
+        if not self.waiting or self.target_busy or self.finished:
+            return []
+        return self._maybe_verify(force=True)
+
+    def _draft_can_deliver(self) -> bool:
+        if self._k == 0 or (self.draft_seq and self.draft_seq[-1] == self.eos_id):
+            return False
+        return len(self.draft_seq) < self.max_new_tokens
+
     def on_verify_result(self, accepted: int, next_token: int) -> list[Action]:
         sent = self._in_flight
         if not 0 <= accepted <= len(sent):
@@ -173,9 +188,14 @@ class RequestState:
         ahead = self._k + self.lookahead_margin if self._k else 0
         return [Action("rebase", epoch=self.epoch, tokens=list(self.committed), count=ahead)]
 
-    def _maybe_verify(self) -> list[Action]:
+    def _maybe_verify(self, force: bool = False) -> list[Action]:
         if self.target_busy or self.finished:
             return []
         room = self.max_new_tokens - len(self.committed) - 1
         cands = self._candidates()[: max(0, min(self._k, room))]
+        want = min(self.wait_for_drafts, self._k, max(0, room))
+        if not force and len(cands) < want and self._draft_can_deliver():
+            self.waiting = True
+            return []
+        self.waiting = False
         return self._verify(cands)

@@ -129,3 +129,18 @@ def test_hopeless_drafts_pause_the_draft_and_good_ones_grow_k():
     good = simulate("speculative", target, lambda i: target[i], max_new=200, k_max=16)
     assert good.output == target[:200]
     assert max(good.k_history) == 16 and 0 not in good.k_history
+
+
+def test_waiting_for_drafts_holds_the_verification_until_k_exist():
+    st = RequestState(mode="speculative", max_new_tokens=50, eos_id=EOS, k_max=4, adaptive=False, wait_for_drafts=3)
+    st.on_draft(0, 0, [10, 11])
+    actions = st.on_prefill_done(10)
+    assert [a.kind for a in actions] == ["rebase"] and st.waiting      # only 1 candidate: wait
+    assert st.on_draft(0, 2, [12]) == [] and st.waiting                # 2 candidates: still waiting
+    actions = st.on_draft(0, 3, [13])
+    verify = [a for a in actions if a.kind == "verify"]
+    assert verify and verify[0].tokens == [11, 12, 13] and not st.waiting
+    st.on_verify_result(3, 14)
+    assert st.waiting                                                   # nothing drafted beyond 14 yet
+    actions = st.on_wait_timeout()
+    assert [a.kind for a in actions] == ["verify"] and actions[0].tokens == []

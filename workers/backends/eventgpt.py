@@ -7,6 +7,27 @@ from workers.backends.hf_backend import HFBackend
 class EventGPTBackend(HFBackend):
     name = "eventgpt"
     kind = "eventgpt"
+    adapter = None
+
+    def load(self) -> dict:
+        ckpt = self.options.get("adapter")
+        if ckpt:
+            from workers.adapters.models import read_adapter_config
+            if read_adapter_config(ckpt).kind == "hidden":
+                self.options["want_hidden"] = True
+        ready = super().load()
+        if ckpt:
+            from workers.adapters.live import load_live_adapter
+            self.adapter = load_live_adapter(ckpt, draft_lm=self.lm, device=self.device)
+            self.adapter.attach(self.engine)      # refuses temperature > 0: adapters assume greedy verification
+            ready["info"]["adapter"] = {"path": str(ckpt), "kind": self.adapter.config.kind}
+        return ready
+
+    def reset(self) -> None:
+        super().reset()
+        if self.adapter is not None:
+            self.adapter.reset()
+            self.adapter.attach(self.engine)
 
     def _load_checkpoint(self, path: str):
         from workers.models.loading import load_eventgpt

@@ -38,6 +38,9 @@ class HFBackend(Backend):
             torch.cuda.set_device(torch.device(self.device))
             torch.cuda.reset_peak_memory_stats()
         self.precision = pick_precision(opts.get("precision"), self.device)
+        if self.device == "cpu":
+            # two workers share the machine's cores; oversubscribed BLAS threads slow both down many-fold
+            torch.set_num_threads(int(opts.get("threads") or max(1, (os.cpu_count() or 2) // 2)))
         seed = int(opts.get("seed", 0))
         torch.manual_seed(seed)
         if opts.get("synthetic_weights"):
