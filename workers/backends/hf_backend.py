@@ -14,6 +14,10 @@ from workers.engine.core import TokenEngine
 from workers.engine.hf import HFStepModel
 
 
+# fed tokens per forward = drafts + 1: exact buckets for k = 0, 1, 2, 4, 8, 16, 32
+VERIFY_BUCKETS = (1, 2, 3, 5, 9, 17, 33)
+
+
 def pick_device(requested: str | None) -> str:
     if requested:
         if requested.startswith("cuda") and not torch.cuda.is_available():
@@ -84,9 +88,12 @@ class HFBackend(Backend):
             except ImportError:
                 make_step_model = None
             if make_step_model is not None:
+                # attention reads every cache slot each step: size it to prompt + answer + drafts
+                default = 1024 if self.kind == "eventgpt" else 2432
                 return make_step_model(self.lm.model, device=self.device,
-                                       max_cache_len=int(self.options.get("max_cache_len", 4096)),
-                                       cuda_graphs=True, want_hidden=want_hidden)
+                                       max_cache_len=int(self.options.get("max_cache_len") or default),
+                                       cuda_graphs=True, want_hidden=want_hidden,
+                                       buckets=VERIFY_BUCKETS, compile=bool(self.options.get("compile", False)))
         return HFStepModel(self.lm.model, want_hidden=want_hidden)
 
     # --- per request ---------------------------------------------------------------------------
