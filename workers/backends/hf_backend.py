@@ -39,7 +39,8 @@ class HFBackend(Backend):
         opts = self.options
         self.device = pick_device(opts.get("device"))
         if self.device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(self.device))
+            if ":" in self.device:
+                torch.cuda.set_device(torch.device(self.device))
             torch.cuda.reset_peak_memory_stats()
         self.precision = pick_precision(opts.get("precision"), self.device)
         if self.device == "cpu":
