@@ -138,9 +138,10 @@ def run(cfg: RunConfig) -> int:
                 rec["sequence"] = sample.get("sequence")
                 if rec["status"] == "ok" and mode == "baseline":
                     baseline_ids = rec["output_ids"]
+                sampled = float(cfg.target.options.get("temperature") or 0) > 0   # outputs are draws, not equal
                 rec["matches_baseline"] = (rec["output_ids"] == baseline_ids
-                                           if rec["status"] == "ok" and baseline_ids is not None and mode != "baseline"
-                                           else None)
+                                           if rec["status"] == "ok" and baseline_ids is not None
+                                           and mode != "baseline" and not sampled else None)
                 records.append(rec)
                 bar(f"{sample['sample_id']} {mode}: " + (f"{rec['wall_ms']:.0f} ms" if rec["status"] == "ok"
                                                           else f"ERROR {rec['error']}"))

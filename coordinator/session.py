@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import zmq
 
 from protocol import messages as m
@@ -275,11 +276,19 @@ class Session:
         info = {}
         early_dones: dict[str, m.Done] = {}
 
+        probs: dict[tuple[int, int], object] = {}      # (epoch, position) -> q row, when sampling
+
         def execute(actions, now_ns):
             nonlocal draft_active, end_ns
             for action in actions:
                 if action.kind == "verify":
-                    self.send(m.Verify(request_id=rid, start_pos=action.start_pos, tokens=action.tokens), "target")
+                    verify = m.Verify(request_id=rid, start_pos=action.start_pos, tokens=action.tokens)
+                    if probs and action.tokens:
+                        rows = [probs.get((state.epoch, action.start_pos + i)) for i in range(len(action.tokens))]
+                        if any(r is None for r in rows):
+                            raise RequestFailed("sampling: the draft sent no probabilities for some drafted tokens")
+                        verify.arrays["probs"] = np.stack(rows)
+                    self.send(verify, "target")
                 elif action.kind == "rebase" and draft_active:
                     self.send(m.Rebase(request_id=rid, epoch=action.epoch, committed=action.tokens,
                                        max_ahead=action.count if adaptive else -1), "draft")
@@ -307,6 +316,9 @@ class Session:
                 if isinstance(msg, m.Done):
                     early_dones[msg.src] = msg
                 elif isinstance(msg, m.Draft) and msg.src == "draft":
+                    if "probs" in msg.arrays:
+                        for i, row in enumerate(msg.arrays["probs"]):
+                            probs[(msg.epoch, msg.start_pos + i)] = row
                     actions = state.on_draft(msg.epoch, msg.start_pos, msg.tokens)
                 elif isinstance(msg, m.PrefillDone) and msg.src == "target":
                     ttft_ns = msg.recv_ns

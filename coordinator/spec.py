@@ -45,6 +45,10 @@ class RequestState:
     # long as the draft can still deliver; 0 = never wait (the target decodes a token itself instead)
     wait_for_drafts: int = 0
     waiting: bool = False
+    # a draft that has nothing ready this many rounds in a row cannot keep up (on one GPU it is as
+    # large as the target): pause it so it stops taking the target's memory bandwidth
+    starved_rounds_to_pause: int = 3
+    _starved: int = 0
     committed: list = field(default_factory=list)
     draft_seq: list = field(default_factory=list)
     epoch: int = 0
@@ -148,6 +152,9 @@ class RequestState:
                     break
                 agree += 1
             self._k = next_k(self._k, len(proposed), agree, self.k_min, self.k_max)
+            self._starved = self._starved + 1 if (self._k and not sent and not proposed) else 0
+            if self._starved >= self.starved_rounds_to_pause:
+                self._k, self._starved = 0, 0
             self.k_history.append(self._k)
             if self._k == 0:
                 self._paused_rounds += 1

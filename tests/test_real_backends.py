@@ -137,3 +137,19 @@ def test_a_cuda_device_on_a_machine_without_one_is_a_clear_error(tiny, tmp_path)
     proc = _run(tiny, "shared", tmp_path / "out", "--draft-device", "cuda:1", "--startup-timeout", "60")
     assert proc.returncode != 0
     assert "cuda:1" in proc.stderr and "no CUDA device" in proc.stderr
+
+
+def test_sampling_runs_through_the_pipeline_with_rejection_sampling(tiny, tmp_path):
+    """--temperature > 0: the draft sends q for every drafted token, the target accepts with min(1, p/q).
+    (The distribution itself is tested statistically in tests/test_engine.py.)"""
+    proc = _run(tiny, "shared", tmp_path / "out", "--temperature", "0.7", "--seed", "3", "--mode", "all",
+                "--wait-for-drafts", "3")
+    assert proc.returncode == 0, proc.stderr
+    recs = load_results(tmp_path / "out")["records"]
+    assert all(r["status"] == "ok" for r in recs)
+    assert all(r["matches_baseline"] is None for r in recs)          # draws, not a greedy answer
+    spec = [r for r in recs if r["mode"] == "speculative"]
+    assert sum(r["drafted_tokens"] for r in spec) > 0
+    assert sum(r["accepted_tokens"] for r in spec) > 0
+    events = [json.loads(line) for line in (tmp_path / "out" / "events.jsonl").read_text().splitlines()]
+    assert any(e.get("type") == "verify" for e in events)

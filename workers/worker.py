@@ -17,6 +17,7 @@ import time
 import traceback
 from contextlib import contextmanager
 
+import numpy as np
 import zmq
 
 from protocol import messages as m
@@ -69,6 +70,7 @@ class Worker:
         self.request_max_new = 0
         self.oracle = None
         self.generated: list[int] = []
+        self.draft_probs: dict = {}
 
     @contextmanager
     def span(self, name: str, **attrs):
@@ -215,8 +217,12 @@ class Worker:
                     self.send(m.Error(reason=f"verify at position {msg.start_pos}, but {committed} tokens are "
                                              f"committed", in_reply_to=msg.msg_id))
                     continue
+                q = msg.arrays.get("probs")
+                if q is not None and q.shape[-1] < self.backend.vocab_size:
+                    # the target's vocabulary may extend the draft's (<image>, <video>): q is 0 there
+                    q = np.pad(q, ((0, 0), (0, self.backend.vocab_size - q.shape[-1])))
                 with self.span("verify", k=len(msg.tokens)):
-                    accepted, nxt = engine.verify(msg.tokens, msg.arrays.get("probs"))
+                    accepted, nxt = engine.verify(msg.tokens, q)
                 self.send(m.VerifyResult(start_pos=msg.start_pos, drafted=len(msg.tokens), accepted=accepted,
                                          next_token=nxt))
             elif isinstance(msg, m.Decode):
@@ -246,29 +252,43 @@ class Worker:
 
     # --- draft ---------------------------------------------------------------------------
 
+    def _keep_probs(self) -> None:
+        """Sampling: remember the draft's distribution q for the token it just emitted (rejection
+        sampling on the target needs q for every drafted token)."""
+        engine = self.backend.engine
+        if engine.last_probs is not None:
+            row = engine.last_probs
+            self.draft_probs[len(engine.tokens) - 1] = (row.detach().float().cpu().numpy()
+                                                       if hasattr(row, "detach") else np.asarray(row, np.float32))
+
     def _serve_draft(self, prefill: m.Prefill) -> None:
+        self.draft_probs: dict[int, np.ndarray] = {}
         first, _, _ = self._prefill(prefill)
         engine = self.backend.engine
+        self._keep_probs()
         eos = self._eos(prefill)
         batch = max(1, int(prefill.options.get("draft_batch", 1)))
         max_total = prefill.max_new_tokens
         max_ahead = prefill.max_ahead
         epoch, committed_len, sent = 0, 0, 0
         drafted_steps = 0
+        pending = None
 
         def flush() -> None:
             nonlocal sent
             tokens = engine.tokens[sent:]
             if tokens:
                 msg = m.Draft(epoch=epoch, start_pos=sent, tokens=tokens)
-                if engine.last_probs is not None and hasattr(self.backend, "probs_for"):
-                    msg.arrays["probs"] = self.backend.probs_for(sent, len(tokens))
+                if self.draft_probs:
+                    rows = [self.draft_probs.get(p) for p in range(sent, len(engine.tokens))]
+                    if all(r is not None for r in rows):
+                        msg.arrays["probs"] = np.stack(rows).astype(np.float32)
                 self.send(msg)
                 sent = len(engine.tokens)
 
         flush()
         while True:
-            can_draft = (engine.tokens[-1] != eos and len(engine.tokens) < max_total
+            can_draft = (pending is None and engine.tokens[-1] != eos and len(engine.tokens) < max_total
                          and len(engine.tokens) - committed_len < max_ahead)
             msg = self.recv(0 if can_draft else HEARTBEAT_S * 1000)
             if isinstance(msg, m.Stop):
@@ -285,9 +305,13 @@ class Worker:
                     self.oracle.committed_len = committed_len
                 if msg.epoch != epoch:
                     epoch = msg.epoch
-                    with self.span("rebase", committed=committed_len):
-                        engine.rebase(msg.committed)
-                    sent = committed_len      # the new epoch starts at the committed prefix
+                    pending = list(msg.committed)   # applied when drafting resumes: a paused draft
+                    sent = committed_len            # must not spend GPU time following the target
+                if pending is not None and max_ahead > 0:
+                    with self.span("rebase", committed=len(pending)):
+                        if engine.rebase(pending) is not None:
+                            self._keep_probs()
+                    pending = None
                     flush()
                 continue
             if msg is not None:
@@ -297,6 +321,7 @@ class Worker:
             if can_draft:
                 with self.span("draft_step", pos=len(engine.tokens)):
                     engine.step()
+                self._keep_probs()
                 drafted_steps += 1
                 if len(engine.tokens) - sent >= batch or engine.tokens[-1] == eos:
                     flush()

@@ -64,6 +64,7 @@ class HFBackend(Backend):
             from workers.engine.sampling import Sampler
             sampler = Sampler(temperature, seed)
         self.engine = TokenEngine(self.step_model, sampler)
+        self.engine.feed_limit = int(self.lm.model.get_input_embeddings().num_embeddings)
         tok = self.lm.tokenizer
         self.eos_id = int(getattr(tok, "eos_token_id", None) or 2)
         config = self.lm.model.config

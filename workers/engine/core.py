@@ -74,6 +74,17 @@ class TokenEngine:
         # override(position, model_token) -> token: lets a benchmark oracle or an adapter replace the
         # token ids the draft emits while the model still runs every forward pass
         self.override = None
+        # ids this model can embed; a committed id beyond it (the target's <video>, padding rows) is fed
+        # as 0 (<unk>) so a draft with a smaller vocabulary follows the target instead of crashing
+        self.feed_limit: int | None = None
+
+    def _feed(self, token_ids):
+        return self.model.forward(self._feedable(token_ids))
+
+    def _feedable(self, token_ids):
+        if self.feed_limit is None:
+            return list(token_ids)
+        return [t if 0 <= t < self.feed_limit else 0 for t in token_ids]
 
     @property
     def tokens(self) -> list[int]:
@@ -103,7 +114,7 @@ class TokenEngine:
 
     def step(self) -> int:
         """Feed the pending token, append and return the next one."""
-        out = self.model.forward([self.seq.tokens[-1]])
+        out = self._feed([self.seq.tokens[-1]])
         token = self._emit(out, 0)
         self.seq.tokens.append(token)
         self.last_output = out
@@ -116,7 +127,7 @@ class TokenEngine:
         base_kv = self.seq.prompt_len + len(self.seq.tokens) - 1
         if self.model.kv_len != base_kv:
             raise RuntimeError(f"cache holds {self.model.kv_len} positions, expected {base_kv}")
-        out = self.model.forward([self.seq.tokens[-1]] + drafts)
+        out = self._feed([self.seq.tokens[-1]] + drafts)
         if self.sampler is None:
             accepted, nxt = greedy_accept(drafts, out.greedy)
         else:
@@ -141,7 +152,7 @@ class TokenEngine:
         keep_in_cache = min(keep, len(own) - 1) if own else 0
         self.model.crop(self.seq.prompt_len + keep_in_cache)
         feed = committed[keep_in_cache:]
-        out = self.model.forward(feed)
+        out = self._feed(feed)
         self.seq.tokens = list(committed)
         token = self._emit(out, len(feed) - 1)
         self.seq.tokens.append(token)
