@@ -24,8 +24,8 @@ class Action:
 def next_k(k: int, drafted: int, accepted: int, k_min: int, k_max: int) -> int:
     """Adaptive draft length: grow after a fully accepted round; after a rejection shrink to what was
     accepted plus one, or halve when nothing was (reaching 0 pauses the draft)."""
-    if not drafted:
-        return k
+    if not drafted or k == 0:
+        return k                  # nothing judged, or paused: only a probe resumes drafting
     if accepted == drafted:
         return min(k_max, k + 2)
     return max(k_min, min(k, accepted + 1) if accepted else k // 2)
@@ -49,6 +49,12 @@ class RequestState:
     # large as the target): pause it so it stops taking the target's memory bandwidth
     starved_rounds_to_pause: int = 3
     _starved: int = 0
+    # on one GPU a verification beside a running draft costs about two lone decode steps (measured on
+    # an H100, BENCHMARKS.md), so drafting pays only when rounds commit more than that: pause the draft
+    # when the last `judge_rounds` drafted rounds committed fewer than `min_mean_len` tokens each
+    min_mean_len: float = 2.5
+    judge_rounds: int = 3
+    max_probe_every: int = 64
     committed: list = field(default_factory=list)
     draft_seq: list = field(default_factory=list)
     epoch: int = 0
@@ -64,6 +70,7 @@ class RequestState:
     _k: int = 0
     _paused_rounds: int = 0
     k_history: list = field(default_factory=list)
+    _judged: list = field(default_factory=list)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -153,13 +160,21 @@ class RequestState:
                 agree += 1
             self._k = next_k(self._k, len(proposed), agree, self.k_min, self.k_max)
             self._starved = self._starved + 1 if (self._k and not sent and not proposed) else 0
-            if self._starved >= self.starved_rounds_to_pause:
+            if sent:
+                self._judged.append(1 + accepted)
+            recent = self._judged[-self.judge_rounds:]
+            unprofitable = (len(sent) > 0 and len(recent) >= self.judge_rounds
+                            and sum(recent) / len(recent) < self.min_mean_len)
+            if self._k and (self._starved >= self.starved_rounds_to_pause or unprofitable):
                 self._k, self._starved = 0, 0
+                self._judged = self._judged[-1:]       # a probe is judged with its own round
             self.k_history.append(self._k)
             if self._k == 0:
                 self._paused_rounds += 1
                 if self._paused_rounds >= self.probe_every:
-                    self._k, self._paused_rounds = 1, 0
+                    # probe with a short window; back off while probes keep failing
+                    self._k, self._paused_rounds = 2, 0
+                    self.probe_every = min(self.max_probe_every, self.probe_every * 2)
         if self._complete():
             return self._finish()
         if self.mode == "parallel":

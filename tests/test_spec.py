@@ -40,7 +40,8 @@ def simulate(mode, target, draft_fn, max_new, k_max=8, adaptive=True, drafts_bef
                 base = a.tokens
                 if a.epoch != epoch_seen:
                     epoch_seen = a.epoch
-                seq = list(base) + [draft_fn(len(base) + i) for i in range(3)]
+                ahead = 3 if a.count is None else min(3, a.count)      # a paused draft (0) drafts nothing
+                seq = list(base) + [draft_fn(len(base) + i) for i in range(ahead)]
                 nxt += st.on_draft(a.epoch, len(base), seq[len(base):])
         actions = nxt
     return st
@@ -144,3 +145,15 @@ def test_waiting_for_drafts_holds_the_verification_until_k_exist():
     assert st.waiting                                                   # nothing drafted beyond 14 yet
     actions = st.on_wait_timeout()
     assert [a.kind for a in actions] == ["verify"] and actions[0].tokens == []
+
+
+def test_rounds_that_commit_too_little_pause_the_draft_with_backoff():
+    target = target_seq(400)
+    good = simulate("speculative", target, lambda i: target[i], max_new=300, k_max=8)
+    assert 0 not in good.k_history                        # perfect drafts: never paused
+    # right at one position in three: rounds commit about two tokens, below min_mean_len = 2.5
+    poor = simulate("speculative", target, lambda i: target[i] if i % 3 == 0 else target[i] + 1,
+                    max_new=300, k_max=8)
+    assert poor.output == target[:300]
+    assert poor.k_history.count(0) > len(poor.k_history) / 2      # mostly paused
+    assert poor.probe_every > 8                                    # failed probes back off
