@@ -294,6 +294,7 @@ def _write(cfg: BenchConfig, records, draft_alone, events, run_info, failure) ->
     tmp.write_text(json.dumps(data, indent=1, default=str))
     os.replace(tmp, cfg.output_dir / "bench.json")
     (cfg.output_dir / "bench.md").write_text(render_markdown(data))
+    reports.write_events_jsonl(cfg.output_dir / "events.jsonl", events)
     try:
         plot_speedup(agg["rows"], cfg.output_dir / "speedup_vs_alpha.png")
         spec = [r for r in records if r.get("mode") == "speculative" and r.get("status") == "ok"]

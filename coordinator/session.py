@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,6 +100,7 @@ class Session:
         self.workers = {spec.role: WorkerHandle(spec) for spec in specs}
         self._sent: dict[str, dict] = {}          # msg_id -> event, to join recv stamps from DONE
         self._request_no = 0
+        self.tag = uuid.uuid4().hex[:6]            # request ids stay unique across sessions of one run
         self.context: dict = {}                   # sample_id / mode of the request in flight
         self.progress = progress
 
@@ -252,7 +254,7 @@ class Session:
                     max_ahead: int = 32, wait_for_drafts: int = 0, wait_timeout_ms: float = 200.0) -> dict:
         """Run one (sample, mode); returns the result record (status ok or error)."""
         self._request_no += 1
-        rid = f"r{self._request_no}"
+        rid = f"{self.tag}-r{self._request_no}"
         sample_id = sample.get("sample_id", "")
         self.context = {"sample_id": sample_id, "mode": mode}
         options = dict(options or {})
@@ -345,7 +347,7 @@ class Session:
     def run_draft_alone(self, sample: dict, *, question: str, steps: int, options: dict | None = None) -> dict:
         """The draft's prefill and `steps` decode steps with the target idle: its uncontended step time."""
         self._request_no += 1
-        rid = f"r{self._request_no}"
+        rid = f"{self.tag}-r{self._request_no}"
         self.context = {"sample_id": sample.get("sample_id", ""), "mode": "draft-alone"}
         opts = dict(options or {}, ignore_eos=True)
         self.send(m.Prefill(request_id=rid, mode="draft-alone", sample=sample, question=question,
