@@ -184,7 +184,14 @@ class RequestState:
     def on_decode_result(self, tokens: list[int]) -> list[Action]:
         self.target_busy = False
         self.committed += [int(t) for t in tokens]
-        return self._finish()
+        if self.mode != "speculative" or self._complete():
+            return self._finish()
+        # a paused draft's stretch of plain decoding is over: probe the draft again
+        self._paused_rounds = 0
+        self._k = 2
+        self.probe_every = min(self.max_probe_every, self.probe_every * 2)
+        self.k_history.append(self._k)
+        return self._reconcile() + self._maybe_verify()
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -214,6 +221,11 @@ class RequestState:
         if self.target_busy or self.finished:
             return []
         room = self.max_new_tokens - len(self.committed) - 1
+        if self._k == 0 and self.adaptive:
+            # paused: let the target decode alone until the next probe, with no round trip per token
+            self.target_busy = True
+            count = min(max(1, self.probe_every - self._paused_rounds), self.max_new_tokens - len(self.committed))
+            return [Action("decode", count=count)]
         cands = self._candidates()[: max(0, min(self._k, room))]
         want = min(self.wait_for_drafts, self._k, max(0, room))
         if not force and len(cands) < want and self._draft_can_deliver():
