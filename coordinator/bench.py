@@ -45,7 +45,7 @@ class BenchConfig:
     request_timeout_s: float = 600.0
     draft_sm_percent: int | None = None
     target_sm_percent: int | None = None
-    placement: str = "same-gpu"
+    placements: list = field(default_factory=lambda: ["same-gpu"])
     command: str = ""
 
 
@@ -83,11 +83,12 @@ def run_bench(cfg: BenchConfig) -> int:
     events: list[dict] = []
     run_info: dict = {}
     failure = None
-    for mps_setting in cfg.mps:
+    plan = [(placement, mps) for placement in cfg.placements for mps in cfg.mps]
+    for placement, mps_setting in plan:
         try:
-            events += _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info)
+            events += _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info, placement)
         except (WorkerDied, StartupError, MpsError) as exc:
-            failure = f"mps={mps_setting}: {exc}"
+            failure = f"placement={placement} mps={mps_setting}: {exc}"
             _say(f"error: {failure}")
             break
         except KeyboardInterrupt:
@@ -98,21 +99,33 @@ def run_bench(cfg: BenchConfig) -> int:
     return 0 if failure is None else 3
 
 
-def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info) -> list[dict]:
+def placement_devices(spec: WorkerSpec, placement: str) -> dict:
+    """Worker options for a placement: two-gpu puts the draft on cuda:1 and the target on cuda:0 unless the
+    user named devices (--draft-device / --target-device, kept as given)."""
+    options = dict(spec.options)
+    if placement == "two-gpu" and not options.get("device_from_user"):
+        options["device"] = "cuda:1" if spec.role == "draft" else "cuda:0"
+    options.pop("device_from_user", None)
+    return options
+
+
+def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info, placement) -> list[dict]:
     daemon = None
     session = None
-    draft = WorkerSpec(cfg.draft.role, cfg.draft.backend, dict(cfg.draft.options), cfg.draft.endpoint, {})
-    target = WorkerSpec(cfg.target.role, cfg.target.backend, dict(cfg.target.options), cfg.target.endpoint, {})
+    draft = WorkerSpec(cfg.draft.role, cfg.draft.backend, placement_devices(cfg.draft, placement),
+                       cfg.draft.endpoint, {})
+    target = WorkerSpec(cfg.target.role, cfg.target.backend, placement_devices(cfg.target, placement),
+                        cfg.target.endpoint, {})
     try:
         if mps_setting == "on":
             daemon = MpsDaemon().start()
             draft.env.update(daemon.client_env(cfg.draft_sm_percent))
             target.env.update(daemon.client_env(cfg.target_sm_percent))
-        session = Session([draft, target], log_dir=cfg.output_dir / f"logs-mps-{mps_setting}",
+        session = Session([draft, target], log_dir=cfg.output_dir / f"logs-{placement}-mps-{mps_setting}",
                           startup_timeout_s=cfg.startup_timeout_s, request_timeout_s=cfg.request_timeout_s)
-        _say(f"[mps {mps_setting}] starting workers ({draft.backend} / {target.backend})")
+        _say(f"[{placement}, mps {mps_setting}] starting workers ({draft.backend} / {target.backend})")
         session.start()
-        run_info[f"mps_{mps_setting}"] = {
+        run_info[f"{placement}_mps_{mps_setting}"] = {
             r: {"model_id": h.ready.model_id, "device": h.ready.device, "synthetic": h.ready.synthetic,
                 "info": h.ready.info, "memory_at_ready": h.ready.memory} for r, h in session.workers.items()}
         base_opts = {"ignore_eos": cfg.ignore_eos, "event_frames": 5}
@@ -126,7 +139,7 @@ def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info) ->
                                       options=opts, k_max=cfg.k_max, adaptive=cfg.adaptive,
                                       wait_for_drafts=cfg.wait_for_drafts)
             rec.update(mps=mps_setting, max_new_tokens=n, oracle=oracle["label"] if oracle else None,
-                       alpha=oracle.get("alpha") if oracle else None, placement=cfg.placement)
+                       alpha=oracle.get("alpha") if oracle else None, placement=placement)
             if baseline is not None and rec["status"] == "ok" and baseline.get("status") == "ok":
                 rec["matches_baseline"] = rec["output_ids"] == baseline["output_ids"]
             if rec["status"] != "ok":
@@ -160,6 +173,7 @@ def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info) ->
             rec = session.run_draft_alone(sample, question=sample.get("question") or "",
                                           steps=cfg.draft_alone_steps, options=base_opts)
             rec["mps"] = mps_setting
+            rec["placement"] = placement
             draft_alone.append(rec)
         return session.events
     finally:
@@ -197,16 +211,17 @@ def aggregate(records: list[dict], draft_alone: list[dict], events: list[dict]) 
             spans_by_request.setdefault(e["request_id"], []).append(e)
     walls = {}
     for r in ok:
-        walls[(r["mps"], r["max_new_tokens"], r["mode"], r.get("oracle"), r["sample_id"])] = r["wall_ms"]
+        walls[(r.get("placement"), r["mps"], r["max_new_tokens"], r["mode"], r.get("oracle"), r["sample_id"])] = r["wall_ms"]
     configs: dict[tuple, list] = {}
     for r in ok:
-        configs.setdefault((r["mps"], r["max_new_tokens"], r["mode"], r.get("oracle")), []).append(r)
+        configs.setdefault((r.get("placement"), r["mps"], r["max_new_tokens"], r["mode"], r.get("oracle")), []).append(r)
     rows = []
-    for (mps, n, mode, oracle), recs in sorted(configs.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+    for (placement, mps, n, mode, oracle), recs in sorted(configs.items(),
+                                                          key=lambda kv: tuple(str(x) for x in kv[0])):
         def paired(ref_mode):
             ratios = []
             for r in recs:
-                ref = walls.get((mps, n, ref_mode, None, r["sample_id"]))
+                ref = walls.get((placement, mps, n, ref_mode, None, r["sample_id"]))
                 if ref:
                     ratios.append(ref / r["wall_ms"])
             return _median(ratios)
@@ -232,7 +247,7 @@ def aggregate(records: list[dict], draft_alone: list[dict], events: list[dict]) 
         accepted = sum(r.get("accepted_tokens") or 0 for r in recs)
         matched = [r.get("matches_baseline") for r in recs if r.get("matches_baseline") is not None]
         rows.append({
-            "mps": mps, "max_new_tokens": n, "mode": mode, "oracle": oracle, "n": len(recs),
+            "placement": placement, "mps": mps, "max_new_tokens": n, "mode": mode, "oracle": oracle, "n": len(recs),
             "wall_ms_median": _median(walls_ms), "wall_ms_p10": _pct(walls_ms, 0.1), "wall_ms_p90": _pct(walls_ms, 0.9),
             "speedup_vs_baseline": paired("baseline") if mode != "baseline" else 1.0,
             "speedup_vs_hf_generate": paired("hf-generate") if mode != "hf-generate" else 1.0,
@@ -252,19 +267,22 @@ def aggregate(records: list[dict], draft_alone: list[dict], events: list[dict]) 
             "matches_baseline": f"{sum(bool(x) for x in matched)}/{len(matched)}" if matched else None,
         })
     contention = {}
-    for mps in sorted({r["mps"] for r in ok}):
-        alone = [r for r in ok if r["mps"] == mps and r["mode"] == "baseline"]
-        beside = [r for r in ok if r["mps"] == mps and r["mode"] in ("parallel", "speculative")]
-        steps_alone = [x for d in draft_alone if d["mps"] == mps for x in d["draft_step_ms"]]
+    for placement, mps in sorted({(r.get("placement"), r["mps"]) for r in ok}, key=str):
+        alone = [r for r in ok if (r.get("placement"), r["mps"]) == (placement, mps) and r["mode"] == "baseline"]
+        beside = [r for r in ok if (r.get("placement"), r["mps"]) == (placement, mps)
+                  and r["mode"] in ("parallel", "speculative")]
+        steps_alone = [x for d in draft_alone if (d.get("placement"), d["mps"]) == (placement, mps)
+                       for x in d["draft_step_ms"]]
         during = [row["draft_step_ms_during_target_prefill"] for row in rows
-                  if row["mps"] == mps and row["draft_step_ms_during_target_prefill"] is not None]
+                  if (row["placement"], row["mps"]) == (placement, mps)
+                  and row["draft_step_ms_during_target_prefill"] is not None]
         prefill_alone = _median([r["target"]["prefill_ms"] for r in alone])
         prefill_beside = _median([r["target"]["prefill_ms"] for r in beside])
         step_alone = _median(steps_alone)
         windows = [r.get("overlap_window_ms") for r in beside if r["mode"] == "parallel"]
         free = [r.get("free_draft_tokens") for r in beside if r["mode"] == "parallel"]
         ideal = [w / step_alone for w in windows if w is not None and step_alone] if step_alone else []
-        contention[mps] = {
+        contention[f"{placement}, MPS {mps}" if placement else mps] = {
             "target_prefill_ms_alone": prefill_alone,
             "target_prefill_ms_beside_draft": prefill_beside,
             "target_prefill_slowdown": (prefill_beside / prefill_alone) if prefill_alone and prefill_beside else None,
@@ -287,7 +305,7 @@ def _write(cfg: BenchConfig, records, draft_alone, events, run_info, failure) ->
                 "alphas": cfg.alphas, "profiles": cfg.profiles, "modes": cfg.modes, "mps": cfg.mps,
                 "ignore_eos": cfg.ignore_eos, "k_max": cfg.k_max, "adaptive": cfg.adaptive,
                 "wait_for_drafts": cfg.wait_for_drafts,
-                "placement": cfg.placement},
+                "placements": cfg.placements},
             "host": {"python": platform.python_version(), "node": platform.node()},
             "run_info": run_info, "aggregate": agg, "draft_alone": draft_alone, "records": records}
     tmp = cfg.output_dir / "bench.json.tmp"
@@ -330,26 +348,27 @@ def render_markdown(data: dict) -> str:
                          f"({(v.get('info') or {}).get('cuda_device') or ''}, {(v.get('info') or {}).get('precision')}, "
                          f"step model {(v.get('info') or {}).get('step_model')}, torch {(v.get('info') or {}).get('torch')})")
     lines += ["", "## End to end (medians over samples; speedups are paired per sample in this run)", "",
-              "| MPS | new tokens | mode | oracle | n | wall ms | p10–p90 | vs baseline | vs hf-generate | "
+              "| placement | MPS | new tokens | mode | oracle | n | wall ms | p10–p90 | vs baseline | vs hf-generate | "
               "accept | mean len | free drafts | lossless |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['mps']} | {r['max_new_tokens']} | {r['mode']} | {r['oracle'] or '—'} | {r['n']} | "
+        lines.append(f"| {r.get('placement') or '—'} | {r['mps']} | {r['max_new_tokens']} | {r['mode']} | {r['oracle'] or '—'} | {r['n']} | "
                      f"{_f(r['wall_ms_median'])} | {_f(r['wall_ms_p10'])}–{_f(r['wall_ms_p90'])} | "
                      f"{_f(r['speedup_vs_baseline'], 2, '×')} | {_f(r['speedup_vs_hf_generate'], 2, '×')} | "
                      f"{_f(r['acceptance_rate'] * 100 if r['acceptance_rate'] is not None else None, 0, '%')} | "
                      f"{_f(r['mean_acceptance_length'], 2)} | {_f(r['free_draft_tokens'], 0)} | "
                      f"{r['matches_baseline'] or '—'} |")
     lines += ["", "## Per-model costs", "",
-              "| MPS | new tokens | mode | oracle | target prefill ms | target decode step ms | target ms/token | "
-              "draft prefill ms | draft step ms | verify ms by k |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| placement | MPS | new tokens | mode | oracle | target prefill ms | target decode step ms | "
+              "target ms/token | draft prefill ms | draft step ms | verify ms by k |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vk = ", ".join(f"{k}: {_f(v, 2)}" for k, v in list(r["verify_ms_by_k"].items())[:8]) or "—"
-        lines.append(f"| {r['mps']} | {r['max_new_tokens']} | {r['mode']} | {r['oracle'] or '—'} | "
+        lines.append(f"| {r.get('placement') or '—'} | {r['mps']} | {r['max_new_tokens']} | {r['mode']} | {r['oracle'] or '—'} | "
                      f"{_f(r['target_prefill_ms'])} | {_f(r['target_decode_step_ms'], 2)} | "
                      f"{_f(r['target_ms_per_token'], 2)} | {_f(r['draft_prefill_ms'])} | {_f(r['draft_step_ms'], 2)} | {vk} |")
     lines += ["", "## Contention between the workers", "",
-              "| MPS | target prefill alone ms | beside the draft ms | slowdown | draft step alone ms | "
+              "| placement, MPS | target prefill alone ms | beside the draft ms | slowdown | draft step alone ms | "
               "beside target prefill ms | overlap window ms | free drafts | ideal (window ÷ step alone) | free ÷ ideal |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for mps, c in data["aggregate"]["contention"].items():
@@ -375,10 +394,12 @@ def plot_speedup(rows: list[dict], path: Path) -> None:
     for r in rows:
         if r["oracle"] and r["oracle"].startswith("alpha=") and r["speedup_vs_baseline"] is not None:
             alpha = float(r["oracle"].split("=", 1)[1])
-            series.setdefault((r["mode"], r["mps"], r["max_new_tokens"]), []).append((alpha, r["speedup_vs_baseline"]))
-    for (mode, mps, n), pts in sorted(series.items(), key=lambda kv: tuple(map(str, kv[0]))):
+            series.setdefault((r["mode"], r.get("placement"), r["mps"], r["max_new_tokens"]), []).append(
+                (alpha, r["speedup_vs_baseline"]))
+    for (mode, placement, mps, n), pts in sorted(series.items(), key=lambda kv: tuple(map(str, kv[0]))):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{mode}, MPS {mps}, {n} tok")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                label=f"{mode}, {placement or ''} MPS {mps}, {n} tok")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("oracle acceptance α (per position)")
     ax.set_ylabel("speedup vs baseline (paired, same run)")

@@ -190,8 +190,9 @@ def _floats(text: str, flag: str) -> list[float]:
 @click.option("--k-max", type=click.IntRange(0, 64), default=16, show_default=True)
 @click.option("--no-adaptive", is_flag=True)
 @click.option("--wait-for-drafts", type=click.IntRange(0, 64), default=0, show_default=True)
-@click.option("--placement", type=click.Choice(["same-gpu", "two-gpu"]), default="same-gpu", show_default=True,
-              help="two-gpu puts the draft on cuda:1 and the target on cuda:0 unless --*-device say otherwise")
+@click.option("--placement", "placements", default="same-gpu", show_default=True,
+              help="same-gpu and/or two-gpu, comma-separated, measured in this order in one run; two-gpu puts "
+                   "the draft on cuda:1 and the target on cuda:0 unless --draft-device/--target-device say otherwise")
 @model_options
 def bench_command(input_, **kw):
     """Measure hf-generate, baseline, parallel and speculative on the same samples in one run, with an
@@ -201,10 +202,13 @@ def bench_command(input_, **kw):
 
     from .bench import BenchConfig, run_bench
 
-    if kw["placement"] == "two-gpu":
-        kw["draft_device"] = kw["draft_device"] or "cuda:1"
-        kw["target_device"] = kw["target_device"] or "cuda:0"
+    placements = [x.strip() for x in kw["placements"].split(",") if x.strip()]
+    if not placements or set(placements) - {"same-gpu", "two-gpu"}:
+        raise click.BadParameter(f"{kw['placements']!r}: use same-gpu and/or two-gpu", param_hint="--placement")
     draft, target = build_specs(kw)
+    for spec in (draft, target):
+        if kw.get(f"{spec.role}_device") or kw.get("device"):
+            spec.options["device_from_user"] = True
     out = Path(kw["output_dir"] or Path("runs") / dt.datetime.now().strftime("bench-%Y%m%d-%H%M%S"))
     if not input_:
         from workers.inputs.demo import make_demo
@@ -229,7 +233,7 @@ def bench_command(input_, **kw):
         k_max=kw["k_max"], adaptive=not kw["no_adaptive"], seed=kw["seed"], wait_for_drafts=kw["wait_for_drafts"],
         startup_timeout_s=kw["startup_timeout"], request_timeout_s=kw["request_timeout"],
         draft_sm_percent=kw["draft_sm_percent"], target_sm_percent=kw["target_sm_percent"],
-        placement=kw["placement"], command=shlex.join(["coordinator"] + sys.argv[1:]))
+        placements=placements, command=shlex.join(["coordinator"] + sys.argv[1:]))
     try:
         code = run_bench(cfg)
     except (StartupError, ValueError) as exc:

@@ -29,9 +29,31 @@ def test_bench_oracle_sweep_with_fake_workers(fake_input, tmp_path):
     spec1 = sorted(base[r["sample_id"]] / r["wall_ms"] for r in recs
                    if r["mode"] == "speculative" and r["oracle"] == "alpha=1")
     assert abs(rows[("speculative", "alpha=1")]["speedup_vs_baseline"] - spec1[1]) < 1e-9
-    c = data["aggregate"]["contention"]["off"]
+    c = data["aggregate"]["contention"]["same-gpu, MPS off"]
     assert c["draft_step_ms_alone"] > 0 and c["target_prefill_ms_alone"] > 0
     assert len(data["draft_alone"]) == 3
     md = (out / "bench.md").read_text()
     assert "coordinator bench" in md and "alpha=1" in md
     assert (out / "speedup_vs_alpha.png").stat().st_size > 1000
+
+
+def test_bench_runs_both_placements_in_one_run(fake_input, tmp_path):
+    """Two-GPU placement (issue: draft and target on their own GPUs): the sweep runs in both placements,
+    each worker is told its device, and the rows keep the placements apart. Fake workers report the
+    device they were given, so this runs on the CPU."""
+    out = tmp_path / "bench"
+    proc = run_cli("bench", "--input", fake_input, "--draft-backend", "fake", "--target-backend", "fake",
+                   "--samples", "2", "--warmup", "0", "--max-new-tokens", "12", "--alphas", "1",
+                   "--oracle-profile", "", "--bench-mps", "off", "--no-hf-generate", "--output-dir", out,
+                   "--placement", "same-gpu,two-gpu", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((out / "bench.json").read_text())
+    info = data["run_info"]
+    assert info["two-gpu_mps_off"]["draft"]["device"] == "cuda:1"
+    assert info["two-gpu_mps_off"]["target"]["device"] == "cuda:0"
+    assert info["same-gpu_mps_off"]["draft"]["device"] == "cpu"
+    rows = data["aggregate"]["rows"]
+    assert {r["placement"] for r in rows} == {"same-gpu", "two-gpu"}
+    for placement in ("same-gpu", "two-gpu"):
+        spec = [r for r in rows if r["placement"] == placement and r["mode"] == "speculative"]
+        assert spec and spec[0]["matches_baseline"] == "2/2" and spec[0]["speedup_vs_baseline"] is not None
