@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from workers.engine.core import common_prefix_len   # pure, no torch
+
 MODES = ("baseline", "parallel", "speculative", "hf-generate")
 
 
@@ -153,11 +155,7 @@ class RequestState:
             # judge the draft on every newly committed position it had proposed, sent or not: a draft
             # whose first token after a rebase is already wrong never gets anything verified
             proposed = self.draft_seq[n_prev: len(self.committed)] if self.draft_seq[:n_prev] == self.committed[:n_prev] else []
-            agree = 0
-            for a, b in zip(proposed, self.committed[n_prev:]):
-                if a != b:
-                    break
-                agree += 1
+            agree = common_prefix_len(proposed, self.committed[n_prev:])
             self._k = next_k(self._k, len(proposed), agree, self.k_min, self.k_max)
             self._starved = self._starved + 1 if (self._k and not sent and not proposed) else 0
             if sent:

@@ -22,14 +22,11 @@ from typing import Sequence
 
 import numpy as np
 
+from workers.engine.core import common_prefix_len
+
 
 def accepted_prefix(drafts: Sequence[int], target: Sequence[int]) -> int:
-    n = 0
-    for d, t in zip(drafts, target):
-        if d != t:
-            break
-        n += 1
-    return n
+    return common_prefix_len(drafts, target)
 
 
 def window_acceptance(preds: list[np.ndarray], targets: list[np.ndarray], k: int) -> dict:

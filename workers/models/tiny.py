@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from workers.inputs.samples import TOP10_QUESTIONS
+
 from .prompts import EV_END_TOKEN, EV_START_TOKEN, EVENT_TOKEN, SYSTEM
 
 TINY_IMAGE_SIZE = 56
@@ -28,18 +30,7 @@ TINY_TOKENS_PER_IMAGE = (TINY_IMAGE_SIZE // TINY_PATCH) ** 2 + 1  # 17
 # a larger std makes greedy outputs depend on the input.
 TINY_INIT_STD = 0.25
 
-_QUESTIONS = [
-    "What are the key elements in this scene?",
-    "Can you elaborate on the elements of the scene provided?",
-    "What is this scene about?",
-    "What is the layout of the road in the scene?",
-    "What type of vehicles are present in the scene and how are they positioned?",
-    "What do you think is going on in this scene?",
-    "What elements are present in the scene?",
-    "What do you see happening in this scene?",
-    "Describe the following scene.",
-    "What types of vehicles are present in the scene and how are they positioned?",
-]
+_QUESTIONS = list(TOP10_QUESTIONS)
 _CORPUS = _QUESTIONS + [
     SYSTEM,
     f"USER: {EV_START_TOKEN}{EVENT_TOKEN}{EV_END_TOKEN} ASSISTANT:",
