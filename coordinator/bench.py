@@ -46,6 +46,7 @@ class BenchConfig:
     draft_sm_percent: int | None = None
     target_sm_percent: int | None = None
     placements: list = field(default_factory=lambda: ["same-gpu"])
+    user_devices: tuple = ()             # roles whose device the user named: placements leave them alone
     command: str = ""
 
 
@@ -99,23 +100,22 @@ def run_bench(cfg: BenchConfig) -> int:
     return 0 if failure is None else 3
 
 
-def placement_devices(spec: WorkerSpec, placement: str) -> dict:
+def placement_devices(spec: WorkerSpec, placement: str, user_devices=()) -> dict:
     """Worker options for a placement: two-gpu puts the draft on cuda:1 and the target on cuda:0 unless the
-    user named devices (--draft-device / --target-device, kept as given)."""
+    user named that worker's device (--draft-device / --target-device / --device, kept as given)."""
     options = dict(spec.options)
-    if placement == "two-gpu" and not options.get("device_from_user"):
+    if placement == "two-gpu" and spec.role not in user_devices:
         options["device"] = "cuda:1" if spec.role == "draft" else "cuda:0"
-    options.pop("device_from_user", None)
     return options
 
 
 def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info, placement) -> list[dict]:
     daemon = None
     session = None
-    draft = WorkerSpec(cfg.draft.role, cfg.draft.backend, placement_devices(cfg.draft, placement),
+    draft = WorkerSpec(cfg.draft.role, cfg.draft.backend, placement_devices(cfg.draft, placement, cfg.user_devices),
                        cfg.draft.endpoint, {})
-    target = WorkerSpec(cfg.target.role, cfg.target.backend, placement_devices(cfg.target, placement),
-                        cfg.target.endpoint, {})
+    target = WorkerSpec(cfg.target.role, cfg.target.backend,
+                        placement_devices(cfg.target, placement, cfg.user_devices), cfg.target.endpoint, {})
     try:
         if mps_setting == "on":
             daemon = MpsDaemon().start()
@@ -178,10 +178,7 @@ def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info, pl
         return session.events
     finally:
         if session is not None:
-            events = session.events
             session.close()
-            if not events:
-                pass
         if daemon is not None:
             daemon.stop()
 

@@ -206,9 +206,7 @@ def bench_command(input_, **kw):
     if not placements or set(placements) - {"same-gpu", "two-gpu"}:
         raise click.BadParameter(f"{kw['placements']!r}: use same-gpu and/or two-gpu", param_hint="--placement")
     draft, target = build_specs(kw)
-    for spec in (draft, target):
-        if kw.get(f"{spec.role}_device") or kw.get("device"):
-            spec.options["device_from_user"] = True
+    user_devices = tuple(role for role in ("draft", "target") if kw.get(f"{role}_device") or kw.get("device"))
     out = Path(kw["output_dir"] or Path("runs") / dt.datetime.now().strftime("bench-%Y%m%d-%H%M%S"))
     if not input_:
         from workers.inputs.demo import make_demo
@@ -233,7 +231,7 @@ def bench_command(input_, **kw):
         k_max=kw["k_max"], adaptive=not kw["no_adaptive"], seed=kw["seed"], wait_for_drafts=kw["wait_for_drafts"],
         startup_timeout_s=kw["startup_timeout"], request_timeout_s=kw["request_timeout"],
         draft_sm_percent=kw["draft_sm_percent"], target_sm_percent=kw["target_sm_percent"],
-        placements=placements, command=shlex.join(["coordinator"] + sys.argv[1:]))
+        placements=placements, user_devices=user_devices, command=shlex.join(["coordinator"] + sys.argv[1:]))
     try:
         code = run_bench(cfg)
     except (StartupError, ValueError) as exc:

@@ -52,7 +52,6 @@ class RunConfig:
     ignore_eos: bool = False
     wait_for_drafts: int = 0
     command: str = ""
-    request_options: dict = field(default_factory=dict)
     quiet: bool = False
 
 
@@ -123,8 +122,7 @@ def run(cfg: RunConfig) -> int:
         run_info = _run_info(cfg, session, daemon)
         if "draft" in session.workers and warning:
             run_info["vocab_warning"] = warning
-        options = dict(cfg.request_options, event_frames=cfg.event_frames, event_window_ms=cfg.event_window_ms,
-                       ignore_eos=cfg.ignore_eos)
+        options = dict(event_frames=cfg.event_frames, event_window_ms=cfg.event_window_ms, ignore_eos=cfg.ignore_eos)
         total = len(samples) * len(cfg.modes)
         bar = _progress(total, cfg.quiet)
         stop_all = False

@@ -170,9 +170,7 @@ class RequestState:
             if self._k == 0:
                 self._paused_rounds += 1
                 if self._paused_rounds >= self.probe_every:
-                    # probe with a short window; back off while probes keep failing
-                    self._k, self._paused_rounds = 2, 0
-                    self.probe_every = min(self.max_probe_every, self.probe_every * 2)
+                    self._probe()
         if self._complete():
             return self._finish()
         if self.mode == "parallel":
@@ -185,11 +183,14 @@ class RequestState:
         if self.mode != "speculative" or self._complete():
             return self._finish()
         # a paused draft's stretch of plain decoding is over: probe the draft again
-        self._paused_rounds = 0
-        self._k = 2
-        self.probe_every = min(self.max_probe_every, self.probe_every * 2)
+        self._probe()
         self.k_history.append(self._k)
         return self._reconcile() + self._maybe_verify()
+
+    def _probe(self) -> None:
+        """Resume a paused draft with a short window; back off while probes keep failing."""
+        self._k, self._paused_rounds = 2, 0
+        self.probe_every = min(self.max_probe_every, self.probe_every * 2)
 
     # --- helpers ---------------------------------------------------------------------------
 

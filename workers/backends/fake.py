@@ -130,7 +130,3 @@ class FakeBackend(Backend):
     def decode_text(self, token_ids):
         return " ".join(f"w{t}" for t in token_ids)
 
-    def memory(self) -> dict:
-        mem = super().memory()
-        mem["pid"] = os.getpid()
-        return mem
