@@ -13,24 +13,13 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
+from tests.engine_support import (PROMPT, REF_LEN, VOCAB, check_cache, prompt_ids,  # noqa: E402
+                                  speculative_greedy, tiny_llama)
 from workers.engine.core import TokenEngine  # noqa: E402
 from workers.engine.hf import HFStepModel  # noqa: E402
 from workers.engine.sampling import Sampler, speculative_accept  # noqa: E402
-
-VOCAB = 96
-PROMPT = [1, 5, 9, 22, 40, 7]
-REF_LEN = 48
-
-
-def tiny_llama(seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def perturbed(model: LlamaForCausalLM, scale: float, seed: int) -> LlamaForCausalLM:
@@ -63,14 +52,6 @@ def target():
 @pytest.fixture(scope="module")
 def reference(target):
     return greedy_by_recompute(target, PROMPT, REF_LEN)
-
-
-def prompt_ids() -> dict:
-    return {"input_ids": torch.tensor([PROMPT])}
-
-
-def check_cache(engine: TokenEngine) -> None:
-    assert engine.model.kv_len == engine.seq.prompt_len + len(engine.tokens) - 1
 
 
 # --- HFStepModel + TokenEngine, greedy ------------------------------------------------------------------
@@ -152,40 +133,20 @@ def test_verify_commits_exactly_and_crops(target, reference, k, case):
     check_cache(engine)
 
 
-def speculative_greedy(target_model, draft_model, n: int, k: int) -> tuple[list[int], list[int]]:
-    target = TokenEngine(HFStepModel(target_model))
-    draft = TokenEngine(HFStepModel(draft_model))
-    target.start(prompt_ids())
-    draft.start(prompt_ids())
-    draft.rebase(target.tokens)
-    accepted_per_round = []
-    while len(target.tokens) < n:
-        base = len(target.tokens)
-        while len(draft.tokens) < base + k:
-            draft.step()
-        accepted, _ = target.verify(draft.tokens[base: base + k])
-        accepted_per_round.append(accepted)
-        draft.rebase(target.tokens)
-        assert draft.tokens[:len(target.tokens)] == target.tokens
-        check_cache(target)
-        check_cache(draft)
-    return target.tokens[:n], accepted_per_round
-
-
 @pytest.mark.parametrize("k", [1, 4, 7])
 def test_speculative_loop_is_lossless(target, reference, k):
     ref_tokens, _ = reference
     independent = tiny_llama(1)
     close = perturbed(target, 0.01, seed=7)
 
-    tokens, accepted = speculative_greedy(target, target, REF_LEN, k)
+    tokens, accepted = speculative_greedy(HFStepModel, target, target, REF_LEN, k)
     assert tokens == ref_tokens
     assert all(a == k for a in accepted), "a draft with the target's own weights must be accepted in full"
 
-    tokens, accepted = speculative_greedy(target, independent, REF_LEN, k)
+    tokens, accepted = speculative_greedy(HFStepModel, target, independent, REF_LEN, k)
     assert tokens == ref_tokens
 
-    tokens, accepted = speculative_greedy(target, close, REF_LEN, k)
+    tokens, accepted = speculative_greedy(HFStepModel, target, close, REF_LEN, k)
     assert tokens == ref_tokens
     assert 0 in accepted and any(a > 0 for a in accepted), accepted   # both rebase paths were exercised
 

@@ -15,28 +15,18 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import CLIPVisionConfig, LlamaConfig  # noqa: E402
 from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration  # noqa: E402
 
+from tests.engine_support import (PROMPT, REF_LEN, VOCAB, check_cache, prompt_ids,  # noqa: E402
+                                  speculative_greedy, tiny_llama)
 from workers.engine.core import TokenEngine  # noqa: E402
 from workers.engine.fast import CudaGraphStepModel, decoder_and_head, make_step_model  # noqa: E402
 from workers.engine.hf import HFStepModel  # noqa: E402
 
-VOCAB = 96
 HIDDEN = 48
-PROMPT = [1, 5, 9, 22, 40, 7]
-REF_LEN = 48
 MAX_CACHE = 128
 ATOL = 1e-4
-
-
-def tiny_llama(seed: int, dtype=torch.float32, device="cpu") -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
-    )
-    return LlamaForCausalLM(config).eval().to(device=device, dtype=dtype)
 
 
 def greedy_by_recompute(model, prompt: list[int], n: int) -> list[int]:
@@ -50,14 +40,6 @@ def greedy_by_recompute(model, prompt: list[int], n: int) -> list[int]:
 
 def fast(model, **kw) -> CudaGraphStepModel:
     return CudaGraphStepModel(model, max_cache_len=kw.pop("max_cache_len", MAX_CACHE), use_graphs=False, **kw)
-
-
-def prompt_ids() -> dict:
-    return {"input_ids": torch.tensor([PROMPT])}
-
-
-def check_cache(engine: TokenEngine) -> None:
-    assert engine.model.kv_len == engine.seq.prompt_len + len(engine.tokens) - 1
 
 
 def assert_same_output(a, b) -> None:
@@ -152,25 +134,6 @@ def test_stale_slots_beyond_kv_len_are_invisible(target, reference):
     dirty = model.forward(reference[2:5])
     assert dirty.greedy == clean.greedy == reference[3:6]
     torch.testing.assert_close(dirty.logits, clean.logits, atol=1e-5, rtol=1e-5)
-
-
-def speculative_greedy(make, target_model, draft_model, n: int, k: int) -> tuple[list[int], list[int]]:
-    target, draft = TokenEngine(make(target_model)), TokenEngine(make(draft_model))
-    target.start(prompt_ids())
-    draft.start(prompt_ids())
-    draft.rebase(target.tokens)
-    accepted_per_round = []
-    while len(target.tokens) < n:
-        base = len(target.tokens)
-        while len(draft.tokens) < base + k:
-            draft.step()
-        accepted, _ = target.verify(draft.tokens[base: base + k])
-        accepted_per_round.append(accepted)
-        draft.rebase(target.tokens)
-        assert draft.tokens[: len(target.tokens)] == target.tokens
-        check_cache(target)
-        check_cache(draft)
-    return target.tokens[:n], accepted_per_round
 
 
 @pytest.mark.parametrize("k", [1, 5])
