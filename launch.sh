@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # eventspec's local pipeline.
-#   ./launch.sh              set up on first use, then run the embedded demo (tiny models, generated data)
+#   ./launch.sh              set up on first use, then the demo: tiny trained models on generated data, every mode
 #   ./launch.sh test [ARGS]  run the test suite (ARGS go to pytest)
 #   ./launch.sh ARGS...      forward ARGS to `coordinator run` (e.g. --input DIR --draft-model ... --no-mps)
 # The coordinator starts a private CUDA MPS daemon where a GPU and nvidia-cuda-mps-control exist (--no-mps
@@ -27,24 +27,14 @@ setup() {
 }
 
 demo() {
+    # Both written afresh each time (a few seconds), so they always match this checkout's code.
     local demo_dir="$HERE/demo"
     local out="$HERE/runs/demo-$(date +%Y%m%d-%H%M%S)"
-    if [[ ! -f "$demo_dir/data/dataset/EventGPT_Instruction_Subset.json" ]]; then
-        "$VENV/bin/coordinator" make-demo "$demo_dir/data"
-    fi
-    if "$VENV/bin/coordinator" make-tiny --help >/dev/null 2>&1; then
-        [[ -f "$demo_dir/models/eventgpt/config.json" ]] || "$VENV/bin/coordinator" make-tiny "$demo_dir/models" --share-weights
-        "$VENV/bin/coordinator" run --input "$demo_dir/data/dataset" --output-dir "$out" \
-            --draft-model "$demo_dir/models/eventgpt" --target-model "$demo_dir/models/videollava" \
-            --max-new-tokens 32 --mode all "$@"
-    else
-        "$VENV/bin/coordinator" run --input "$demo_dir/data/dataset" --output-dir "$out" \
-            --draft-backend fake --target-backend fake --mode all "$@"
-    fi
-    echo
-    cat "$out/summary.md"
-    echo
-    echo "launch.sh: demo outputs in $out (open trace.json in ui.perfetto.dev)"
+    rm -rf "$demo_dir/data" "$demo_dir/models"
+    "$VENV/bin/coordinator" make-demo "$demo_dir/data" >/dev/null
+    "$VENV/bin/coordinator" make-tiny "$demo_dir/models" --trained >/dev/null
+    "$VENV/bin/coordinator" demo --data "$demo_dir/data/dataset" --models "$demo_dir/models" --output-dir "$out" "$@"
+    echo "launch.sh: demo outputs in $out (demo.md, summary.md; open trace.json in ui.perfetto.dev)"
 }
 
 case "${1:-}" in

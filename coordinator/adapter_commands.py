@@ -39,12 +39,16 @@ def adapter_group():
 @click.option("--question-set", type=click.Choice(["dataset", "top10"]), default="dataset", show_default=True,
               help="dataset: each sample's own question; top10: every sample x the ten common questions")
 @click.option("--split", "dataset_split", help="only entries of this dataset split (e.g. train)")
+@click.option("--split-by", type=click.Choice(["sequence", "dataset"]), default="sequence", show_default=True,
+              help="sequence: a seeded shuffle of the DSEC sequences into train/val/test (--val-fraction, "
+                   "--test-fraction); dataset: the dataset index's own split labels (e.g. make-demo's), so that "
+                   "`run --split test` runs exactly the held-out samples")
 @click.option("--event-frames", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="share of sequences for val")
 @click.option("--test-fraction", type=float, default=0.1, show_default=True, help="share of sequences for test")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def collect_command(input_, draft_model, target_model, out, clip_path, max_new_tokens, samples, precision, device,
-                    seed, question_set, dataset_split, event_frames, val_fraction, test_fraction, quiet):
+                    seed, question_set, dataset_split, split_by, event_frames, val_fraction, test_fraction, quiet):
     """Target greedy answers + the draft teacher-forced on them, split by DSEC sequence."""
     from workers.adapters.collect import collect
     from workers.adapters.data import DataError
@@ -57,13 +61,15 @@ def collect_command(input_, draft_model, target_model, out, clip_path, max_new_t
         summary = collect(input_, draft_model, target_model, out, clip_path=clip_path, max_new_tokens=max_new_tokens,
                           samples=samples, precision=precision, device=device, seed=seed, question_set=question_set,
                           event_frames=event_frames, val_fraction=val_fraction, test_fraction=test_fraction,
-                          split=dataset_split, progress=not quiet)
+                          split=dataset_split, split_by=split_by, progress=not quiet,
+                          warn=lambda text: click.echo(text, err=True))
     except (InputError, DataError, CheckpointError, ValueError) as exc:
         _fail(exc)
     click.echo(f"{summary['out']}: records {summary['records']}, positions {summary['positions']}, "
                f"{summary['new_records']} new, {summary['bad_samples']} unusable samples")
     for split_name, seqs in summary["sequences"].items():
-        click.echo(f"  {split_name}: {len(seqs)} sequences")
+        click.echo(f"  {split_name}: {len(seqs)} sequences, {summary['records'][split_name]} records"
+                   + ("  <- empty" if not summary["records"][split_name] else ""))
 
 
 @adapter_group.command("train")
@@ -88,10 +94,11 @@ def collect_command(input_, draft_model, target_model, out, clip_path, max_new_t
 def train_command(data_dir, kind, out, epochs, lr, batch_size, seed, device, patience, weight_decay, d_model,
                   n_layers, n_heads, dropout, k, quiet):
     """Train on train, select on val (the test split is never read)."""
-    from workers.adapters.data import DataError
-    from workers.adapters.train import train
+    from workers.adapters.data import DataError, check_training_splits
 
     try:
+        check_training_splits(data_dir)           # before torch is even imported
+        from workers.adapters.train import train
         metrics = train(data_dir, kind, out, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
                         patience=patience, weight_decay=weight_decay, d_model=d_model, n_layers=n_layers,
                         n_heads=n_heads, dropout=dropout, k=k, progress=not quiet)

@@ -133,6 +133,8 @@ def main():
               help="speculative: hold each verification until this many drafts exist (0: never wait, the "
                    "target decodes a token itself when none are ready)")
 @click.option("--ignore-eos", is_flag=True, help="fixed-length outputs (benchmarks)")
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True,
+              help="unmeasured requests per mode on the first sample before the measured ones")
 @click.option("--quiet", is_flag=True)
 @model_options
 def run_command(input_, **kw):
@@ -152,7 +154,7 @@ def run_command(input_, **kw):
         request_timeout_s=kw["request_timeout"], allow_public_endpoint=kw["allow_public_endpoint"],
         allow_vocab_mismatch=kw["allow_vocab_mismatch"], k_max=kw["k_max"], adaptive=not kw["no_adaptive"],
         max_ahead=kw["max_ahead"], ignore_eos=kw["ignore_eos"], quiet=kw["quiet"],
-        wait_for_drafts=kw["wait_for_drafts"],
+        wait_for_drafts=kw["wait_for_drafts"], warmup=kw["warmup"],
         command=shlex.join(["coordinator"] + sys.argv[1:]))
     from workers.inputs.errors import InputError
     try:
@@ -243,17 +245,59 @@ def bench_command(input_, **kw):
 
 @main.command("make-tiny")
 @click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--trained", is_flag=True,
+              help="the pair trained on make-demo scenes (shipped weights): real captions, real acceptance")
+@click.option("--retrain", is_flag=True, help="with --trained: train the pair here instead (deterministic, minutes)")
+@click.option("--release", "release_dir", type=click.Path(file_okay=False),
+              help="with --retrain: also store the trained weights here (the shipped copy lives in "
+                   "workers/models/tiny_trained)")
 @click.option("--share-weights", is_flag=True,
-              help="the draft's language model copies the target's, so drafts are mostly accepted")
+              help="random pair only: the draft's language model copies the target's (attention damped), so "
+                   "their greedy tokens agree more often than two independent random models; the text is noise")
 @click.option("--seed", type=int, default=0, show_default=True)
-def make_tiny_command(out_dir, share_weights, seed):
-    """Write tiny random EventGPT (released layout) and Video-LLaVA (-hf layout) checkpoints sharing one
-    small offline tokenizer: for tests and the demo, loaded through the same code as the 7B ones."""
+def make_tiny_command(out_dir, trained, retrain, release_dir, share_weights, seed):
+    """Write tiny EventGPT (released layout) and Video-LLaVA (-hf layout) checkpoints sharing one small offline
+    tokenizer, loaded through the same code as the 7B ones: random (tests) or --trained (the demo)."""
     from workers.models.tiny import make_tiny  # imports torch: only for this command
 
-    paths = make_tiny(out_dir, share_weights=share_weights, seed=seed)
+    if (retrain or release_dir) and not trained:
+        raise click.UsageError("--retrain and --release go with --trained")
+    if release_dir and not retrain:
+        raise click.UsageError("--release needs --retrain (it stores newly trained weights)")
+    if share_weights and trained:
+        raise click.UsageError("--share-weights is for the random pair; drop it with --trained")
+
+    def log(text):
+        click.echo(text, err=True)
+    paths = make_tiny(out_dir, trained=trained, retrain=retrain, share_weights=share_weights, seed=seed,
+                      release_dir=release_dir, log=log)
+    report = paths.pop("report", None)
     for name, path in paths.items():
         click.echo(f"{name}: {path}")
+    if report:
+        click.echo(f"trained in {report['train_s']:.0f} s (+ {report['data_s']:.0f} s of scenes); "
+                   f"final losses: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in report["curves"].items()))
+
+
+@main.command("demo")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="make-demo's dataset folder (DIR/dataset); its test split is run")
+@click.option("--models", "models_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="make-tiny --trained's folder")
+@click.option("--output-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--max-new-tokens", type=click.IntRange(1), default=40, show_default=True)
+@click.option("--mps", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
+@click.option("--no-mps", is_flag=True, help="same as --mps off")
+def demo_command(data_dir, models_dir, output_dir, max_new_tokens, mps, no_mps):
+    """Every mode on the held-out demo clips with the tiny pair, then a summary a newcomer can read (demo.md)."""
+    from .demo import run_demo
+
+    try:
+        code = run_demo(data_dir, models_dir, output_dir, max_new_tokens=max_new_tokens,
+                        mps="off" if no_mps else mps)
+    except (StartupError, ValueError) as exc:
+        raise click.ClickException(str(exc))
+    sys.exit(code)
 
 
 def _register_optional() -> None:

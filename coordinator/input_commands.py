@@ -36,13 +36,21 @@ def render_events_command(events_file: Path, n_frames: int, window_ms: float | N
 
 @click.command("make-demo")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--clips", "n_clips", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Clips in the research-dataset layout (spread over two sequences).")
+@click.option("--sequences", "n_sequences", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Sequences to simulate, split by sequence: about 60% train, 20% val, 20% test (one each at "
+                   "least from three sequences on; two give train and test).")
+@click.option("--clips", "n_clips", type=click.IntRange(min=1),
+              help="Clips in all, spread over the sequences (default: two per sequence).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def make_demo_command(out_dir: Path, n_clips: int, seed: int) -> None:
+def make_demo_command(out_dir: Path, n_sequences: int, n_clips: int | None, seed: int) -> None:
     """Write synthetic demo data to OUT_DIR: a research-dataset layout and raw DSEC sequences."""
-    written = make_demo(out_dir, n_clips=n_clips, seed=seed)
+    written = make_demo(out_dir, n_sequences=n_sequences, n_clips=n_clips, seed=seed)
+    splits = {}
+    for sequence, split in written["splits"].items():
+        splits.setdefault(split, []).append(sequence)
     click.echo(f"research dataset: {written['dataset']}  ({len(written['clips'])} clips, "
                f"{written['n_events']} events, index {written['index']})")
     click.echo(f"raw DSEC:         {written['dsec']}  (sequences {', '.join(written['sequences'])})")
-    click.echo(f"try: --input-dir {written['dataset']}   or   --input-dir {written['dsec']}")
+    click.echo("splits (by sequence): " + "; ".join(f"{name} {len(seqs)}" for name, seqs in splits.items()))
+    click.echo(f"try: coordinator run --input {written['dataset']} --split test ...   "
+               f"or   coordinator run --input {written['dsec']} ...")

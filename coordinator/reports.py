@@ -461,13 +461,35 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+WEIGHTS_TEXT = {
+    "released": "released checkpoints",
+    "tiny-trained": "tiny models trained on synthetic scenes (`coordinator make-tiny --trained`): real captions, "
+                    "real acceptance, CPU-sized timings",
+    "tiny-random": "tiny random checkpoints (`coordinator make-tiny`): the text is noise",
+    "synthetic-7b": "random full-size weights (`--synthetic-weights 7b`): real timings, meaningless text",
+    "fake": "fake backends (scripted): these numbers describe the harness, not the models",
+}
+
+
+def weights_label(run_info: dict) -> str:
+    """Which weights ran, in words: one label, or one per role when they differ."""
+    weights = {r: w for r, w in (run_info.get("weights") or {}).items() if w}
+    if not weights:
+        return ""
+    labels = sorted(set(weights.values()))
+    if len(labels) == 1:
+        return WEIGHTS_TEXT.get(labels[0], labels[0])
+    return "; ".join(f"{role}: {WEIGHTS_TEXT.get(w, w)}" for role, w in weights.items())
+
+
 def _how_made(run_info: dict) -> str:
     synthetic = run_info.get("synthetic")
     parts = []
-    if synthetic:
+    label = weights_label(run_info)
+    if label:
+        parts.append(f"**Weights: {label}.**")
+    elif synthetic:
         parts.append("**Synthetic run** (fake backends): these numbers describe the harness, not the models.")
-    elif synthetic is False:
-        parts.append("Real models.")
     described = []
     for key in ("backends", "device", "precision"):
         if run_info.get(key) is not None:
@@ -477,7 +499,7 @@ def _how_made(run_info: dict) -> str:
             elif isinstance(value, (list, tuple)):
                 value = ", ".join(map(str, value))
             described.append(f"{key}: {value}")
-    others = {k: v for k, v in run_info.items() if k not in ("synthetic", "backends", "device", "precision")}
+    others = {k: v for k, v in run_info.items() if k not in ("synthetic", "backends", "device", "precision", "weights")}
     described += [f"{k}: {v}" for k, v in others.items()]
     parts.append("Every number below was measured in this run" + (f" ({'; '.join(described)})." if described else "."))
     return " ".join(parts)

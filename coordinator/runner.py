@@ -51,6 +51,7 @@ class RunConfig:
     max_ahead: int = 32
     ignore_eos: bool = False
     wait_for_drafts: int = 0
+    warmup: int = 1
     command: str = ""
     quiet: bool = False
 
@@ -123,6 +124,7 @@ def run(cfg: RunConfig) -> int:
         if "draft" in session.workers and warning:
             run_info["vocab_warning"] = warning
         options = dict(event_frames=cfg.event_frames, event_window_ms=cfg.event_window_ms, ignore_eos=cfg.ignore_eos)
+        _warm_up(session, cfg, samples[0], options, say)
         total = len(samples) * len(cfg.modes)
         bar = _progress(total, cfg.quiet)
         stop_all = False
@@ -175,6 +177,24 @@ def run(cfg: RunConfig) -> int:
     return exit_code
 
 
+def _warm_up(session: Session, cfg: RunConfig, sample: dict, options: dict, say) -> None:
+    """Unmeasured requests (every mode on the first sample, cfg.warmup times) so that no measured request
+    pays for first-call costs (lazy imports, allocator, caches) and paired speedups compare warm with warm."""
+    if not cfg.warmup:
+        return
+    say(f"warming up both workers: {cfg.warmup} unmeasured request(s) per mode on {sample['sample_id']}")
+    n_events = len(session.events)
+    for _ in range(cfg.warmup):
+        for mode in cfg.modes:
+            rec = session.run_request(sample, mode, question=sample.get("question") or cfg.question or "",
+                                      max_new_tokens=cfg.max_new_tokens, options=options, k_max=cfg.k_max,
+                                      adaptive=cfg.adaptive, max_ahead=cfg.max_ahead,
+                                      wait_for_drafts=cfg.wait_for_drafts)
+            if rec["status"] != "ok":
+                print(f"warning: warm-up request ({mode}) failed: {rec['error']}", file=sys.stderr)
+    del session.events[n_events:]     # the reports show measured requests only
+
+
 def _progress(total: int, quiet: bool):
     if quiet:
         return lambda text: None
@@ -204,6 +224,7 @@ def _run_info(cfg: RunConfig, session: Session, daemon) -> dict:
             "models": {r: h.ready.model_id for r, h in session.workers.items()},
             "device": {r: h.ready.device for r, h in session.workers.items()},
             "synthetic": any(h.ready.synthetic for h in session.workers.values()),
+            "weights": {r: (h.ready.info or {}).get("weights") for r, h in session.workers.items()},
             "memory_at_ready": {r: h.ready.memory for r, h in session.workers.items()},
             "worker_info": {r: h.ready.info for r, h in session.workers.items()},
             "mps": bool(daemon), "max_new_tokens": cfg.max_new_tokens, "modes": cfg.modes,

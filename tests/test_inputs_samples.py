@@ -19,7 +19,7 @@ SAMPLE_KEYS = {"sample_id", "sequence", "question", "events", "video", "path"}
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return make_demo(tmp_path_factory.mktemp("demo"), n_clips=4, seed=3)
+    return make_demo(tmp_path_factory.mktemp("demo"), n_clips=4, n_sequences=2, seed=3)
 
 
 def check_loads(sample, n_video=8):

@@ -14,7 +14,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     run_cli("make-tiny", root / "shared", "--share-weights", check=True)
     run_cli("make-tiny", root / "independent", "--seed", "7", check=True)
-    run_cli("make-demo", root / "data", check=True)
+    run_cli("make-demo", root / "data", "--sequences", "2", "--clips", "4", check=True)
     return root
 
 

@@ -21,6 +21,21 @@ from .data import (FORMAT, INDEX, SPLITS, TARGET_HEAD, VERSION, DataError, assig
                    write_index, write_shard)
 
 QUESTION_SETS = ("dataset", "top10")
+SPLIT_BY = ("sequence", "dataset")
+
+
+def dataset_splits(samples: list[dict], input_dir) -> dict[str, str]:
+    """sequence -> split from the samples' own labels; every sequence needs one label among SPLITS."""
+    split_of: dict[str, str] = {}
+    for s in samples:
+        label = s.get("split")
+        if label not in SPLITS:
+            raise DataError(f"{input_dir}: sample {s['sample_id']} has split {label!r}; --split-by dataset needs "
+                            f"every sample labelled {', '.join(SPLITS)} (or use --split-by sequence)")
+        if split_of.setdefault(s["sequence"], label) != label:
+            raise DataError(f"{input_dir}: sequence {s['sequence']} has samples in splits {split_of[s['sequence']]} "
+                            f"and {label}; --split-by dataset needs one split per sequence")
+    return split_of
 
 
 def _questions(sample: dict, question_set: str) -> list[str]:
@@ -58,8 +73,13 @@ def _new_index(config: dict, split_of: dict[str, str]) -> dict:
 def collect(input_dir, draft_model, target_model, out_dir, *, clip_path=None, max_new_tokens: int = 50,
             samples: int | None = None, precision: str = "fp32", device: str = "cpu", seed: int = 0,
             question_set: str = "dataset", event_frames: int = 5, val_fraction: float = 0.1,
-            test_fraction: float = 0.1, split: str | None = None, progress: bool = True) -> dict:
-    """Write (or extend) the data folder `out_dir`; returns a summary dict."""
+            test_fraction: float = 0.1, split: str | None = None, split_by: str = "sequence",
+            progress: bool = True, warn=None) -> dict:
+    """Write (or extend) the data folder `out_dir`; returns a summary dict.
+
+    split_by "sequence": a seeded shuffle of the sequences (`assign_splits`); "dataset": each sample's split
+    label from the dataset index (train / val / test, one label per sequence), e.g. make-demo's. `warn` (a
+    callable) hears about empty splits before anything is collected."""
     import torch
     from tqdm import tqdm
 
@@ -69,6 +89,8 @@ def collect(input_dir, draft_model, target_model, out_dir, *, clip_path=None, ma
     from workers.models.loading import (embed_tokens, eventgpt_prefill_inputs, lm_head_weight, load_eventgpt,
                                         load_videollava, videollava_prefill_inputs)
 
+    if split_by not in SPLIT_BY:
+        raise DataError(f"--split-by must be one of {', '.join(SPLIT_BY)}, not {split_by!r}")
     if question_set not in QUESTION_SETS:
         raise DataError(f"--question-set must be one of {', '.join(QUESTION_SETS)}, not {question_set!r}")
     out = Path(out_dir)
@@ -77,11 +99,21 @@ def collect(input_dir, draft_model, target_model, out_dir, *, clip_path=None, ma
 
     # splits come from every sequence of the input, before --samples cuts it, so they do not depend on it
     found, bad = discover_samples(input_dir, split=split)
-    split_of = assign_splits([s["sequence"] for s in found], seed=seed, val_fraction=val_fraction,
-                             test_fraction=test_fraction)
+    if split_by == "dataset":
+        split_of = dataset_splits(found, input_dir)
+    else:
+        split_of = assign_splits([s["sequence"] for s in found], seed=seed, val_fraction=val_fraction,
+                                 test_fraction=test_fraction)
+    empty = [s for s in SPLITS if s not in split_of.values()]
+    if empty and warn is not None:
+        warn(f"warning: {len(split_of)} sequence(s) in {input_dir} leave the {' and '.join(empty)} split(s) empty "
+             "(splits are by sequence): `adapter train` needs train and val, `adapter eval` needs test. Use more "
+             "sequences (e.g. `coordinator make-demo DIR --sequences 10`)"
+             + (" or other --val-fraction/--test-fraction." if split_by == "sequence" else "."))
     chosen = found[:samples] if samples else found
 
     config = {"input": str(input_dir), "draft_model": str(draft_model), "target_model": str(target_model),
+              "split_by": split_by,
               "clip_path": str(clip_path) if clip_path else None, "max_new_tokens": max_new_tokens,
               "precision": precision, "question_set": question_set, "event_frames": event_frames, "seed": seed,
               "val_fraction": val_fraction, "test_fraction": test_fraction}
@@ -158,9 +190,10 @@ def collect(input_dir, draft_model, target_model, out_dir, *, clip_path=None, ma
 
 def _check_resumable(out: Path, index: dict, config: dict, split_of: dict[str, str]) -> None:
     old = index["config"]
-    for key in ("max_new_tokens", "question_set", "event_frames", "seed", "precision"):
-        if old.get(key) != config[key]:
-            raise DataError(f"{out / INDEX}: collected with {key}={old.get(key)!r}, now {config[key]!r}; use a new "
+    for key in ("max_new_tokens", "question_set", "event_frames", "seed", "precision", "split_by"):
+        before = old.get(key, "sequence" if key == "split_by" else None)   # older folders had no split_by
+        if before != config[key]:
+            raise DataError(f"{out / INDEX}: collected with {key}={before!r}, now {config[key]!r}; use a new "
                             "--out folder or the same settings to resume")
     for seq, s in split_of.items():
         if index["splits"].get(seq, s) != s:

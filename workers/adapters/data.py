@@ -136,6 +136,21 @@ def read_split(data_dir, split: str, *, hidden: bool = True) -> list[Record]:
     return [loaded[e["key"]] for e in entries]
 
 
+def check_training_splits(data_dir) -> dict[str, int]:
+    """Records per split from the index alone; a DataError naming the empty training split and the fix."""
+    index = read_index(data_dir)
+    counts = {s: sum(1 for r in index["records"] if r["split"] == s) for s in SPLITS}
+    empty = [s for s in TRAINING_SPLITS if not counts[s]]
+    if empty:
+        seqs = sorted({seq for seq, split in index.get("splits", {}).items()})
+        raise DataError(f"{Path(data_dir) / INDEX}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} "
+                        f"empty ({counts['train']} train, {counts['val']} val, {counts['test']} test records from "
+                        f"{len(seqs)} sequences; splits are by sequence). Collect from more sequences into a new "
+                        "--out folder (e.g. `coordinator make-demo DIR --sequences 10`, then `adapter collect "
+                        "--split-by dataset`), or change --val-fraction.")
+    return counts
+
+
 class TrainValData:
     """The trainer's view of a data folder: train and val only. There is no way to ask it for test."""
 

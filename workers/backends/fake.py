@@ -78,7 +78,7 @@ class FakeBackend(Backend):
         return {"model_id": f"fake-{self.role}", "vocab_size": VOCAB, "eos_id": EOS,
                 "tokenizer_checksum": opts.get("tokenizer_checksum", "fake-vocab-32000"),
                 "device": opts.get("device", "cpu"), "synthetic": True,
-                "info": {"quality": opts.get("quality", "perfect"),
+                "info": {"quality": opts.get("quality", "perfect"), "weights": "fake",
                          "mps_pipe": os.environ.get("CUDA_MPS_PIPE_DIRECTORY"),
                          "mps_sm_percent": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")}}
 

@@ -77,6 +77,8 @@ class HFBackend(Backend):
         return {"model_id": self.lm.model_id, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
                 "tokenizer_checksum": checksum, "device": self.device, "synthetic": bool(self.lm.synthetic),
                 "info": {"precision": self.precision, "dtype": str(self.lm.dtype), "parameters": n_params,
+                         "weights": (f"synthetic-{opts['synthetic_weights']}" if self.lm.synthetic
+                                     else getattr(self.lm, "weights", "released")),
                          "step_model": type(self.step_model).__name__,
                          "cuda_device": torch.cuda.get_device_name() if self.device.startswith("cuda") else None,
                          "torch": torch.__version__}}

@@ -128,10 +128,13 @@ def _discover_dataset(root: Path, split: str | None) -> tuple[list[dict], list[d
             bad.append({"sample_id": sample_id, "error": str(exc)})
             continue
         sequence = Path(str(event_data)).parts[0] if len(Path(str(event_data)).parts) > 1 else ""
-        samples.append(_sample(
+        sample = _sample(
             sample_id, sequence, _first_human_turn(entry) or DEFAULT_QUESTION,
             {"kind": "npy", "path": str(events_path), "t0_us": None, "t1_us": None}, video, events_path,
-            entry.get("sensor_size") or DSEC_SENSOR_SIZE))
+            entry.get("sensor_size") or DSEC_SENSOR_SIZE)
+        if isinstance(entry.get("split"), str):
+            sample["split"] = entry["split"]      # the index's own split label (adapter collect --split-by dataset)
+        samples.append(sample)
     return samples, bad
 
 
@@ -248,10 +251,10 @@ def discover_samples(input_dir, *, input_format: str = "auto", split: str | None
     if question_set not in QUESTION_SETS:
         raise InputError(f"--question-set {question_set!r} is unknown; choose one of {', '.join(QUESTION_SETS)}.")
     if not root.exists():
-        raise InputError(f"{root}: input folder does not exist. Check --input-dir "
+        raise InputError(f"{root}: input folder does not exist. Check --input "
                          "(or create demo data with `coordinator make-demo DIR`).")
     if not root.is_dir():
-        raise InputError(f"{root}: --input-dir must be a folder, not a file.")
+        raise InputError(f"{root}: --input must be a folder, not a file.")
     if not any(root.iterdir()):
         raise InputError(f"{root}: input folder is empty. Put a dataset, clip folders or DSEC sequences there "
                          "(or create demo data with `coordinator make-demo DIR`).")

@@ -42,6 +42,7 @@ EVENTGPT_TOWER_PREFIX = "model.visual_tower.visual_tower.vision_model."
 # paths: transformers matches these from the start of a module's name (or as its suffix), not anywhere.
 EVENTGPT_SKIP_MODULES = ["model.visual_tower", "model.visual_projector", "model.feature_adaptor", "lm_head"]
 VIDEOLLAVA_SKIP_MODULES = ["model.video_tower", "model.image_tower", "model.multi_modal_projector", "lm_head"]
+WEIGHTS_FIELD = "eventspec_weights"    # written by make-tiny ("tiny-random" | "tiny-trained"); absent in releases
 # Non-persistent buffers that older transformers versions wrote into checkpoints; harmless if present.
 _IGNORABLE_SUFFIXES = (".position_ids", "rotary_emb.inv_freq")
 
@@ -60,6 +61,8 @@ class LoadedModel:
     dtype: torch.dtype
     synthetic: bool = False
     image_processor: Any = None
+    weights: str = "released"   # which weights: "released" (a checkpoint folder), or the label make-tiny wrote
+
 
     @property
     def processor(self) -> Any:
@@ -304,7 +307,7 @@ def load_eventgpt(path, *, clip_path=None, precision: str = "fp32", device: str 
     image_processor = _clip_image_processor(clip_dir, config.clip_vision_config().image_size)
     return LoadedModel(
         model=_freeze(_place(model, device)), tokenizer=tokenizer, kind="eventgpt", model_id=str(path), device=str(device),
-        dtype=dtype, synthetic=False, image_processor=image_processor,
+        dtype=dtype, synthetic=False, image_processor=image_processor, weights=str(raw.get(WEIGHTS_FIELD, "released")),
     )
 
 
@@ -379,7 +382,7 @@ def load_videollava(path, *, precision: str = "fp32", device: str = "cpu") -> Lo
         )
     return LoadedModel(
         model=_freeze(_place(model, device)), tokenizer=tokenizer, kind="videollava", model_id=str(path), device=str(device),
-        dtype=dtype, synthetic=False, image_processor=image_processor,
+        dtype=dtype, synthetic=False, image_processor=image_processor, weights=str(raw.get(WEIGHTS_FIELD, "released")),
     )
 
 
