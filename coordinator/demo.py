@@ -66,9 +66,9 @@ def demo_summary(results: dict, probe: dict | None, *, references: dict | None =
     size = ", ".join(f"{role} {p / 1e6:.2f} M parameters" for role, p in params.items() if p)
     lines += [f"- **Models**: EventGPT drafts from 5 event images, Video-LLaVA is the target and reads 8 video frames. "
               f"Weights: {weights}" + (f" ({size})." if size else "."),
-              "  The synthetic scenes are coloured squares and discs moving left or right over a dark background; "
-              "the target names colours, the draft cannot see them (events carry no colour) and words some "
-              "things differently, so the draft is right often but not always.",
+              "  The synthetic scenes show one coloured shape, small or large, moving through one of three rows "
+              "over a dark background; the target names its colour, the draft cannot see it (events carry no "
+              "colour) and words some things differently, so the draft is right often but not always.",
               f"- **Clips**: {len(samples)} held-out clips (the `test` split of the demo data, never used in "
               f"training), {len(MODES)} modes each, greedy, after one unmeasured warm-up request per mode; "
               f"devices: {', '.join(f'{k} {v}' for k, v in (info.get('device') or {}).items())}."]

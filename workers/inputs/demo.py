@@ -38,21 +38,24 @@ _QUESTIONS = ("What are the key elements in this scene?", "What is this scene ab
 # The two caption styles of the tiny models (workers/models/tiny_train.py): the video model names colours,
 # the event model cannot see them and words some things differently.
 STYLES = ("video", "events")
-_STYLE_WORDS = {"video": {"square": "square", "disc": "disc", "over": "over"},
-                "events": {"square": "square", "disc": "circle", "over": "on"}}
+_STYLE_WORDS = {"video": {"small": "small", "large": "large", "moving": "moving", "over": "over"},
+                "events": {"small": "little", "large": "big", "moving": "passing", "over": "on"}}
+_ROW_WORDS = ("at the top", "in the middle", "at the bottom")
 
 
 def _make_shapes(rng: np.random.Generator, size: tuple[int, int], duration_s: float) -> list[dict]:
-    """One shape (a square or a disc of one of five colours) moving left or right in one of three rows, inside
-    the centred square that the models' image processors keep (they resize the short side and crop the centre).
-    It has a front (a dark window on the side it heads to), so one frame shows where it goes, as for a vehicle.
-    One large shape keeps the scenes learnable by the demo's tiny models in minutes on a CPU."""
+    """One shape, small or large, of one of five colours, moving left or right in one of three rows inside the
+    centred square that the models' image processors keep (they resize the short side and crop the centre).
+    It has a front (a dark window on the side it heads to), as a vehicle has. One shape, and attributes that
+    show in many image patches at once (colour, size, row), keep the scenes learnable by the demo's tiny
+    models in minutes on a CPU."""
     width, height = size
     side = min(width, height)
     x_lo = (width - side) / 2
     row = int(rng.integers(0, _ROWS))
     colour = str(rng.choice(list(_COLOURS)))
-    radius = float(rng.uniform(0.13, 0.17) * side)
+    big = bool(rng.random() < 0.5)
+    radius = float(rng.uniform(0.15, 0.18) if big else rng.uniform(0.07, 0.09)) * side
     speed = float(rng.uniform(0.25, 0.4) * side)  # pixels per second
     lo, hi = x_lo + radius, x_lo + side - 1 - radius
     travel = speed * duration_s
@@ -61,9 +64,10 @@ def _make_shapes(rng: np.random.Generator, size: tuple[int, int], duration_s: fl
         x0 = float(rng.uniform(lo, hi - travel)) if sign > 0 else float(rng.uniform(lo + travel, hi))
     else:
         x0 = float(rng.uniform(lo, hi))
-    y0 = (row + 0.5) * height / _ROWS + float(rng.uniform(-0.03, 0.03) * side)
-    return [{"kind": str(rng.choice(KINDS)), "colour": colour, "radius": radius, "row": row,
-             "x0": x0, "y0": y0, "vx": sign * speed, "vy": 0.0, "x_range": (lo, hi)}]
+    y0 = (row + 0.5) * height / _ROWS + float(rng.uniform(-0.02, 0.02) * side)
+    return [{"kind": "square" if rng.random() < 0.5 else "disc", "colour": colour, "radius": radius, "row": row,
+             "size": "large" if big else "small", "x0": x0, "y0": y0, "vx": sign * speed, "vy": 0.0,
+             "x_range": (lo, hi)}]
 
 
 def _bounce(start: float, velocity: float, t_s: float, lo: float, hi: float) -> float:
@@ -81,12 +85,12 @@ def _heading(shape: dict, t_s: float) -> str:
 
 
 def describe(shapes: list[dict], t_s: float, style: str = "video") -> str:
-    """The scene at t_s in one of the two caption styles (objects top to bottom)."""
+    """The scene in one of the two caption styles: size, colour (video only), row; the shape is moving."""
     words = _STYLE_WORDS[style]
     parts = []
     for s in sorted(shapes, key=lambda s: s["row"]):
         colour = f"{s['colour']} " if style == "video" else ""
-        parts.append(f"a {colour}{words[s['kind']]} moving {_heading(s, t_s)}")
+        parts.append(f"a {words[s['size']]} {colour}shape {_ROW_WORDS[s['row']]} {words['moving']}")
     listed = parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
     return f"The scene shows {listed} {words['over']} a dark background."
 
@@ -223,8 +227,8 @@ def simulate_clips(rng: np.random.Generator, n_clips: int, *, size: tuple[int, i
         clip_events = {k: v[keep].astype(np.int64) for k, v in events.items()}
         clip_events["t"] = clip_events["t"] + T_OFFSET_US
         middle_s = (t0_us + t1_us) / 2e6
-        objects = [{"row": sh["row"], "colour": sh["colour"], "kind": sh["kind"], "heading": _heading(sh, middle_s)}
-                   for sh in shapes]
+        objects = [{"row": sh["row"], "colour": sh["colour"], "kind": sh["kind"], "size": sh["size"],
+                    "heading": _heading(sh, middle_s)} for sh in shapes]
         clips.append({"t0_us": t0_us, "events": clip_events, "objects": objects,
                       "frames": frames[(frame_times >= t0_us) & (frame_times < t1_us)],
                       "captions": {style: describe(shapes, middle_s, style) for style in STYLES}})

@@ -38,10 +38,13 @@ TINY_INIT_STD = 0.25
 
 _QUESTIONS = list(TOP10_QUESTIONS)
 _CAPTION_WORDS = [   # every word of both caption styles (workers/inputs/demo.py), so each is one token
-    "The scene shows a red square moving right, a green disc moving left and a blue circle moving right over a "
-    "dark background.",
-    "The scene shows a yellow disc moving left and a white square moving right on a dark background.",
-    "The scene shows a square moving left, a circle moving right and a circle moving left on a dark background.",
+    "The scene shows a large red shape at the top moving over a dark background.",
+    "The scene shows a small green shape in the middle moving over a dark background.",
+    "The scene shows a large blue shape at the bottom moving over a dark background.",
+    "The scene shows a small yellow shape at the top moving over a dark background.",
+    "The scene shows a large white shape in the middle moving over a dark background.",
+    "The scene shows a big shape at the top passing on a dark background.",
+    "The scene shows a little shape at the bottom passing on a dark background.",
 ]
 _CORPUS = _QUESTIONS + _CAPTION_WORDS * 3 + [
     SYSTEM,

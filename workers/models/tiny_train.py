@@ -1,18 +1,21 @@
 """Train the tiny EventGPT / Video-LLaVA pair on make-demo's synthetic scenes, deterministically, on the CPU.
 
-The world: 2–3 coloured squares and discs move left or right over a dark background (workers/inputs/demo.py).
-Both models answer every question with a caption of the scene, in their own style (`demo.describe`):
+The world: one coloured shape, small or large, moves through one of three rows over a dark background
+(workers/inputs/demo.py). Both models answer every question with a caption of the scene, in their own style
+(`demo.describe`):
 
-    Video-LLaVA (8 video frames):  "The scene shows a red square moving right and a blue disc moving left over a dark background."
-    EventGPT (5 event images):     "The scene shows a square moving right and a circle moving left on a dark background."
+    Video-LLaVA (8 video frames):  "The scene shows a large red shape at the top moving over a dark background."
+    EventGPT (5 event images):     "The scene shows a big shape at the top passing on a dark background."
 
 Events carry no colour, and the two styles differ in a few words, as two separately trained models would; so
 the draft agrees with the target often but not always, and a draft-to-target adapter has something to learn
-(the word choices; not the colours, which the draft cannot see).
+(the word choices; not the colour, which the draft cannot see).
 
 Training, as for the 7B models: one base language model learns the captions of both styles as plain text
-(Vicuna's part: both 7B models start from it), then each multimodal model starts from that base and learns,
-with all its weights, to caption its own input in its own style. Scenes come from seeds disjoint from
+(Vicuna's part: both 7B models start from it); each vision path (CLIP tower, projector) first learns to see
+what its captions name through a linear probe on the mean of its visual tokens (the pretrained CLIP's part:
+from scratch, the caption loss alone leaves a tiny model on the language prior for a long time); then each
+multimodal model learns, with all its weights, to caption its own input in its own style. Scenes come from seeds disjoint from
 make-demo's (so every demo clip is held out). Fixed seeds, one thread, deterministic algorithms: the same
 machine gives the same weights bit for bit.
 
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from workers.inputs.demo import _COLOURS, KINDS, simulate_clips
+from workers.inputs.demo import _COLOURS, simulate_clips
 from workers.inputs.events import Events
 from workers.inputs.render import render_event_images
 from workers.inputs.samples import TOP10_QUESTIONS
@@ -44,9 +47,9 @@ SCENE_SEED = 1_000_003          # make-demo uses small seeds (0, 3, 5, ...): the
 RELEASE_DIR = Path(__file__).with_name("tiny_trained")
 IGNORE = -100
 _COLOUR_NAMES = list(_COLOURS)
-# what each model's vision path is first taught to see (events carry no colour): colour, kind, heading
+# what each model's vision path is first taught to see (events carry no colour): colour, size, row
 _SEES = {"eventgpt": (1, 2), "videollava": (0, 1, 2)}
-_CLASSES = (len(_COLOURS), len(KINDS), 2)
+_CLASSES = (len(_COLOURS), 2, 3)
 
 
 def training_settings(quick: bool = False) -> dict:
@@ -54,7 +57,7 @@ def training_settings(quick: bool = False) -> dict:
     if quick:    # tests: the code path and determinism, not the quality
         return {"scenes": 24, "base_steps": 3, "vision_steps": 3, "steps": 3, "batch": 8, "lr": 3e-3, "base_lr": 3e-3,
                 "vision_lr": 3e-3, "seed": 0}
-    return {"scenes": 1000, "base_steps": 100, "vision_steps": 300, "steps": 400, "batch": 24, "lr": 3e-3,
+    return {"scenes": 1000, "base_steps": 100, "vision_steps": 300, "steps": 500, "batch": 24, "lr": 3e-3,
             "base_lr": 3e-3, "vision_lr": 3e-3, "seed": 0}
 
 
@@ -79,9 +82,9 @@ def make_scenes(n: int, seed: int, processors: dict) -> dict:
 
 
 def scene_labels(objects: list[dict]) -> np.ndarray:
-    """[colour, kind, heading] of the scene's shape."""
+    """[colour, size, row] of the scene's shape."""
     o = objects[0]
-    return np.array([_COLOUR_NAMES.index(o["colour"]), KINDS.index(o["kind"]), o["heading"] == "right"], np.int64)
+    return np.array([_COLOUR_NAMES.index(o["colour"]), o["size"] == "large", o["row"]], np.int64)
 
 
 def _answer_ids(tokenizer, caption: str) -> list[int]:
@@ -117,10 +120,11 @@ def _video_embeds(model, pixels: torch.Tensor) -> torch.Tensor:
     return feats.reshape(pixels.shape[0], -1, feats.shape[-1])
 
 
-def _aux_loss(head, feats: torch.Tensor, labels: torch.Tensor, fields) -> torch.Tensor:
-    """Cross-entropy of a linear probe on the mean of the visual tokens (what a language model attending
-    evenly to them reads), for each field the model can see."""
-    logits = head(feats.mean(dim=1))
+def _aux_loss(head, feats: torch.Tensor, labels: torch.Tensor, fields, pooled: bool) -> torch.Tensor:
+    """Cross-entropy of a linear probe for each field the model can see, on the mean of the visual tokens
+    (pooled: what a language model attending evenly reads) or on all of them (event images split into
+    chunks of equal event count look alike on average: only where their marks are tells scenes apart)."""
+    logits = head(feats.mean(dim=1) if pooled else feats.flatten(1))
     loss, at = 0.0, 0
     for f in fields:
         n = _CLASSES[f]
@@ -232,13 +236,14 @@ def train_pair(models: dict, tokenizers: dict, processors: dict, settings: dict,
             model = models[name].train()
             key = "events" if name == "eventgpt" else "video"
             px = data[key]
+            pooled = name == "videollava"
             with torch.no_grad():
-                width = embed_fn(model, px[:1]).shape[-1]
-            head = torch.nn.Linear(width, sum(_CLASSES[f] for f in _SEES[name]))
+                sample = embed_fn(model, px[:1])
+            head = torch.nn.Linear(sample.shape[-1] if pooled else sample.numel(), sum(_CLASSES[f] for f in _SEES[name]))
             curves[name + "_vision"] = _fit(
                 list(model.parameters()) + list(head.parameters()),
-                lambda idx, step, model=model, head=head, px=px, embed_fn=embed_fn, name=name: _aux_loss(
-                    head, embed_fn(model, px[idx]), data["labels"][idx], _SEES[name]),
+                lambda idx, step, model=model, head=head, px=px, embed_fn=embed_fn, name=name, pooled=pooled: _aux_loss(
+                    head, embed_fn(model, px[idx]), data["labels"][idx], _SEES[name], pooled),
                 settings["vision_steps"], settings["vision_lr"], n, batch, settings["seed"] + 2, name + " vision", log)
         for name, loss in (("eventgpt", _eventgpt_loss), ("videollava", _videollava_loss)):
             model = models[name].train()
