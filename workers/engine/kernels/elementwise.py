@@ -1,0 +1,29 @@
+"""RMSNorm of the exact step's first layer input (the others are fused into `linear._finish_kernel`).
+Each program owns one row, so a row's result never depends on the rows beside it."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+from .common import cast
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, K, eps, BLOCK: tl.constexpr, EMULATE: tl.constexpr):
+    row = tl.program_id(0)
+    rk = tl.arange(0, BLOCK)
+    ok = rk < K
+    x = tl.load(x_ptr + row * K + rk, mask=ok, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / K + eps)
+    w = tl.load(w_ptr + rk, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * K + rk, cast(x * rstd * w, out_ptr.dtype.element_ty, EMULATE), mask=ok)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    m, k = x.shape
+    out = torch.empty_like(x)
+    _rmsnorm_kernel[(m,)](x, weight, out, k, eps, BLOCK=triton.next_power_of_2(k), EMULATE=INTERPRET)
+    return out
+
