@@ -75,24 +75,15 @@ def test_readme_recipe_meets_the_goals_on_held_out_sequences(recipe):
 
 
 def test_trained_pair_captions_describe_the_scene(recipe):
-    """The models read their inputs: the target names the right colour, shape and direction of held-out
-    clips; the draft, in its own words and without colours, the right shape and direction."""
-    from workers.adapters.data import read_index, read_split
-    from workers.models.loading import load_videollava
+    """The models read their inputs: on held-out clips each one's own greedy caption, word by word, matches
+    the scene's caption in its style far above what its language prior alone gives."""
+    from workers.models.tiny_train import caption_agreement, greedy_captions
     root, _ = recipe
-    tokenizer = load_videollava(root / "models" / "videollava").tokenizer
-    data = root / "adapter-data"
-    index = json.loads((root / "data" / "dataset" / "EventGPT_Instruction_Subset.json").read_text())
-    truth = {e["id"]: e["conversations"][1]["value"] for e in index}
-    entries = read_index(data)["records"]
-    right = total = 0
-    for split in ("train", "val", "test"):
-        keys = [e for e in entries if e["split"] == split]
-        for e, rec in zip(keys, read_split(data, split, hidden=False)):
-            right += tokenizer.decode(rec.target, skip_special_tokens=True).strip() == truth[e["sample_id"]]
-            total += 1
-    print(f"target captions equal to the scene's caption: {right}/{total}")
-    assert right >= 0.8 * total
+    rows = greedy_captions(root / "models", root / "data" / "dataset", split="test")
+    agreement = caption_agreement(rows)
+    print(rows[0], agreement)
+    assert agreement["video"]["exact"] >= 0.8
+    assert agreement["events"]["exact"] >= 0.5
 
 
 def test_coordinator_demo_tells_what_ran(recipe, tmp_path):

@@ -288,6 +288,7 @@ def make_demo(out_dir, *, n_sequences: int = 10, n_clips: int | None = None, see
                 "conversations": [{"from": "human", "value": f"<event>\n{question}"},
                                   {"from": "gpt", "value": clip_data["captions"]["video"]}],
                 "sensor_size": list(size),
+                "captions": clip_data["captions"],      # both styles (the tiny models' answers), for checks
             })
     (dataset_dir / "EventGPT_Instruction_Subset.json").write_text(json.dumps(index, indent=1))
     return {"dataset": str(dataset_dir), "dsec": str(dsec_dir),

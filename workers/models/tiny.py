@@ -12,6 +12,8 @@ tensor names `language_model.model.*`, `video_tower.vision_model.*`, ...). Never
 Each model's config.json gets `eventspec_weights` ("tiny-random" or "tiny-trained"); the workers report it
 so that results say which weights ran.
 
+About 390 lines: building, writing and releasing the two kinds of tiny checkpoints share every helper here.
+
 Geometry: vision image_size 56, patch 14 → 4×4 patches + CLS = 17 tokens per image (the real 336/14 gives
 577, too slow for CPU tests); random language models hidden 64, trained ones hidden 128, 2 layers.
 """

@@ -21,6 +21,8 @@ machine gives the same weights bit for bit.
 
 `train_pair()` returns the three state dicts (EventGPT, its CLIP tower, Video-LLaVA); `coordinator make-tiny
 --trained --retrain` runs it and `write_release()` stores the result where `make-tiny --trained` finds it.
+`greedy_captions` / `caption_agreement` measure how well each trained model reads its input. About 340 lines:
+the data, the three training stages and their evaluation are one recipe.
 Never used at inference time; never reads or writes anything outside the folders it is given.
 """
 from __future__ import annotations
@@ -57,7 +59,7 @@ def training_settings(quick: bool = False) -> dict:
     if quick:    # tests: the code path and determinism, not the quality
         return {"scenes": 24, "base_steps": 3, "vision_steps": 3, "steps": 3, "batch": 8, "lr": 3e-3, "base_lr": 3e-3,
                 "vision_lr": 3e-3, "seed": 0}
-    return {"scenes": 1000, "base_steps": 100, "vision_steps": 300, "steps": 500, "batch": 24, "lr": 3e-3,
+    return {"scenes": 1000, "base_steps": 100, "vision_steps": 300, "steps": 400, "batch": 24, "lr": 3e-3,
             "base_lr": 3e-3, "vision_lr": 3e-3, "seed": 0}
 
 
@@ -232,19 +234,22 @@ def train_pair(models: dict, tokenizers: dict, processors: dict, settings: dict,
         curves = {"base": base_losses}
         # the vision paths first learn to see (a linear probe over the visual tokens, dropped afterwards): the
         # caption loss alone leaves a tiny model on the language prior for a long time
-        for name, embed_fn in (("eventgpt", _event_embeds), ("videollava", _video_embeds)):
+        # event images (chunks of equal event count) look alike on average: their probe first reads every token
+        # (where the marks are), then the mean; the video frames' probe reads the mean from the start
+        for name, embed_fn, stages in (("eventgpt", _event_embeds, (False, True)), ("videollava", _video_embeds, (True,))):
             model = models[name].train()
-            key = "events" if name == "eventgpt" else "video"
-            px = data[key]
-            pooled = name == "videollava"
-            with torch.no_grad():
-                sample = embed_fn(model, px[:1])
-            head = torch.nn.Linear(sample.shape[-1] if pooled else sample.numel(), sum(_CLASSES[f] for f in _SEES[name]))
-            curves[name + "_vision"] = _fit(
-                list(model.parameters()) + list(head.parameters()),
-                lambda idx, step, model=model, head=head, px=px, embed_fn=embed_fn, name=name, pooled=pooled: _aux_loss(
-                    head, embed_fn(model, px[idx]), data["labels"][idx], _SEES[name], pooled),
-                settings["vision_steps"], settings["vision_lr"], n, batch, settings["seed"] + 2, name + " vision", log)
+            px = data["events" if name == "eventgpt" else "video"]
+            for pooled in stages:
+                with torch.no_grad():
+                    sample = embed_fn(model, px[:1])
+                head = torch.nn.Linear(sample.shape[-1] if pooled else sample.numel(),
+                                       sum(_CLASSES[f] for f in _SEES[name]))
+                steps = settings["vision_steps"] // (2 if len(stages) > 1 and not pooled else 1)
+                curves[f"{name}_vision{'_pooled' if pooled else ''}"] = _fit(
+                    list(model.parameters()) + list(head.parameters()),
+                    lambda idx, step, model=model, head=head, px=px, embed_fn=embed_fn, name=name, pooled=pooled: _aux_loss(
+                        head, embed_fn(model, px[idx]), data["labels"][idx], _SEES[name], pooled),
+                    steps, settings["vision_lr"], n, batch, settings["seed"] + 2, f"{name} vision", log)
         for name, loss in (("eventgpt", _eventgpt_loss), ("videollava", _videollava_loss)):
             model = models[name].train()
             key = "events" if name == "eventgpt" else "video"
@@ -292,3 +297,46 @@ def stderr_log(text: str) -> None:
 
 __all__ = ["RELEASE_DIR", "SCENE_SEED", "make_scenes", "sha256_file", "train_pair", "training_settings"]
 
+
+
+def greedy_captions(models_dir, dataset_dir, *, split: str | None = None, max_new_tokens: int = 24) -> list[dict]:
+    """Each model's own greedy answer on the demo clips of `dataset_dir` next to the scene's captions in both
+    styles (make-demo's index): how well each tiny model reads its input."""
+    import json
+
+    from workers.engine.core import TokenEngine
+    from workers.engine.hf import HFStepModel
+    from workers.inputs import discover_samples, load_sample_inputs
+
+    from .loading import eventgpt_prefill_inputs, load_eventgpt, load_videollava, videollava_prefill_inputs
+
+    models_dir = Path(models_dir)
+    draft = load_eventgpt(models_dir / "eventgpt")
+    target = load_videollava(models_dir / "videollava")
+    index = {e["id"]: e for e in json.loads((Path(dataset_dir) / "EventGPT_Instruction_Subset.json").read_text())}
+    out = []
+    for sample in discover_samples(dataset_dir, split=split)[0]:
+        row = {"sample_id": sample["sample_id"], "question": sample["question"],
+               "reference": index[sample["sample_id"]].get("captions", {})}
+        for name, lm, role, build in (("events", draft, "draft", eventgpt_prefill_inputs),
+                                      ("video", target, "target", videollava_prefill_inputs)):
+            inputs = load_sample_inputs(sample, role)
+            prompt, _ = build(lm, inputs["event_images" if role == "draft" else "video_frames"], sample["question"])
+            engine = TokenEngine(HFStepModel(lm.model))
+            ids = [engine.start(prompt)]
+            while len(ids) < max_new_tokens and ids[-1] != lm.tokenizer.eos_token_id:
+                ids.append(engine.step())
+            row[name] = lm.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        out.append(row)
+    return out
+
+
+def caption_agreement(rows: list[dict]) -> dict:
+    """Share of answers equal to the reference caption of their style, and per word position."""
+    result = {}
+    for style in ("video", "events"):
+        pairs = [(r[style].split(), r["reference"].get(style, "").split()) for r in rows]
+        words = sum(len(ref) for _, ref in pairs)
+        result[style] = {"exact": sum(a == ref for a, ref in pairs) / max(1, len(pairs)),
+                         "words": sum(x == y for a, ref in pairs for x, y in zip(a, ref)) / max(1, words)}
+    return result
