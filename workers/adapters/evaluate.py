@@ -9,8 +9,9 @@ Two families of numbers:
 - every window start: for each answer position s, k drafts at s..s+k-1 accepted up to the first mismatch;
   acceptance by draft index, `accepted / drafted` and the mean accepted prefix;
 - chained (the live definitions of results.json): windows start where the previous round ended (accepted
-  drafts + the target's correction/bonus token), at most `max_new_tokens - committed - 1` drafts, position 0
-  is the target's prefill token; `acceptance_rate` = accepted / drafted, `mean_acceptance_length` =
+  drafts + the target's correction/bonus token), at most `max_new_tokens - committed - 1` drafts and none
+  after the draft's own EOS (the draft worker stops there), position 0 is the target's prefill token;
+  `acceptance_rate` = accepted / drafted, `mean_acceptance_length` =
   1 + accepted / rounds. With a fixed k this is what an in-process speculative loop measures live.
 Never trains anything.
 """
@@ -59,9 +60,12 @@ def chained_acceptance(preds: list[np.ndarray], targets: list[np.ndarray], k: in
         committed = 1                       # the target's prefill token
         while committed < min(max_new_tokens, len(tgt)) and eos_id not in tgt[:committed]:
             room = max_new_tokens - committed - 1
-            window = max(0, min(k, room))   # live drafts past an EOS too; they can only be rejected here
-            a = accepted_prefix([int(p) for p in pred[committed : committed + window]], tgt[committed:])
-            drafted += window
+            window = max(0, min(k, room))
+            drafts = [int(p) for p in pred[committed : committed + window]]
+            if eos_id in drafts:            # the live draft stops after proposing EOS
+                drafts = drafts[: drafts.index(eos_id) + 1]
+            a = accepted_prefix(drafts, tgt[committed:])
+            drafted += len(drafts)
             accepted += a
             rounds += 1
             committed += a + 1
