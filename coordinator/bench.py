@@ -11,12 +11,12 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import reports
+from .reports.stats import median as _median, percentile as _pct
 from .mps import MpsDaemon, MpsError
 from .session import Session, StartupError, WorkerDied, WorkerSpec
 
@@ -184,21 +184,6 @@ def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info, pl
 
 
 # --- aggregation -------------------------------------------------------------------------------
-
-def _median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-def _pct(xs, q):
-    xs = sorted(x for x in xs if x is not None)
-    if not xs:
-        return None
-    pos = (len(xs) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
 
 def aggregate(records: list[dict], draft_alone: list[dict], events: list[dict]) -> dict:
     ok = [r for r in records if r.get("status") == "ok"]
