@@ -50,7 +50,6 @@ class Session(Supervisor):
         start_ns = time.monotonic_ns()
         for role in roles:                       # both at the same moment
             self.send(msgs[role], role)
-        deadline = time.monotonic() + self.request_timeout_s
         end_ns = None
         ttft_ns = None
         info = {}
@@ -82,12 +81,12 @@ class Session(Supervisor):
         try:
             while not state.finished:
                 if state.waiting:
-                    msg = self.recv(min(deadline, time.monotonic() + wait_timeout_ms / 1e3), timeout_ok=True)
+                    msg = self.recv(time.monotonic() + wait_timeout_ms / 1e3, timeout_ok=True)
                     if msg is None:
                         execute(state.on_wait_timeout(), time.monotonic_ns())
                         continue
                 else:
-                    msg = self.recv(deadline)
+                    msg = self.recv()
                 if msg.request_id != rid:
                     continue                     # a straggler from an earlier request
                 actions = []
@@ -130,10 +129,9 @@ class Session(Supervisor):
         opts = dict(options or {}, ignore_eos=True)
         self.send(m.Prefill(request_id=rid, mode="draft-alone", sample=sample, question=question,
                             max_new_tokens=steps + 1, max_ahead=steps + 1, options=opts), "draft")
-        deadline = time.monotonic() + self.request_timeout_s
         have = 0
         while have < steps + 1:
-            msg = self.recv(deadline)
+            msg = self.recv()
             if msg.request_id != rid:
                 continue
             if isinstance(msg, m.Error):

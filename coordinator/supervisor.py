@@ -7,96 +7,59 @@ Knows nothing of what a request means (coordinator.session does). Never imports 
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
 
 from protocol import messages as m
-from protocol.transport import Channel, check_endpoint, ipc_endpoint, make_socket, private_ipc_dir
+from protocol.transport import Channel, ipc_endpoint, make_socket, private_ipc_dir
+
+from .handles import (RequestFailed, StartupError, WorkerDied, WorkerHandle, WorkerSpec,  # noqa: F401
+                      bind_attach_endpoints, ignore_sigint, worker_command)
 
 POLL_MS = 50
 
 
-class WorkerDied(Exception):
-    pass
-
-
-class StartupError(Exception):
-    pass
-
-
-class RequestFailed(Exception):
-    pass
-
-
-@dataclass
-class WorkerSpec:
-    role: str                           # draft | target
-    backend: str
-    options: dict = field(default_factory=dict)
-    endpoint: str | None = None          # attach: bind here and wait for a worker started elsewhere
-    env: dict = field(default_factory=dict)
-
-
-@dataclass
-class WorkerHandle:
-    spec: WorkerSpec
-    proc: subprocess.Popen | None = None
-    log_path: Path | None = None
-    ready: m.Ready | None = None
-    hello: m.Hello | None = None
-    last_seen: float = 0.0
-    last_error: str = ""
-
-    @property
-    def name(self) -> str:
-        return self.spec.role
-
-    def log_tail(self, lines: int = 6) -> str:
-        if not self.log_path or not self.log_path.exists():
-            return ""
-        text = self.log_path.read_text(errors="replace").strip().splitlines()
-        return "\n".join(text[-lines:])
-
-
-def worker_command(spec: WorkerSpec, endpoint: str, parent_pid: int | None) -> list[str]:
-    cmd = [sys.executable, "-m", "workers", "--role", spec.role, "--backend", spec.backend, "--connect", endpoint,
-           "--options-json", json.dumps(spec.options)]
-    if parent_pid:
-        cmd += ["--parent-pid", str(parent_pid)]
-    return cmd
-
-
 class Supervisor:
+    """The coordinator's side of the worker processes: one ROUTER, one handle per role, the event log.
+
+    events: None keeps every event in self.events (for callers that read them afterwards); an object with
+    add(list_of_events) receives each request's events when the request ends (collect_done) and the rest
+    at close, so a long run holds no finished request's events in memory.
+    """
+
     def __init__(self, specs: list[WorkerSpec], *, log_dir: Path, startup_timeout_s: float = 120.0,
                  request_timeout_s: float = 600.0, heartbeat_timeout_s: float = 30.0,
-                 allow_public_endpoint: bool = False, progress=None):
+                 allow_public_endpoint: bool = False, events=None):
         self.events: list[dict] = []
+        self.event_sink = events
         self.log_dir = Path(log_dir)
         self.startup_timeout_s = startup_timeout_s
         self.request_timeout_s = request_timeout_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
-        self.ctx = zmq.Context()
-        sock = make_socket(self.ctx, zmq.ROUTER)
-        self.ipc_dir = private_ipc_dir()
-        self.endpoint = ipc_endpoint(self.ipc_dir, "coordinator")
-        sock.bind(self.endpoint)
-        for spec in specs:
-            if spec.endpoint:
-                sock.bind(check_endpoint(spec.endpoint, allow_public=allow_public_endpoint))
-        self.chan = Channel(sock, "coordinator", router=True)
         self.workers = {spec.role: WorkerHandle(spec) for spec in specs}
         self._sent: dict[str, dict] = {}          # msg_id -> event, to join recv stamps from DONE
         self.context: dict = {}                   # sample_id / mode of the request in flight
-        self.progress = progress
+        self._active_at = time.monotonic()        # last message sent or answered (the request timeout)
+        self._rejected = 0
+        self.ctx = zmq.Context()
+        self.ipc_dir = private_ipc_dir()
+        sock = make_socket(self.ctx, zmq.ROUTER)
+        try:
+            self.endpoint = ipc_endpoint(self.ipc_dir, "coordinator")
+            sock.bind(self.endpoint)
+            bind_attach_endpoints(sock, specs, allow_public_endpoint)
+        except BaseException:
+            sock.close(0)
+            self.ctx.term()
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
+            raise
+        self.chan = Channel(sock, "coordinator", router=True)
 
     # --- processes -------------------------------------------------------------------------
 
@@ -106,12 +69,13 @@ class Supervisor:
             if handle.spec.endpoint:
                 continue
             handle.log_path = self.log_dir / f"{handle.name}.log"
-            log = open(handle.log_path, "wb")
             env = {**os.environ, **handle.spec.env, "PYTHONUNBUFFERED": "1"}
-            handle.proc = subprocess.Popen(worker_command(handle.spec, self.endpoint, os.getpid()),
-                                           stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                           env=env, preexec_fn=_ignore_sigint)
-            log.close()
+            with open(handle.log_path, "wb") as log:
+                # own session: a terminal's Ctrl-C or a group signal reaches the coordinator only, which then
+                # shuts the workers down in order (and they die with it: PR_SET_PDEATHSIG in the worker)
+                handle.proc = subprocess.Popen(worker_command(handle.spec, self.endpoint, os.getpid()),
+                                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                               env=env, start_new_session=True, preexec_fn=ignore_sigint)
             handle.last_seen = time.monotonic()
         self._await_ready()
 
@@ -130,17 +94,16 @@ class Supervisor:
             msg = self._recv_raw(POLL_MS)
             if msg is None:
                 continue
-            handle = self.workers.get(msg.src)
-            if handle is None:
-                continue
+            handle = self.workers[msg.src]
             if isinstance(msg, m.Hello):
                 handle.hello = msg
             elif isinstance(msg, m.Ready):
                 handle.ready = msg
-            elif isinstance(msg, m.Heartbeat) and handle.ready is None:
+            elif isinstance(msg, m.Heartbeat) and handle.hello is None and not handle.asked_hello:
                 self.send(m.Hello(), handle.name)      # an attached worker that announced itself earlier
+                handle.asked_hello = True
             elif isinstance(msg, m.Error) and msg.fatal:
-                raise WorkerDied(f"{handle.name} worker failed to start: {msg.reason}")
+                raise WorkerDied(self._fatal_message(msg, "failed to start"))
 
     def check_workers(self) -> None:
         now = time.monotonic()
@@ -148,46 +111,62 @@ class Supervisor:
             if h.proc is not None:
                 code = h.proc.poll()
                 if code is not None:
-                    raise WorkerDied(self._death_message(h, code))
+                    raise WorkerDied(h.death_message(code))
             elif h.ready is not None and now - h.last_seen > self.heartbeat_timeout_s:
-                raise WorkerDied(f"{h.name} worker at {h.spec.endpoint} sent nothing for "
-                                 f"{now - h.last_seen:.0f} s (no heartbeat); is it still running?")
+                raise WorkerDied(f"{h.name} worker attached at {h.spec.endpoint} sent nothing for "
+                                 f"{now - h.last_seen:.0f} s, not even a heartbeat (--heartbeat-timeout "
+                                 f"{self.heartbeat_timeout_s:g}); is it still running?")
 
-    def _death_message(self, h: WorkerHandle, code: int) -> str:
-        how = f"killed by signal {-code} ({signal.Signals(-code).name})" if code < 0 else f"exit code {code}"
-        if code == -signal.SIGKILL:
-            how += "; out of memory or kill -9?"
-        text = f"{h.name} worker (pid {h.proc.pid}) died: {how}"
-        if h.last_error:
-            text += f"; last error: {h.last_error}"
-        tail = h.log_tail()
-        if tail:
-            text += f"\n--- last lines of {h.log_path} ---\n{tail}"
+    def _lost_message(self, role: str, why: str) -> str:
+        """A worker that cannot be reached: name its death (pid, signal, log) when it is one of ours."""
+        h = self.workers.get(role)
+        if h is None:
+            return f"no worker called {role!r} ({why})"
+        if h.proc is None:
+            return f"{role} worker attached at {h.spec.endpoint} disconnected ({why})"
+        try:
+            code = h.proc.wait(timeout=3)      # the socket goes before the process is reaped
+        except subprocess.TimeoutExpired:
+            return f"{role} worker (pid {h.proc.pid}) is running but unreachable ({why})"
+        return h.death_message(code)
+
+    def _fatal_message(self, msg: m.Error, what: str = "reported a fatal error") -> str:
+        h = self.workers[msg.src]
+        text = f"{msg.src} worker {what}: {msg.reason}"
+        if h.proc is not None:
+            try:
+                code = h.proc.wait(timeout=3)
+                text += "\n" + h.death_message(code)
+            except subprocess.TimeoutExpired:
+                pass
         return text
 
     def close(self) -> None:
         """Shut every spawned worker down, escalating to SIGKILL; never leaves a process behind."""
-        spawned = [h for h in self.workers.values() if h.proc is not None and h.proc.poll() is None]
-        for h in spawned:
-            try:
-                self.send(m.Shutdown(reason="run finished"), h.name)
-            except Exception:
-                pass
-        deadline = time.monotonic() + 5
-        for h in spawned:
-            try:
-                h.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                h.proc.terminate()
-        for h in spawned:
-            try:
-                h.proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                h.proc.kill()
-                h.proc.wait(timeout=5)
-        self.chan.close()
-        self.ctx.term()
-        shutil.rmtree(self.ipc_dir, ignore_errors=True)
+        try:
+            spawned = [h for h in self.workers.values() if h.proc is not None and h.proc.poll() is None]
+            for h in spawned:
+                try:
+                    self.chan.send(m.Shutdown(reason="run finished"), to=h.name)
+                except Exception:
+                    pass
+            deadline = time.monotonic() + 5
+            for h in spawned:
+                try:
+                    h.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    h.proc.terminate()
+            for h in spawned:
+                try:
+                    h.proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    h.proc.kill()
+                    h.proc.wait(timeout=5)
+        finally:
+            self.chan.close()
+            self.ctx.term()
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
+            self.flush_events()
 
     # --- messages --------------------------------------------------------------------------
 
@@ -195,11 +174,14 @@ class Supervisor:
         try:
             self.chan.send(msg, to=to)
         except zmq.ZMQError as exc:
-            raise WorkerDied(f"{to} worker is not connected ({exc})") from None
+            raise WorkerDied(self._lost_message(to, f"sending {msg.type}: {exc}")) from None
+        self._active_at = time.monotonic()
         self._log_message(msg)
         return msg
 
     def _log_message(self, msg: m.Message) -> None:
+        if isinstance(msg, m.Heartbeat):
+            return                                 # liveness only: nothing to time or to draw
         event = {"kind": "message", "type": msg.type, "src": msg.src, "dst": msg.dst or "coordinator",
                  "request_id": msg.request_id, "msg_id": msg.msg_id, "sent_ns": msg.sent_ns,
                  "recv_ns": msg.recv_ns or None, **self.context}
@@ -207,38 +189,65 @@ class Supervisor:
             self._sent[msg.msg_id] = event
         self.events.append(event)
 
+    def flush_events(self) -> None:
+        """Hand the events logged so far to the sink (if any) and forget them."""
+        if self.event_sink is not None and self.events:
+            events, self.events = self.events, []
+            self._sent.clear()
+            self.event_sink.add(events)
+
     def _recv_raw(self, timeout_ms: float) -> m.Message | None:
+        """One message from a known worker, or None (timeout, or a message dropped or answered with ERROR)."""
         self.check_workers()
         msg, bad = self.chan.recv(timeout_ms)
         if bad:
             sender = bad.split(":", 1)[0]
-            print(f"coordinator: rejected a malformed message from {bad}", file=sys.stderr)
+            self._rejected += 1
+            if self._rejected <= 20:
+                print(f"coordinator: rejected a malformed message from {bad[:300]}", file=sys.stderr)
+                if self._rejected == 20:
+                    print("coordinator: further malformed messages are rejected silently", file=sys.stderr)
             if sender in self.workers:
-                self.send(m.Error(reason=f"malformed message rejected: {bad}"), sender)
+                try:
+                    self.send(m.Error(reason=f"malformed message rejected: {bad[:300]}"), sender)
+                except WorkerDied:
+                    pass                           # its death is reported by check_workers
             return None
         if msg is None:
             return None
-        msg.dst = "coordinator"
         handle = self.workers.get(msg.src)
-        if handle is not None:
-            handle.last_seen = time.monotonic()
-            if isinstance(msg, m.Error):
-                handle.last_error = msg.reason
+        if handle is None:
+            self._rejected += 1
+            if self._rejected <= 20:
+                print(f"coordinator: dropped a {msg.type} from unknown peer {msg.src[:40]!r}", file=sys.stderr)
+            return None
+        msg.dst = "coordinator"
+        handle.last_seen = time.monotonic()
+        if isinstance(msg, m.Error):
+            handle.last_error = msg.reason
         self._log_message(msg)
         return msg
 
-    def recv(self, deadline: float, timeout_ok: bool = False) -> m.Message | None:
+    def recv(self, deadline: float | None = None, timeout_ok: bool = False) -> m.Message | None:
+        """The next message from a worker that is not a heartbeat.
+
+        With timeout_ok, returns None at deadline (monotonic seconds). Raises RequestFailed when no worker
+        has answered for request_timeout_s since the coordinator last sent or received a message, and
+        WorkerDied for a dead worker or a fatal ERROR.
+        """
         while True:
-            if time.monotonic() > deadline:
-                if timeout_ok:
-                    return None
-                raise RequestFailed(f"no answer from the workers within {self.request_timeout_s:g} s "
-                                    f"(request timeout)")
+            now = time.monotonic()
+            if timeout_ok and deadline is not None and now > deadline:
+                return None
+            if now - self._active_at > self.request_timeout_s:
+                raise RequestFailed(f"no answer from the workers for {self.request_timeout_s:g} s "
+                                    f"(--request-timeout)")
             msg = self._recv_raw(POLL_MS)
             if msg is None or isinstance(msg, m.Heartbeat):
                 continue
+            self._active_at = time.monotonic()
             if isinstance(msg, m.Error) and msg.fatal:
-                raise WorkerDied(f"{msg.src} worker reported a fatal error: {msg.reason}")
+                raise WorkerDied(self._fatal_message(msg))
             return msg
 
     def collect_done(self, rid: str, roles: list[str], early: dict) -> dict[str, m.Done]:
@@ -260,10 +269,6 @@ class Supervisor:
                     self.events.append({"kind": "span", "name": name, "proc": msg.src, "start_ns": start,
                                         "end_ns": end, "request_id": rid, "attrs": attrs, **self.context})
             elif isinstance(msg, m.Error) and msg.fatal:
-                raise WorkerDied(f"{msg.src} worker reported a fatal error: {msg.reason}")
+                raise WorkerDied(self._fatal_message(msg))
+        self.flush_events()
         return dones
-
-
-def _ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the coordinator, which shuts them down in order."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -12,6 +12,8 @@ import os
 import signal
 import sys
 
+import zmq
+
 from workers.worker import Worker
 
 
@@ -71,10 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"worker {args.role}: {exc}", file=sys.stderr)
         return 2
+    except zmq.ZMQError as exc:
+        print(f"worker {args.role}: --connect {args.connect}: {exc}", file=sys.stderr)
+        return 2
     try:
         return worker.run()
     except KeyboardInterrupt:
         return 130
     finally:
-        worker.chan.close()
-        worker.ctx.term()
+        worker.close()

@@ -18,9 +18,11 @@ import zmq
 from protocol import messages as m
 from protocol.transport import Channel, make_socket
 from workers.draft_loop import DraftLoop
-from workers.loop_control import HEARTBEAT_S, RequestAborted
+from workers.inputs.errors import InputError
+from workers.loop_control import HEARTBEAT_S, Heartbeats, RequestAborted
 from workers.oracle import Oracle
 from workers.target_loop import TargetLoop
+
 
 class Worker(DraftLoop, TargetLoop):
     def __init__(self, args: argparse.Namespace, options: dict):
@@ -36,6 +38,7 @@ class Worker(DraftLoop, TargetLoop):
         self.backend_name = args.backend
         self.backend = make_backend(args.backend, self.role, options)
         self.ready: m.Ready | None = None
+        self.heartbeats = Heartbeats(self.chan, busy=lambda: bool(self.request_id))
         self._reset_request("")
 
     # --- bookkeeping ---------------------------------------------------------------------
@@ -74,26 +77,22 @@ class Worker(DraftLoop, TargetLoop):
 
     def run(self) -> int:
         self.send(m.Hello(role=self.role, pid=os.getpid(), backend=self.backend_name))
+        self.heartbeats.start()         # also while loading and computing
         try:
             info = self.backend.load()
         except Exception as exc:
             self.send(m.Error(reason=f"{self.name}: loading backend {self.backend_name!r} failed: {exc}",
                               fatal=True))
             traceback.print_exc()
-            time.sleep(0.2)   # let the message leave before the socket closes
-            return 2
+            return 2                    # close() lingers until the ERROR has left
         self.ready = m.Ready(role=self.role, pid=os.getpid(), backend=self.backend_name,
                              memory=self.backend.memory(), **info)
         self.send(self.ready)
-        last_beat = time.monotonic()
         while True:
             msg = self.recv(HEARTBEAT_S * 1000)
             if self.parent_pid and os.getppid() != self.parent_pid:
                 return 1          # the coordinator is gone
             if msg is None:
-                if time.monotonic() - last_beat >= HEARTBEAT_S:
-                    self.send(m.Heartbeat(busy=False))
-                    last_beat = time.monotonic()
                 continue
             if isinstance(msg, m.Shutdown):
                 return 0
@@ -122,7 +121,8 @@ class Worker(DraftLoop, TargetLoop):
         except RequestAborted as stop:
             return self._finish(stop.shutdown)
         except Exception as exc:
-            fatal = "CUDA" in str(exc) or isinstance(exc, MemoryError)
+            # a broken device or memory ends the process; bad input never does, whatever its text says
+            fatal = isinstance(exc, MemoryError) or (not isinstance(exc, InputError) and "CUDA" in str(exc))
             kind = type(exc).__name__
             detail = str(exc) if kind == "InputError" else f"{kind}: {exc}"
             traceback.print_exc()
@@ -174,3 +174,9 @@ class Worker(DraftLoop, TargetLoop):
             attrs["prompt_len"] = prompt_len
         self.stats.update(prompt_len=prompt_len, inputs=prepared.info)
         return first, prompt_len, prepared.info
+
+    def close(self) -> None:
+        """Stop the heartbeats and close the socket, letting a last message (a fatal ERROR) leave first."""
+        self.heartbeats.stop()
+        self.chan.close(linger_ms=2000)
+        self.ctx.term()

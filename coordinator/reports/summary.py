@@ -90,15 +90,18 @@ def _how_made(run_info: dict) -> str:
     return " ".join(parts)
 
 
-def write_summary_md(path, results, agg, *, command: str, run_info: dict) -> None:
+def write_summary_md(path, results, agg, *, command: str, run_info: dict, ended: str | None = None) -> None:
     """summary.md: the seed report's tables, filled only with values measured in this run.
 
     Speedup and time saved are against the baseline (target only) measured in the same run, paired by
-    sample. The exact command is written in a code block so the report can be reproduced.
+    sample. The exact command is written in a code block so the report can be reproduced. ended says how
+    the run ended (completed, interrupted by a signal, stopped at the first error, a worker lost).
     """
     results = list(results)
-    lines = ["# eventspec run summary", "", "## How this was made", "", _how_made(run_info or {}), "",
-             "```bash", command, "```", ""]
+    lines = ["# eventspec run summary", ""]
+    if ended is not None:
+        lines += [f"**How the run ended:** {ended}", ""]
+    lines += ["## How this was made", "", _how_made(run_info or {}), "", "```bash", command, "```", ""]
 
     lines += ["## End to end", ""]
     lines += _md_table(
