@@ -75,6 +75,8 @@ class WorkerHandle:
         tail = self.log_tail()
         if tail:
             text += f"\n--- last lines of {self.log_path} ---\n{tail}"
+        elif self.log_path:
+            text += f" (its log {self.log_path} is empty)"
         return text
 
 

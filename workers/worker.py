@@ -18,7 +18,6 @@ import zmq
 from protocol import messages as m
 from protocol.transport import Channel, make_socket
 from workers.draft_loop import DraftLoop
-from workers.inputs.errors import InputError
 from workers.loop_control import HEARTBEAT_S, Heartbeats, RequestAborted
 from workers.oracle import Oracle
 from workers.target_loop import TargetLoop
@@ -76,6 +75,7 @@ class Worker(DraftLoop, TargetLoop):
     # --- life cycle ----------------------------------------------------------------------
 
     def run(self) -> int:
+        print(f"{self.name} worker (pid {os.getpid()}, backend {self.backend_name}) loading", flush=True)
         self.send(m.Hello(role=self.role, pid=os.getpid(), backend=self.backend_name))
         self.heartbeats.start()         # also while loading and computing
         try:
@@ -88,6 +88,7 @@ class Worker(DraftLoop, TargetLoop):
         self.ready = m.Ready(role=self.role, pid=os.getpid(), backend=self.backend_name,
                              memory=self.backend.memory(), **info)
         self.send(self.ready)
+        print(f"{self.name} worker ready: {self.ready.model_id} on {self.ready.device}", flush=True)
         while True:
             msg = self.recv(HEARTBEAT_S * 1000)
             if self.parent_pid and os.getppid() != self.parent_pid:
@@ -122,8 +123,8 @@ class Worker(DraftLoop, TargetLoop):
             return self._finish(stop.shutdown)
         except Exception as exc:
             # a broken device or memory ends the process; bad input never does, whatever its text says
-            fatal = isinstance(exc, MemoryError) or (not isinstance(exc, InputError) and "CUDA" in str(exc))
             kind = type(exc).__name__
+            fatal = isinstance(exc, MemoryError) or (kind != "InputError" and "CUDA" in str(exc))
             detail = str(exc) if kind == "InputError" else f"{kind}: {exc}"
             traceback.print_exc()
             self.send(m.Error(reason=f"{self.name}: {detail}", fatal=fatal))
