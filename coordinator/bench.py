@@ -17,8 +17,9 @@ from pathlib import Path
 
 from . import reports
 from .reports.stats import median as _median, percentile as _pct
-from .mps import MpsDaemon, MpsError
-from .session import Session, StartupError, WorkerDied, WorkerSpec
+from .mps import MpsDaemon, MpsError, unavailable_reason
+from .runner import failed_modes
+from .session import RequestFailed, Session, StartupError, WorkerDied, WorkerSpec
 
 
 @dataclass
@@ -85,6 +86,14 @@ def run_bench(cfg: BenchConfig) -> int:
     run_info: dict = {}
     failure = None
     plan = [(placement, mps) for placement in cfg.placements for mps in cfg.mps]
+    no_mps = unavailable_reason() if "on" in cfg.mps else None
+    if no_mps:                          # measure what can be measured: MPS off only, and say why
+        _say(f"skipping MPS on: {no_mps}")
+        run_info["skipped"] = [f"MPS on: {no_mps}"]
+        plan = [(placement, mps) for placement, mps in plan if mps != "on"]
+    if not plan:
+        _write(cfg, records, draft_alone, events, run_info, "nothing left to measure (add off to --bench-mps)")
+        return 1
     for placement, mps_setting in plan:
         try:
             events += _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info, placement)
@@ -97,7 +106,9 @@ def run_bench(cfg: BenchConfig) -> int:
             break
         finally:
             _write(cfg, records, draft_alone, events, run_info, failure)
-    return 0 if failure is None else 3
+    if failure is not None:
+        return 3
+    return 1 if failed_modes(records) else 0          # a mode whose every request failed measured nothing
 
 
 def placement_devices(spec: WorkerSpec, placement: str, user_devices=()) -> dict:
@@ -170,8 +181,12 @@ def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info, pl
                 done += 1
                 _say(f"[mps {mps_setting}] {done}/{total} samples×lengths; last baseline {base.get('wall_ms', 0):.0f} ms")
         for sample in samples[: min(3, len(samples))]:
-            rec = session.run_draft_alone(sample, question=sample.get("question") or "",
-                                          steps=cfg.draft_alone_steps, options=base_opts)
+            try:
+                rec = session.run_draft_alone(sample, question=sample.get("question") or "",
+                                              steps=cfg.draft_alone_steps, options=base_opts)
+            except RequestFailed as exc:
+                _say(f"  {sample['sample_id']} draft alone: ERROR {exc}")
+                continue
             rec["mps"] = mps_setting
             rec["placement"] = placement
             draft_alone.append(rec)
@@ -280,9 +295,11 @@ def aggregate(records: list[dict], draft_alone: list[dict], events: list[dict]) 
 
 def _write(cfg: BenchConfig, records, draft_alone, events, run_info, failure) -> None:
     agg = aggregate(records, draft_alone, events)
+    skipped = run_info.get("skipped", [])
+    run_info = {k: v for k, v in run_info.items() if k != "skipped"}
     synthetic = any(v.get("synthetic") for info in run_info.values() for v in info.values())
     data = {"command": cfg.command, "created": dt.datetime.now().isoformat(timespec="seconds"),
-            "synthetic_weights": synthetic, "failure": failure, "config": {
+            "synthetic_weights": synthetic, "failure": failure, "skipped": skipped, "config": {
                 "samples": cfg.samples, "warmup": cfg.warmup, "max_new_tokens": cfg.max_new_tokens,
                 "alphas": cfg.alphas, "profiles": cfg.profiles, "modes": cfg.modes, "mps": cfg.mps,
                 "ignore_eos": cfg.ignore_eos, "k_max": cfg.k_max, "adaptive": cfg.adaptive,
@@ -324,6 +341,8 @@ def render_markdown(data: dict) -> str:
     lines += ["Every number below was measured in one run of:", "", "```bash", data.get("command", ""), "```", ""]
     if data.get("failure"):
         lines += [f"**The run stopped early:** {data['failure']}", ""]
+    for skipped in data.get("skipped") or []:
+        lines += [f"**Not measured:** {skipped}.", ""]
     for info_key, info in data.get("run_info", {}).items():
         for role, v in info.items():
             lines.append(f"- {info_key} {role}: {v.get('model_id')} on {v.get('device')} "

@@ -131,8 +131,10 @@ def run(cfg: RunConfig) -> int:
         stopped = _run_samples(cfg, session, samples, outputs, warn)
         if stopped:
             ended, exit_code = f"stopped at the first error (--on-error fail): {stopped}", EXIT_SAMPLE_FAILED
-        elif not any(r.get("status") == "ok" for r in outputs.records):
-            ended, exit_code = "completed, but every request failed (see Failed samples)", EXIT_SAMPLE_FAILED
+        elif failed_modes(outputs.records):
+            ended = (f"completed, but every request of mode {', '.join(failed_modes(outputs.records))} failed "
+                     f"(see Failed samples)")
+            exit_code = EXIT_SAMPLE_FAILED
     except WorkerDied as exc:
         failure, exit_code = f"worker died: {exc}", EXIT_WORKER_DIED
         ended = f"worker lost: {str(exc).splitlines()[0]}"
@@ -164,6 +166,12 @@ def run(cfg: RunConfig) -> int:
         print(f"outputs in {out_dir}/ (results.json, records.jsonl, summary.md, events.jsonl, trace.json, "
               f"timeline.png)")
     return exit_code
+
+
+def failed_modes(records: list[dict]) -> list[str]:
+    """Modes with records but not one that succeeded: a run that measured nothing of them must not exit 0."""
+    modes = list(dict.fromkeys(r.get("mode") for r in records))
+    return [str(mode) for mode in modes if not any(r.get("status") == "ok" for r in records if r.get("mode") == mode)]
 
 
 def _run_samples(cfg: RunConfig, session: Session, samples: list, outputs: RunOutputs, warn) -> str | None:

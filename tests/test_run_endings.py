@@ -148,10 +148,11 @@ def test_a_completed_run_says_so_and_a_run_where_everything_failed_exits_non_zer
     assert len(_check_clean_end(out, kids, tmp_path, "completed")["records"]) == 9
 
     bad = tmp_path / "bad"
-    proc = subprocess.run(coordinator_cmd("run", "--input", fake_input, *FAKE, "--mps", "off", "--mode", "parallel",
-                                          "--draft-option", "quality=bogus", "--output-dir", bad, "--quiet"),
+    proc = subprocess.run(coordinator_cmd("run", "--input", fake_input, *FAKE, "--mps", "off", "--max-new-tokens",
+                                          "8", "--draft-option", "quality=bogus", "--output-dir", bad, "--quiet"),
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stderr
-    results = load_results(bad)
-    assert results["records"] and all(r["status"] == "error" and "bogus" in r["error"] for r in results["records"])
-    assert "every request failed" in results["ended"]
+    records = load_results(bad)["records"]
+    assert [r["status"] for r in records if r["mode"] == "baseline"] == ["ok"] * 3       # the target alone works
+    assert all(r["status"] == "error" and "bogus" in r["error"] for r in records if r["mode"] != "baseline")
+    assert "every request of mode parallel, speculative failed" in load_results(bad)["ended"]
