@@ -193,3 +193,20 @@ def test_a_workers_last_fatal_error_reaches_the_coordinator(fake_input, tmp_path
     finally:
         if coordinator.poll() is None:
             coordinator.kill()
+
+
+def test_request_timeout_counts_seconds_without_an_answer(fake_input, tmp_path):
+    slow = ["--samples", "1", "--max-new-tokens", "50", "--target-option", "step_ms=40", "--no-adaptive",
+            "--request-timeout", "1", "--quiet"]
+    # speculative with hopeless drafts: ~50 rounds of one 40 ms step each, > 1 s in all, an answer every step
+    proc = run_cli("run", "--input", fake_input, *FAKE, *slow, "--output-dir", tmp_path / "a", "--mode",
+                   "speculative", "--draft-option", "quality=wrong", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (record,) = load_results(tmp_path / "a")["records"]
+    assert record["status"] == "ok" and record["wall_ms"] > 1500
+    # baseline: the target decodes all 50 tokens before it answers, silent for ~2 s
+    proc = run_cli("run", "--input", fake_input, *FAKE, *slow, "--output-dir", tmp_path / "b", "--mode", "baseline",
+                   timeout=120)
+    assert proc.returncode == 1
+    (record,) = load_results(tmp_path / "b")["records"]
+    assert record["status"] == "error" and "no answer from the workers for 1 s (--request-timeout)" in record["error"]
