@@ -11,14 +11,16 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import reports
-from .reports.stats import median as _median, percentile as _pct
+from .reports.stats import median as _median, paired_speedup, percentile as _pct
 from .mps import MpsDaemon, MpsError, unavailable_reason
 from .runner import failed_modes
+from .signals import Interrupted, SignalGuard
 from .session import RequestFailed, Session, StartupError, WorkerDied, WorkerSpec
 
 
@@ -94,6 +96,7 @@ def run_bench(cfg: BenchConfig) -> int:
     if not plan:
         _write(cfg, records, draft_alone, events, run_info, "nothing left to measure (add off to --bench-mps)")
         return 1
+    guard = SignalGuard().install()
     for placement, mps_setting in plan:
         try:
             events += _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info, placement)
@@ -101,13 +104,20 @@ def run_bench(cfg: BenchConfig) -> int:
             failure = f"placement={placement} mps={mps_setting}: {exc}"
             _say(f"error: {failure}")
             break
-        except KeyboardInterrupt:
-            failure = "interrupted"
+        except (KeyboardInterrupt, Interrupted) as exc:      # SIGINT, SIGTERM, SIGHUP: workers and MPS stopped
+            failure = f"interrupted ({exc.args[0] if isinstance(exc, Interrupted) else 'SIGINT'})"
             break
         finally:
+            guard.raising = False            # writing and stopping are never interrupted
             _write(cfg, records, draft_alone, events, run_info, failure)
+        if guard.signum is not None:         # it arrived while writing: stop here, said so
+            failure = f"interrupted ({signal.Signals(guard.signum).name})"
+            _write(cfg, records, draft_alone, events, run_info, failure)
+            break
+        guard.raising = True
+    guard.restore()
     if failure is not None:
-        return 3
+        return 128 + guard.signum if guard.signum is not None else 3
     return 1 if failed_modes(records) else 0          # a mode whose every request failed measured nothing
 
 
@@ -192,10 +202,12 @@ def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info, pl
             draft_alone.append(rec)
         return session.events
     finally:
-        if session is not None:
-            session.close()
-        if daemon is not None:
-            daemon.stop()
+        try:
+            if session is not None:
+                session.close()
+        finally:
+            if daemon is not None:
+                daemon.stop()
 
 
 # --- aggregation -------------------------------------------------------------------------------
@@ -216,12 +228,8 @@ def aggregate(records: list[dict], draft_alone: list[dict], events: list[dict]) 
     for (placement, mps, n, mode, oracle), recs in sorted(configs.items(),
                                                           key=lambda kv: tuple(str(x) for x in kv[0])):
         def paired(ref_mode):
-            ratios = []
-            for r in recs:
-                ref = walls.get((placement, mps, n, ref_mode, None, r["sample_id"]))
-                if ref:
-                    ratios.append(ref / r["wall_ms"])
-            return _median(ratios)
+            reference = {r["sample_id"]: walls.get((placement, mps, n, ref_mode, None, r["sample_id"])) for r in recs}
+            return paired_speedup(reference, {r["sample_id"]: r["wall_ms"] for r in recs})[0]
         verify_by_k: dict[int, list] = {}
         for r in recs:
             for s in spans_by_request.get(r["request_id"], []):

@@ -19,6 +19,7 @@ from pathlib import Path
 from . import reports
 from .mps import MpsDaemon, MpsError, mps_wanted
 from .outputs import RunOutputs
+from .signals import Interrupted, SignalGuard
 from .session import Session, StartupError, WorkerDied, WorkerSpec
 
 EXIT_OK, EXIT_SAMPLE_FAILED, EXIT_WORKER_DIED, EXIT_STARTUP, EXIT_INTERNAL = 0, 1, 3, 4, 70
@@ -86,6 +87,17 @@ def check_vocab(session: Session, allow: bool) -> str | None:
 
 
 def run(cfg: RunConfig) -> int:
+    guard = SignalGuard().install()     # from the first output file on, a signal ends the run in order
+    try:
+        return _run(cfg, guard)
+    except Interrupted as exc:          # while discovering samples: nothing started, nothing to keep
+        print(f"interrupted by {exc.args[0]} before the run started; nothing was written", file=sys.stderr)
+        return 128 + exc.signum
+    finally:
+        guard.restore()
+
+
+def _run(cfg: RunConfig, guard: "SignalGuard") -> int:
     out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr))
 
@@ -94,6 +106,7 @@ def run(cfg: RunConfig) -> int:
     samples, bad = discover(cfg)
     if not samples and not (bad and cfg.on_error == "fail"):
         raise StartupError(f"no usable samples in {cfg.input}" + (f" ({len(bad)} bad)" if bad else ""))
+    guard.raising = False               # until the try below: noted, acted on there
     outputs = RunOutputs(out_dir, cfg.command)
     for b in bad:
         warn(f"skipping sample {b['sample_id']}: {b['error']}")
@@ -107,8 +120,10 @@ def run(cfg: RunConfig) -> int:
     daemon = None
     session = None
     ended, failure, exit_code = "completed", None, EXIT_OK
-    guard = SignalGuard().install()
     try:
+        guard.raising = True
+        if guard.signum is not None:
+            raise Interrupted(guard.signum)
         if mps_wanted(cfg.mps):
             daemon = MpsDaemon().start()
             cfg.draft.env.update(daemon.client_env(cfg.draft_sm_percent))
@@ -159,7 +174,6 @@ def run(cfg: RunConfig) -> int:
     if failure:
         warn(f"error: {failure}")
     agg = outputs.finish(ended=ended, failure=failure)
-    guard.restore()
     if not cfg.quiet:
         if any(r.get("status") == "ok" for r in outputs.records):
             print(reports.format_table(agg))
@@ -216,41 +230,6 @@ def _shut_down(session, daemon, say, warn) -> None:
             say("MPS daemon stopped")
         except Exception as exc:
             warn(f"warning: stopping the MPS daemon: {type(exc).__name__}: {exc}")
-
-
-class Interrupted(BaseException):
-    """A signal (SIGTERM, SIGINT, SIGHUP) asked the run to end; raised in the main thread, like Ctrl-C."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class SignalGuard:
-    """SIGTERM, SIGINT and SIGHUP end the run through Interrupted, once; while shutting down (raising is
-    False) a signal is only noted, so the workers, the MPS daemon and the outputs are always seen to."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.raising = True
-        self._previous: dict = {}
-
-    def _handler(self, signum, frame):
-        if self.signum is None:
-            self.signum = signum
-        if self.raising:
-            self.raising = False
-            raise Interrupted(signum)
-
-    def install(self) -> "SignalGuard":
-        self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
-        return self
-
-    def restore(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
 
 
 def _progress(total: int, quiet: bool):

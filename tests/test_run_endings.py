@@ -156,3 +156,21 @@ def test_a_completed_run_says_so_and_a_run_where_everything_failed_exits_non_zer
     assert [r["status"] for r in records if r["mode"] == "baseline"] == ["ok"] * 3       # the target alone works
     assert all(r["status"] == "error" and "bogus" in r["error"] for r in records if r["mode"] != "baseline")
     assert "every request of mode parallel, speculative failed" in load_results(bad)["ended"]
+
+
+def test_sigterm_during_bench_writes_what_was_measured_and_stops_everything(fake_input, tmp_path):
+    out = tmp_path / "bench"
+    proc = _spawn(["bench", "--input", fake_input, *FAKE, "--samples", "3", "--warmup", "0", "--max-new-tokens", "30",
+                   "--alphas", "0,1", "--target-option", "step_ms=40", "--output-dir", out], tmp_path)
+    kids = _children(proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    data = json.loads((out / "bench.json").read_text())
+    assert data["failure"] == "interrupted (SIGTERM)"
+    assert "The run stopped early:** interrupted (SIGTERM)" in (out / "bench.md").read_text()
+    assert wait_gone([pid for pid, _ in kids.values()]) == []
+    assert all(not os.path.exists(ipc_dir) for _, ipc_dir in kids.values())
+    mps_log = (tmp_path / "mps.log").read_text().splitlines()
+    assert mps_log[0].startswith("start") and mps_log[-1].startswith("quit")
