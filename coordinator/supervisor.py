@@ -193,7 +193,6 @@ class Supervisor:
         """Hand the events logged so far to the sink (if any) and forget them."""
         if self.event_sink is not None and self.events:
             events, self.events = self.events, []
-            self._sent.clear()
             self.event_sink.add(events)
 
     def _recv_raw(self, timeout_ms: float) -> m.Message | None:
@@ -270,5 +269,6 @@ class Supervisor:
                                         "end_ns": end, "request_id": rid, "attrs": attrs, **self.context})
             elif isinstance(msg, m.Error) and msg.fatal:
                 raise WorkerDied(self._fatal_message(msg))
+        self._sent.clear()                         # this request's stamps are joined; keep nothing per request
         self.flush_events()
         return dones
