@@ -107,7 +107,7 @@ def _run(cfg: RunConfig, guard: "SignalGuard") -> int:
     if not samples and not (bad and cfg.on_error == "fail"):
         raise StartupError(f"no usable samples in {cfg.input}" + (f" ({len(bad)} bad)" if bad else ""))
     guard.raising = False               # until the try below: noted, acted on there
-    outputs = RunOutputs(out_dir, cfg.command)
+    outputs = RunOutputs(out_dir, cfg.command, defer_signals=guard.deferred)
     for b in bad:
         warn(f"skipping sample {b['sample_id']}: {b['error']}")
         for mode in cfg.modes:
