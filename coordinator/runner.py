@@ -125,7 +125,8 @@ def _run(cfg: RunConfig, guard: "SignalGuard") -> int:
         if guard.signum is not None:
             raise Interrupted(guard.signum)
         if mps_wanted(cfg.mps):
-            daemon = MpsDaemon().start()
+            daemon = MpsDaemon()                  # assigned first: a signal during start still stops it
+            daemon.start()
             cfg.draft.env.update(daemon.client_env(cfg.draft_sm_percent))
             cfg.target.env.update(daemon.client_env(cfg.target_sm_percent))
             say(f"MPS daemon started (pipe {daemon.env['CUDA_MPS_PIPE_DIRECTORY']})")
