@@ -271,8 +271,10 @@ def _run_info(cfg: RunConfig, session: Session, daemon) -> dict:
                  for r, h in session.workers.items()}
     if any(precision.values()):
         info["precision"] = precision
-    gpu = {r: round(h.ready.memory["peak_gpu_bytes"] / 2**30, 2) for r, h in session.workers.items()
-           if (h.ready.memory or {}).get("peak_gpu_bytes")}
+    # each worker's GPU memory once loaded (weights, KV cache, graphs) and the peak while loading
+    gpu = {r: {k: round(h.ready.memory[key] / 2**30, 2) for k, key in
+               (("allocated", "gpu_allocated_bytes"), ("load_peak", "load_peak_gpu_bytes")) if h.ready.memory.get(key)}
+           for r, h in session.workers.items() if (h.ready.memory or {}).get("gpu_allocated_bytes")}
     if gpu:
-        info["gpu_memory_gib_at_ready"] = gpu
+        info["gpu_memory_gib"] = gpu
     return info
