@@ -59,7 +59,8 @@ class RunOutputs:
                    "ended": ended, "failure": failure, "run_info": self.run_info, "records": self.records,
                    "aggregate": agg}
         tmp = self.out_dir / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1, default=json_default))
+        with open(tmp, "w") as handle:      # streamed: no string of the whole run is built in memory
+            json.dump(results, handle, indent=1, default=json_default)
         os.replace(tmp, self.out_dir / "results.json")
         self._results_at = time.monotonic()
         return agg
