@@ -205,3 +205,24 @@ def test_demo_summary_from_results_alone():
     assert "(2 CPU cores" in text and "14.0 ms" in text
     gpu = dict(results, run_info=dict(results["run_info"], device={"draft": "cuda:1", "target": "cuda:0"}))
     assert "Why the CPU" not in demo_summary(gpu, None)
+
+
+def test_shipped_weights_match_their_manifest_and_training_is_deterministic(tmp_path):
+    """The shipped files are the ones the manifest describes; the training code gives the same weights twice
+    (a few steps here; `coordinator make-tiny DIR --trained --retrain` runs the full schedule)."""
+    import torch
+
+    from workers.models.tiny import make_tiny
+    from workers.models.tiny_train import RELEASE_DIR, sha256_file, training_settings
+    manifest = json.loads((RELEASE_DIR / "manifest.json").read_text())
+    for name, digest in manifest["files"].items():
+        assert sha256_file(RELEASE_DIR / name) == digest, name
+    assert sum((RELEASE_DIR / n).stat().st_size for n in manifest["files"]) < 10 * 2**20
+    quick = training_settings(quick=True)
+    runs = [make_tiny(tmp_path / str(i), trained=True, retrain=True, settings=quick, release_dir=tmp_path / f"r{i}")
+            for i in range(2)]
+    first, second = (json.loads((tmp_path / f"r{i}" / "manifest.json").read_text()) for i in range(2))
+    assert first["files"] == second["files"]
+    assert runs[0]["report"]["curves"] == runs[1]["report"]["curves"]
+    assert first["files"] != manifest["files"]            # a few steps are not the shipped training
+    assert torch.get_num_threads() >= 1 and not torch.are_deterministic_algorithms_enabled()   # settings restored
