@@ -236,9 +236,10 @@ def test_videollava_cached_decode_matches_full_forward(target):
 
 
 def test_tiny_outputs_depend_on_input(target):
-    a, _ = _greedy_with_cache(target.model, videollava_prefill_inputs(target, _frames(0), QUESTION)[0], 4)
+    # the shared-weights target damps attention, so its first few tokens follow the prompt's last token
+    a, _ = _greedy_with_cache(target.model, videollava_prefill_inputs(target, _frames(0), QUESTION)[0], 12)
     b, _ = _greedy_with_cache(
-        target.model, videollava_prefill_inputs(target, _frames(1), "Describe the following scene.")[0], 4
+        target.model, videollava_prefill_inputs(target, _frames(1), "Describe the following scene.")[0], 12
     )
     assert a != b
 
