@@ -132,6 +132,12 @@ def main():
 @click.option("--wait-for-drafts", type=click.IntRange(0, 64), default=0, show_default=True,
               help="speculative: hold each verification until this many drafts exist (0: never wait, the "
                    "target decodes a token itself when none are ready)")
+@click.option("--pipeline", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="the draft runs ahead along its own guess and the target verifies whatever exists (auto: on when "
+                   "the workers report different devices)")
+@click.option("--draft-policy", type=click.Choice(["auto", "always"]), default="auto", show_default=True,
+              help="auto: on a GPU, draft only when the costs measured so far say drafting pays, else the target "
+                   "runs alone and the record says why; always: draft every parallel/speculative request")
 @click.option("--ignore-eos", is_flag=True, help="fixed-length outputs (benchmarks)")
 @click.option("--quiet", is_flag=True)
 @model_options
@@ -152,7 +158,7 @@ def run_command(input_, **kw):
         request_timeout_s=kw["request_timeout"], allow_public_endpoint=kw["allow_public_endpoint"],
         allow_vocab_mismatch=kw["allow_vocab_mismatch"], k_max=kw["k_max"], adaptive=not kw["no_adaptive"],
         max_ahead=kw["max_ahead"], ignore_eos=kw["ignore_eos"], quiet=kw["quiet"],
-        wait_for_drafts=kw["wait_for_drafts"],
+        wait_for_drafts=kw["wait_for_drafts"], pipeline=kw["pipeline"], draft_policy=kw["draft_policy"],
         command=shlex.join(["coordinator"] + sys.argv[1:]))
     from workers.inputs.errors import InputError
     try:

@@ -24,6 +24,8 @@ import zmq
 from protocol import messages as m
 from protocol.transport import Channel, check_endpoint, ipc_endpoint, make_socket, private_ipc_dir
 
+from . import spec
+from .costs import CostTracker, Plan
 from .spec import RequestState
 
 POLL_MS = 50
@@ -103,6 +105,8 @@ class Session:
         self.tag = uuid.uuid4().hex[:6]            # request ids stay unique across sessions of one run
         self.context: dict = {}                   # sample_id / mode of the request in flight
         self.progress = progress
+        self.costs = CostTracker()                # measured step costs: whether drafting can pay
+        self._warned_sequences: set = set()
 
     # --- processes -------------------------------------------------------------------------
 
@@ -251,62 +255,55 @@ class Session:
 
     def run_request(self, sample: dict, mode: str, *, question: str, max_new_tokens: int,
                     options: dict | None = None, k_max: int = 16, adaptive: bool = True,
-                    max_ahead: int = 32, wait_for_drafts: int = 0, wait_timeout_ms: float = 200.0) -> dict:
-        """Run one (sample, mode); returns the result record (status ok or error)."""
+                    max_ahead: int = 32, wait_for_drafts: int = 0, wait_timeout_ms: float = 200.0,
+                    pipeline: str = "auto", draft_policy: str = "auto") -> dict:
+        """Run one (sample, mode); returns the result record (status ok or error).
+
+        pipeline: auto (on when the workers report different devices) | on | off. draft_policy: auto (on a
+        GPU, coordinator.costs decides from measured costs whether drafting can pay, else the target runs
+        alone and the record says why) | always."""
         self._request_no += 1
         rid = f"{self.tag}-r{self._request_no}"
         sample_id = sample.get("sample_id", "")
         self.context = {"sample_id": sample_id, "mode": mode}
         options = dict(options or {})
-        eos = -1 if (options or {}).get("ignore_eos") else self.workers["target"].ready.eos_id
-        state = RequestState(mode=mode, max_new_tokens=max_new_tokens, eos_id=eos, k_max=k_max,
-                             adaptive=adaptive, wait_for_drafts=wait_for_drafts)
-        target_only = mode in ("baseline", "hf-generate")
-        roles = ["target"] if target_only else ["draft", "target"]
-        draft_active = not target_only
+        eos = -1 if options.get("ignore_eos") else self.workers["target"].ready.eos_id
         record = {"sample_id": sample_id, "mode": mode, "request_id": rid, "question": question,
                   "status": "ok", "error": None}
+        pipelined, plan, key = False, None, ""
+        if mode in ("parallel", "speculative"):
+            pipelined = pipeline == "on" or (pipeline == "auto" and self.separate_devices())
+            key = _draft_key(options, self.workers["draft"].ready)
+            if draft_policy == "auto" and self.workers["target"].ready.device.startswith("cuda"):
+                plan = self.costs.decide(key, mode=mode, pipelined=pipelined, k_max=k_max,
+                                         max_new_tokens=max_new_tokens)
+            record.update(pipelined=pipelined, draft_stood_aside=None if plan is None or plan.draft else plan.reason,
+                          draft_plan=_plan_record(plan))
+            record.update(self._adapter_check(sample))
+        state = RequestState(mode=mode, max_new_tokens=max_new_tokens, eos_id=eos, k_max=k_max, adaptive=adaptive,
+                             wait_for_drafts=wait_for_drafts, pipelined=pipelined, max_ahead=max_ahead,
+                             k_start=plan.k if plan is not None and plan.draft else None,
+                             stood_aside=record.get("draft_stood_aside"))
+        roles = ["target"] if mode in ("baseline", "hf-generate") else ["draft", "target"]
+        draft_options = dict(options, stand_aside=state.stood_aside) if state.stood_aside else options
         msgs = {role: m.Prefill(request_id=rid, mode=mode, sample=sample, question=question,
-                                max_new_tokens=max_new_tokens, max_ahead=max_ahead, options=options)
+                                max_new_tokens=max_new_tokens, max_ahead=0 if state.stood_aside else max_ahead,
+                                options=draft_options if role == "draft" else options)
                 for role in roles}
         start_ns = time.monotonic_ns()
         for role in roles:                       # both at the same moment
             self.send(msgs[role], role)
+        req = _Request(rid=rid, state=state, draft_active=state.drafting)
         deadline = time.monotonic() + self.request_timeout_s
-        end_ns = None
         ttft_ns = None
         info = {}
         early_dones: dict[str, m.Done] = {}
-
-        probs: dict[tuple[int, int], object] = {}      # (epoch, position) -> q row, when sampling
-
-        def execute(actions, now_ns):
-            nonlocal draft_active, end_ns
-            for action in actions:
-                if action.kind == "verify":
-                    verify = m.Verify(request_id=rid, start_pos=action.start_pos, tokens=action.tokens)
-                    if probs and action.tokens:
-                        rows = [probs.get((state.epoch, action.start_pos + i)) for i in range(len(action.tokens))]
-                        if any(r is None for r in rows):
-                            raise RequestFailed("sampling: the draft sent no probabilities for some drafted tokens")
-                        verify.arrays["probs"] = np.stack(rows)
-                    self.send(verify, "target")
-                elif action.kind == "rebase" and draft_active:
-                    self.send(m.Rebase(request_id=rid, epoch=action.epoch, committed=action.tokens,
-                                       max_ahead=action.count if adaptive else -1), "draft")
-                elif action.kind == "decode":
-                    self.send(m.Decode(request_id=rid, max_tokens=action.count), "target")
-                elif action.kind == "stop_draft" and draft_active:
-                    self.send(m.Stop(request_id=rid, reason="parallel mode: drafting is over"), "draft")
-                    draft_active = False
-                elif action.kind == "finish":
-                    end_ns = now_ns
         try:
             while not state.finished:
                 if state.waiting:
                     msg = self.recv(min(deadline, time.monotonic() + wait_timeout_ms / 1e3), timeout_ok=True)
                     if msg is None:
-                        execute(state.on_wait_timeout(), time.monotonic_ns())
+                        self._execute(req, state.on_wait_timeout(), time.monotonic_ns())
                         continue
                 else:
                     msg = self.recv(deadline)
@@ -320,7 +317,7 @@ class Session:
                 elif isinstance(msg, m.Draft) and msg.src == "draft":
                     if "probs" in msg.arrays:
                         for i, row in enumerate(msg.arrays["probs"]):
-                            probs[(msg.epoch, msg.start_pos + i)] = row
+                            req.probs[(msg.epoch, msg.start_pos + i)] = row
                     actions = state.on_draft(msg.epoch, msg.start_pos, msg.tokens)
                 elif isinstance(msg, m.PrefillDone) and msg.src == "target":
                     ttft_ns = msg.recv_ns
@@ -331,18 +328,64 @@ class Session:
                     actions = state.on_verify_result(msg.accepted, msg.next_token)
                 elif isinstance(msg, m.DecodeResult):
                     actions = state.on_decode_result(msg.tokens)
-                execute(actions, msg.recv_ns)
+                self._execute(req, actions, msg.recv_ns)
         except RequestFailed as exc:
             record.update(status="error", error=str(exc))
-        if end_ns is None:
-            end_ns = time.monotonic_ns()
-        stop_roles = [r for r in roles if r == "target" or draft_active]
-        for role in stop_roles:
-            self.send(m.Stop(request_id=rid, reason="request complete"), role)
+        end_ns = req.end_ns or time.monotonic_ns()
+        for role in roles:
+            if role == "target" or req.draft_active:
+                self.send(m.Stop(request_id=rid, reason="request complete"), role)
         dones = self._collect_done(rid, roles, early_dones)
         record.update(self._measure(state, dones, start_ns, end_ns, ttft_ns, mode))
         record.update(info)
+        if record["status"] == "ok" and mode != "hf-generate":
+            self.costs.observe(key=key, drafting=state.drafting, spans={r: d.spans for r, d in dones.items()},
+                               free_drafts=state.free_draft_tokens, accepted=state.accepted, drafted=state.drafted)
         return record
+
+    def _execute(self, req: "_Request", actions: list, now_ns: int) -> None:
+        """Map coordinator.spec's actions to messages."""
+        for action in actions:
+            if isinstance(action, spec.Verify):
+                verify = m.Verify(request_id=req.rid, start_pos=action.start_pos, tokens=action.tokens)
+                if req.probs and action.tokens:
+                    rows = [req.probs.get((action.epoch, action.start_pos + i)) for i in range(len(action.tokens))]
+                    if any(r is None for r in rows):
+                        raise RequestFailed("sampling: the draft sent no probabilities for some drafted tokens")
+                    verify.arrays["probs"] = np.stack(rows)
+                self.send(verify, "target")
+            elif isinstance(action, spec.Rebase):
+                if req.draft_active:
+                    self.send(m.Rebase(request_id=req.rid, epoch=action.epoch, committed=action.committed,
+                                       max_ahead=action.max_ahead), "draft")
+            elif isinstance(action, spec.Decode):
+                self.send(m.Decode(request_id=req.rid, max_tokens=action.count), "target")
+            elif isinstance(action, spec.StopDraft):
+                if req.draft_active:
+                    self.send(m.Stop(request_id=req.rid, reason=action.reason), "draft")
+                    req.draft_active = False
+            elif isinstance(action, spec.Finish):
+                req.end_ns = now_ns
+
+    def separate_devices(self) -> bool:
+        """Whether the workers report different devices (then the draft is pipelined)."""
+        draft, target = self.workers.get("draft"), self.workers.get("target")
+        if draft is None or draft.ready is None or target.ready is None:
+            return False
+        return _device_name(draft.ready.device) != _device_name(target.ready.device)
+
+    def _adapter_check(self, sample: dict) -> dict:
+        """A sample from a sequence the draft's adapter was trained or selected on inflates its acceptance."""
+        adapter = (self.workers["draft"].ready.info or {}).get("adapter") or {}
+        sequence = sample.get("sequence")
+        for split in ("train", "val"):
+            if sequence is not None and sequence in (adapter.get("sequences") or {}).get(split, []):
+                if sequence not in self._warned_sequences:
+                    self._warned_sequences.add(sequence)
+                    print(f"warning: sequence {sequence!r} is in the {split} split of the adapter "
+                          f"{adapter.get('path')}: its acceptance there is not a held-out number", file=sys.stderr)
+                return {"adapter_seen_split": split}
+        return {"adapter_seen_split": None} if adapter else {}
 
     def run_draft_alone(self, sample: dict, *, question: str, steps: int, options: dict | None = None) -> dict:
         """The draft's prefill and `steps` decode steps with the target idle: its uncontended step time."""
@@ -434,7 +477,7 @@ class Session:
                 "load_ms": total("draft", "load_inputs"),
                 "prefill_ms": total("draft", "prefill"),
                 "decode_ms": draft_decode_ms,
-                "tokens": steps + 1,
+                "tokens": steps + 1 if total("draft", "prefill") is not None else 0,
                 "ms_per_token": draft_decode_ms / steps if steps else None,
                 "rebase_ms": total("draft", "rebase"),
                 "prompt_len": dones["draft"].stats.get("prompt_len"),
@@ -447,18 +490,47 @@ class Session:
         else:
             rec["draft"] = None
             rec["overlap_window_ms"] = None
-        spec = mode in ("parallel", "speculative")
+        drafting = mode in ("parallel", "speculative")
         rec.update({
-            "free_draft_tokens": state.free_draft_tokens if spec else None,
-            "drafted_tokens": state.drafted if spec else None,
-            "accepted_tokens": state.accepted if spec else None,
-            "acceptance_rate": (state.accepted / state.drafted if state.drafted else None) if spec else None,
-            "verify_rounds": state.rounds if spec else None,
-            "mean_acceptance_length": (1 + state.accepted / state.rounds if state.rounds else None) if spec else None,
-            "verify_ms": (total("target", "verify") or 0.0) if spec else None,
-            "verify_rounds_detail": state.per_round if spec else None,
+            "free_draft_tokens": state.free_draft_tokens if drafting else None,
+            "drafted_tokens": state.drafted if drafting else None,
+            "accepted_tokens": state.accepted if drafting else None,
+            "acceptance_rate": (state.accepted / state.drafted if state.drafted else None) if drafting else None,
+            "verify_rounds": state.rounds if drafting else None,
+            "mean_acceptance_length": (1 + state.accepted / state.rounds if state.rounds else None) if drafting else None,
+            "verify_ms": (total("target", "verify") or 0.0) if drafting else None,
+            "verify_rounds_detail": state.per_round if drafting else None,
         })
         return rec
+
+
+@dataclass
+class _Request:
+    """What the request loop keeps besides coordinator.spec's state."""
+
+    rid: str
+    state: RequestState
+    draft_active: bool
+    probs: dict = field(default_factory=dict)      # (epoch, position) -> the draft's q row, when sampling
+    end_ns: int | None = None
+
+
+def _device_name(device: str) -> str:
+    return "cuda:0" if device == "cuda" else device
+
+
+def _draft_key(options: dict, draft_ready) -> str:
+    """The draft strategy a request uses (acceptance is measured per strategy): oracle settings or adapter."""
+    oracle = options.get("oracle") or {}
+    adapter = ((draft_ready.info or {}).get("adapter") or {}).get("path") if draft_ready else None
+    parts = {k: v for k, v in oracle.items() if k in ("alpha", "profile")}
+    return json.dumps({"oracle": parts, "adapter": adapter} if parts else {"adapter": adapter}, sort_keys=True)
+
+
+def _plan_record(plan: Plan | None) -> dict | None:
+    if plan is None:
+        return None
+    return {"draft": plan.draft, "reason": plan.reason, "k": plan.k, "predicted_speedup": plan.predicted_speedup}
 
 
 def _ignore_sigint() -> None:

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import numpy as np
 import zmq
 
+from coordinator.drafting import DraftState, SendDraft
 from protocol import messages as m
 from protocol.transport import Channel, make_socket
 from workers.oracle import Oracle
@@ -68,8 +69,9 @@ class Worker:
         self.received: list = []
         self.stats: dict = {}
         self.request_max_new = 0
-        self.oracle = None
+        self.proposer = None
         self.generated: list[int] = []
+        self.answer_ids: list[int] = []      # target: the committed answer of this request
         self.draft_probs: dict = {}
 
     @contextmanager
@@ -161,8 +163,9 @@ class Worker:
 
     def _finish(self, shutdown: bool) -> bool:
         self.stats["memory"] = self.backend.memory()
-        if self.role == "target" and self.backend.engine is not None and self.request_max_new:
-            answer = self.backend.engine.tokens[: self.request_max_new]
+        if self.role == "target" and self.request_max_new:
+            # the text, decoded once from this request's committed ids (never a previous request's engine state)
+            answer = self.answer_ids[: self.request_max_new]
             if self.backend.eos_id in answer:
                 answer = answer[: answer.index(self.backend.eos_id)]
             self.stats["text"] = self.backend.decode_text(answer)
@@ -178,18 +181,21 @@ class Worker:
         opts = dict(prefill.options, max_new_tokens=prefill.max_new_tokens)
         with self.span("load_inputs"):
             prepared = self.backend.prepare(prefill.sample, prefill.question, opts)
-        self.oracle = None
-        if self.role == "draft" and opts.get("oracle"):
-            spec = opts["oracle"]
-            self.oracle = Oracle(spec["answer"], alpha=spec.get("alpha"), profile=spec.get("profile"),
-                                 seed=int(spec.get("seed", 0)), key=prefill.sample.get("sample_id", ""),
-                                 vocab_size=self.backend.vocab_size, eos_id=self.backend.eos_id)
-            self.backend.engine.override = self.oracle
+        if self.role == "draft":
+            # one draft strategy per request: the benchmark oracle when asked, else the backend's own
+            if opts.get("oracle"):
+                self.proposer = Oracle.from_options(opts["oracle"], key=prefill.sample.get("sample_id", ""),
+                                                    vocab_size=self.backend.vocab_size, eos_id=self.backend.eos_id)
+            else:
+                self.proposer = self.backend.proposer(prefill.sample, opts)
+            self.proposer.reset()
+            self.backend.engine.proposer = self.proposer
         if prefill.mode == "hf-generate":
             with self.span("hf_generate") as attrs:
                 tokens = self.backend.hf_generate(prepared, prefill.max_new_tokens, self._eos(prefill))
                 attrs["tokens"] = len(tokens)
             self.generated = tokens
+            self.answer_ids = tokens[:1]
             return tokens[0], 0, prepared.info
         with self.span("prefill") as attrs:
             first, prompt_len = self.backend.prefill(prepared)
@@ -201,8 +207,10 @@ class Worker:
 
     def _serve_target(self, prefill: m.Prefill) -> None:
         first, prompt_len, info = self._prefill(prefill)
-        self.send(m.PrefillDone(first_token=first, prompt_len=prompt_len, info=info))
         engine = self.backend.engine
+        if prefill.mode != "hf-generate":
+            self.answer_ids = engine.tokens          # the engine's list: every verify and step extends it
+        self.send(m.PrefillDone(first_token=first, prompt_len=prompt_len, info=info))
         while True:
             msg = self.recv(HEARTBEAT_S * 1000)
             if msg is None:
@@ -227,6 +235,7 @@ class Worker:
                                          next_token=nxt))
             elif isinstance(msg, m.Decode):
                 if prefill.mode == "hf-generate":
+                    self.answer_ids = self.generated[: 1 + msg.max_tokens]
                     self.send(m.DecodeResult(tokens=self.generated[1: 1 + msg.max_tokens]))
                 else:
                     self.send(m.DecodeResult(tokens=self._decode_alone(msg.max_tokens, self._eos(prefill))))
@@ -262,69 +271,54 @@ class Worker:
                                                        if hasattr(row, "detach") else np.asarray(row, np.float32))
 
     def _serve_draft(self, prefill: m.Prefill) -> None:
+        """Draft along this worker's own branch, executing a coordinator.drafting.DraftState."""
+        if prefill.options.get("stand_aside"):
+            # the coordinator let the target run alone: no inputs, no prefill, just answer STOP with DONE
+            self.stats["stood_aside"] = str(prefill.options["stand_aside"])
+            return
         self.draft_probs: dict[int, np.ndarray] = {}
-        first, _, _ = self._prefill(prefill)
+        self._prefill(prefill)
         engine = self.backend.engine
         self._keep_probs()
-        eos = self._eos(prefill)
-        batch = max(1, int(prefill.options.get("draft_batch", 1)))
-        max_total = prefill.max_new_tokens
-        max_ahead = prefill.max_ahead
-        epoch, committed_len, sent = 0, 0, 0
-        drafted_steps = 0
-        pending = None
-
-        def flush() -> None:
-            nonlocal sent
-            tokens = engine.tokens[sent:]
-            if tokens:
-                msg = m.Draft(epoch=epoch, start_pos=sent, tokens=tokens)
-                if self.draft_probs:
-                    rows = [self.draft_probs.get(p) for p in range(sent, len(engine.tokens))]
-                    if all(r is not None for r in rows):
-                        msg.arrays["probs"] = np.stack(rows).astype(np.float32)
-                self.send(msg)
-                sent = len(engine.tokens)
-
-        flush()
+        state = DraftState(max_total=prefill.max_new_tokens, max_ahead=prefill.max_ahead, eos_id=self._eos(prefill),
+                           batch=max(1, int(prefill.options.get("draft_batch", 1))))
+        self._send_draft(state.flush(engine.tokens))
         while True:
-            can_draft = (pending is None and engine.tokens[-1] != eos and len(engine.tokens) < max_total
-                         and len(engine.tokens) - committed_len < max_ahead)
-            msg = self.recv(0 if can_draft else HEARTBEAT_S * 1000)
+            can_step = state.can_step(engine.tokens)
+            msg = self.recv(0 if can_step else HEARTBEAT_S * 1000)
             if isinstance(msg, m.Stop):
-                flush()
-                self.stats["draft_steps"] = drafted_steps
+                self._send_draft(state.flush(engine.tokens))
+                self.stats["draft_steps"] = state.steps
                 raise RequestAborted()
             if isinstance(msg, m.Shutdown):
                 raise RequestAborted(shutdown=True)
             if isinstance(msg, m.Rebase):
-                committed_len = len(msg.committed)
-                if msg.max_ahead >= 0:
-                    max_ahead = msg.max_ahead
-                if self.oracle is not None:
-                    self.oracle.committed_len = committed_len
-                if msg.epoch != epoch:
-                    epoch = msg.epoch
-                    pending = list(msg.committed)   # applied when drafting resumes: a paused draft
-                    sent = committed_len            # must not spend GPU time following the target
-                if pending is not None and max_ahead > 0:
-                    with self.span("rebase", committed=len(pending)):
-                        if engine.rebase(pending) is not None:
+                self.proposer.observe(msg.committed)
+                todo = state.on_rebase(msg.epoch, msg.committed, msg.max_ahead)
+                if todo is not None:
+                    with self.span("rebase", committed=len(todo)):
+                        if engine.rebase(todo) is not None:
                             self._keep_probs()
-                    pending = None
-                    flush()
-                continue
-            if msg is not None:
+                    self._send_draft(state.flush(engine.tokens))
+            elif msg is not None:
                 self.send(m.Error(reason=f"{self.name}: unexpected {msg.type!r} while drafting",
                                   in_reply_to=msg.msg_id))
-                continue
-            if can_draft:
+            elif can_step:
                 with self.span("draft_step", pos=len(engine.tokens)):
                     engine.step()
                 self._keep_probs()
-                drafted_steps += 1
-                if len(engine.tokens) - sent >= batch or engine.tokens[-1] == eos:
-                    flush()
+                self._send_draft(state.after_step(engine.tokens))
+
+    def _send_draft(self, send: SendDraft | None) -> None:
+        if send is None:
+            return
+        tokens = self.backend.engine.tokens
+        msg = m.Draft(epoch=send.epoch, start_pos=send.start_pos, tokens=tokens[send.start_pos: send.end_pos])
+        if self.draft_probs:
+            rows = [self.draft_probs.get(p) for p in range(send.start_pos, send.end_pos)]
+            if all(r is not None for r in rows):
+                msg.arrays["probs"] = np.stack(rows).astype(np.float32)
+        self.send(msg)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:

@@ -23,11 +23,8 @@ class EventGPTBackend(HFBackend):
             ready["info"]["adapter"] = {"path": str(ckpt), "kind": self.adapter.config.kind}
         return ready
 
-    def reset(self) -> None:
-        super().reset()
-        if self.adapter is not None:
-            self.adapter.reset()
-            self.adapter.attach(self.engine)
+    def proposer(self, sample: dict, options: dict):
+        return self.adapter if self.adapter is not None else super().proposer(sample, options)
 
     def _load_checkpoint(self, path: str):
         from workers.models.loading import load_eventgpt

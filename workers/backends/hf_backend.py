@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from workers.backends.base import Backend, Prepared
+from workers.backends.base import Backend, Prepared, sampling_seed
 from workers.engine.core import TokenEngine
 from workers.engine.hf import HFStepModel
 
@@ -62,7 +62,7 @@ class HFBackend(Backend):
         temperature = float(opts.get("temperature") or 0.0)
         if temperature > 0:
             from workers.engine.sampling import Sampler
-            sampler = Sampler(temperature, seed)
+            sampler = Sampler(temperature, sampling_seed(seed, self.role))
         self.engine = TokenEngine(self.step_model, sampler)
         self.engine.feed_limit = int(self.lm.model.get_input_embeddings().num_embeddings)
         tok = self.lm.tokenizer
