@@ -36,6 +36,7 @@ class Plan:
     reason: str
     k: int | None = None                      # the best window, where the model knows it
     predicted_speedup: float | None = None    # decode phase (after the prefill), target alone = 1
+    min_mean_len: float | None = None         # a round of window k pays only when it commits more tokens
 
 
 def expected_committed(alpha: float, k: int) -> float:
@@ -65,10 +66,11 @@ def plan(costs: Costs, alpha: float | None, *, mode: str, pipelined: bool, k_max
     free = int(min(costs.free_drafts, k_max, n))
     window_saved = (T * (expected_committed(alpha, free) - 1.0) - (costs.verify_ms(free) - T)) if free else 0.0
     saved = window_saved - costs.prefill_slowdown_ms
-    k_best, per_token = None, T
+    k_best, per_token, min_len = None, T, None
     if mode == "speculative":
         k_best = min(range(1, k_max + 1), key=lambda k: round_ms(costs, k, alpha, pipelined) / expected_committed(alpha, k))
         per_token = round_ms(costs, k_best, alpha, pipelined) / expected_committed(alpha, k_best)
+        min_len = round_ms(costs, k_best, alpha, pipelined) / T
         saved += n * max(0.0, T - per_token)     # a window that cannot pay is paused inside the request
     speedup = alone_ms / max(1e-9, alone_ms - saved)
     where = "pipelined on its own device" if pipelined else "sharing the target's device"
@@ -76,8 +78,9 @@ def plan(costs: Costs, alpha: float | None, *, mode: str, pipelined: bool, k_max
              f"verify {costs.verify_ms(k_best or max(1, free)):.2f} ms, {costs.free_drafts:.1f} free drafts, "
              f"prefill slowdown {costs.prefill_slowdown_ms:.1f} ms")
     if saved <= margin * alone_ms:
-        return Plan(False, f"drafting cannot pay ({where}): predicted {speedup:.3f}x ({facts})", k_best, speedup)
-    return Plan(True, f"drafting pays ({where}): predicted {speedup:.3f}x ({facts})", k_best, speedup)
+        return Plan(False, f"drafting cannot pay ({where}): predicted {speedup:.3f}x ({facts})", k_best, speedup,
+                    min_len)
+    return Plan(True, f"drafting pays ({where}): predicted {speedup:.3f}x ({facts})", k_best, speedup, min_len)
 
 
 def _median(xs) -> float | None:
@@ -97,12 +100,13 @@ class CostTracker:
         self.prefill_alone = deque(maxlen=8)
         self.prefill_beside = deque(maxlen=8)
         self.free = deque(maxlen=8)
-        self.acceptance: dict[str, deque] = {}          # key -> (accepted, drafted) per request
+        self.acceptance: dict[str, deque] = {}          # key -> (hits, judged proposals) per request
         self.reprobe_after = reprobe_after
         self._aside: dict[str, list[int]] = {}          # key -> [requests stood aside in a row, re-probe limit]
 
-    def observe(self, *, key: str, drafting: bool, spans: dict, free_drafts=None, accepted=None, drafted=None):
-        """One finished request: `spans` maps role -> [name, start_ns, end_ns, attrs] lists."""
+    def observe(self, *, key: str, drafting: bool, spans: dict, free_drafts=None, hits: int = 0, misses: int = 0):
+        """One finished request: `spans` maps role -> [name, start_ns, end_ns, attrs] lists; hits and misses
+        are the draft's proposals judged against the committed answer (coordinator.spec)."""
         def ms(role, name):
             return [(e - s) / 1e6 for n, s, e, _ in spans.get(role, []) if n == name]
         if drafting:
@@ -112,8 +116,8 @@ class CostTracker:
             self.prefill_beside.extend(ms("target", "prefill"))
             if free_drafts is not None:
                 self.free.append(free_drafts)
-            if drafted:
-                self.acceptance.setdefault(key, deque(maxlen=4)).append((accepted or 0, drafted))
+            if hits + misses:
+                self.acceptance.setdefault(key, deque(maxlen=4)).append((hits, hits + misses))
         else:
             self.target_step.extend(ms("target", "decode"))
             self.prefill_alone.extend(ms("target", "prefill"))
@@ -153,5 +157,6 @@ class CostTracker:
         if aside[0] > aside[1]:                         # re-measure: acceptance may have changed
             aside[0], aside[1] = 0, aside[1] * 2
             return Plan(True, f"re-measuring acceptance after {aside[1] // 2} requests without drafting; "
-                              f"last plan: {decision.reason}", decision.k, decision.predicted_speedup)
+                              f"last plan: {decision.reason}", decision.k, decision.predicted_speedup,
+                        decision.min_mean_len)
         return decision

@@ -50,7 +50,7 @@ class DraftState:
         self.committed_len = len(committed)
         if max_ahead >= 0:
             self.max_ahead = max_ahead
-        if epoch != self.epoch:
+        if epoch != self.epoch or self.pending is not None:     # a deferred rebase follows the latest prefix
             self.epoch = epoch
             self.pending = [int(t) for t in committed]
             self.sent = self.committed_len

@@ -213,6 +213,10 @@ class Session:
         event = {"kind": "message", "type": msg.type, "src": msg.src, "dst": msg.dst or "coordinator",
                  "request_id": msg.request_id, "msg_id": msg.msg_id, "sent_ns": msg.sent_ns,
                  "recv_ns": msg.recv_ns or None, **self.context}
+        if isinstance(msg, (m.Draft, m.Verify)):      # which answer positions: the pipeline is visible in the log
+            event.update(start_pos=msg.start_pos, n_tokens=len(msg.tokens))
+        elif isinstance(msg, m.Rebase):
+            event.update(epoch=msg.epoch, committed_len=len(msg.committed), max_ahead=msg.max_ahead)
         if msg.src == "coordinator":
             self._sent[msg.msg_id] = event
         self.events.append(event)
@@ -283,6 +287,7 @@ class Session:
         state = RequestState(mode=mode, max_new_tokens=max_new_tokens, eos_id=eos, k_max=k_max, adaptive=adaptive,
                              wait_for_drafts=wait_for_drafts, pipelined=pipelined, max_ahead=max_ahead,
                              k_start=plan.k if plan is not None and plan.draft else None,
+                             min_mean_len=plan.min_mean_len if plan is not None else None,
                              stood_aside=record.get("draft_stood_aside"))
         roles = ["target"] if mode in ("baseline", "hf-generate") else ["draft", "target"]
         draft_options = dict(options, stand_aside=state.stood_aside) if state.stood_aside else options
@@ -293,7 +298,7 @@ class Session:
         start_ns = time.monotonic_ns()
         for role in roles:                       # both at the same moment
             self.send(msgs[role], role)
-        req = _Request(rid=rid, state=state, draft_active=state.drafting)
+        req = _Request(rid=rid, state=state, draft_active="draft" in roles)     # owes the draft a STOP
         deadline = time.monotonic() + self.request_timeout_s
         ttft_ns = None
         info = {}
@@ -340,7 +345,7 @@ class Session:
         record.update(info)
         if record["status"] == "ok" and mode != "hf-generate":
             self.costs.observe(key=key, drafting=state.drafting, spans={r: d.spans for r, d in dones.items()},
-                               free_drafts=state.free_draft_tokens, accepted=state.accepted, drafted=state.drafted)
+                               free_drafts=state.free_draft_tokens, hits=state.hits, misses=state.misses)
         return record
 
     def _execute(self, req: "_Request", actions: list, now_ns: int) -> None:
@@ -376,16 +381,15 @@ class Session:
 
     def _adapter_check(self, sample: dict) -> dict:
         """A sample from a sequence the draft's adapter was trained or selected on inflates its acceptance."""
-        adapter = (self.workers["draft"].ready.info or {}).get("adapter") or {}
-        sequence = sample.get("sequence")
-        for split in ("train", "val"):
-            if sequence is not None and sequence in (adapter.get("sequences") or {}).get(split, []):
-                if sequence not in self._warned_sequences:
-                    self._warned_sequences.add(sequence)
-                    print(f"warning: sequence {sequence!r} is in the {split} split of the adapter "
-                          f"{adapter.get('path')}: its acceptance there is not a held-out number", file=sys.stderr)
-                return {"adapter_seen_split": split}
-        return {"adapter_seen_split": None} if adapter else {}
+        adapter = (self.workers["draft"].ready.info or {}).get("adapter")
+        if not adapter:
+            return {}
+        split = adapter_seen_split(adapter, sample.get("sequence"))
+        if split and sample.get("sequence") not in self._warned_sequences:
+            self._warned_sequences.add(sample.get("sequence"))
+            print(f"warning: sequence {sample.get('sequence')!r} is in the {split} split of the adapter "
+                  f"{adapter.get('path')}: its acceptance there is not a held-out number", file=sys.stderr)
+        return {"adapter_seen_split": split}
 
     def run_draft_alone(self, sample: dict, *, question: str, steps: int, options: dict | None = None) -> dict:
         """The draft's prefill and `steps` decode steps with the target idle: its uncontended step time."""
@@ -500,6 +504,7 @@ class Session:
             "mean_acceptance_length": (1 + state.accepted / state.rounds if state.rounds else None) if drafting else None,
             "verify_ms": (total("target", "verify") or 0.0) if drafting else None,
             "verify_rounds_detail": state.per_round if drafting else None,
+            "draft_alpha_estimate": state.alpha_estimate if drafting else None,
         })
         return rec
 
@@ -513,6 +518,15 @@ class _Request:
     draft_active: bool
     probs: dict = field(default_factory=dict)      # (epoch, position) -> the draft's q row, when sampling
     end_ns: int | None = None
+
+
+def adapter_seen_split(adapter: dict, sequence: str | None) -> str | None:
+    """'train' or 'val' when the adapter checkpoint (READY info) lists `sequence` in that split, else None."""
+    recorded = adapter.get("sequences") or {}
+    for split in ("train", "val"):
+        if sequence is not None and sequence in (recorded.get(split) or []):
+            return split
+    return None
 
 
 def _device_name(device: str) -> str:
@@ -530,7 +544,8 @@ def _draft_key(options: dict, draft_ready) -> str:
 def _plan_record(plan: Plan | None) -> dict | None:
     if plan is None:
         return None
-    return {"draft": plan.draft, "reason": plan.reason, "k": plan.k, "predicted_speedup": plan.predicted_speedup}
+    return {"draft": plan.draft, "reason": plan.reason, "k": plan.k, "predicted_speedup": plan.predicted_speedup,
+            "min_mean_len": plan.min_mean_len}
 
 
 def _ignore_sigint() -> None:

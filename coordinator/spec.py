@@ -91,10 +91,12 @@ class RequestState:
     # large as the target): pause it so it stops taking the target's memory bandwidth
     starved_rounds_to_pause: int = 3
     _starved: int = 0
-    # on one GPU a verification beside a running draft costs about two lone decode steps (measured on
-    # an H100, BENCHMARKS.md), so drafting pays only when rounds commit more than that: pause the draft
-    # when the last `judge_rounds` drafted rounds committed fewer than `min_mean_len` tokens each
-    min_mean_len: float = 2.5
+    # drafting pays only when a round commits more tokens than it costs in target steps: pause the draft
+    # when the last `judge_rounds` drafted rounds committed fewer than `min_mean_len` tokens each. The
+    # session sets it from measured costs (coordinator.costs); unmeasured, the defaults: on one GPU a
+    # verification beside a running draft cost about two lone decode steps (H100, BENCHMARKS.md); on its
+    # own device only the verification's extra cost over a decode step counts
+    min_mean_len: float | None = None
     judge_rounds: int = 3
     max_probe_every: int = 64
     committed: list = field(default_factory=list)
@@ -113,11 +115,15 @@ class RequestState:
     _paused_rounds: int = 0
     k_history: list = field(default_factory=list)
     _judged: list = field(default_factory=list)
+    hits: int = 0                     # committed positions the draft had proposed right, in a row
+    misses: int = 0                   # ... and the first wrong one after them
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}")
         self._k = self.k_max if self.k_start is None else max(0, min(self.k_max, self.k_start))
+        if self.min_mean_len is None:
+            self.min_mean_len = 1.5 if self.pipelined else 2.5
         if self.k_max == 0:
             self.adaptive = False       # nothing to adapt: no drafts are ever verified
 
@@ -153,6 +159,7 @@ class RequestState:
     def on_prefill_done(self, first_token: int) -> list[Action]:
         self.prefill_done = True
         self.committed = [int(first_token)]
+        self._judge(0)
         # drafts that were ready when the target's prefill ended; position 0 is the target's own token
         self.free_draft_tokens = max(0, len(self.draft_seq) - 1) if self.drafting else None
         self.target_busy = False
@@ -198,11 +205,10 @@ class RequestState:
         self.accepted += accepted
         self.rounds += 1
         self.per_round.append((len(sent), accepted))
+        # judge the draft on every newly committed position it had proposed, sent or not: a draft whose
+        # first token after a rebase is already wrong never gets anything verified
+        proposed, agree = self._judge(n_prev)
         if self.adaptive:
-            # judge the draft on every newly committed position it had proposed, sent or not: a draft
-            # whose first token after a rebase is already wrong never gets anything verified
-            proposed = self.draft_seq[n_prev: len(self.committed)] if self.draft_seq[:n_prev] == self.committed[:n_prev] else []
-            agree = common_prefix_len(proposed, self.committed[n_prev:])
             self._k = next_k(self._k, len(proposed), agree, self.k_min, self.k_max)
             self._starved = self._starved + 1 if (self._k and not sent and not proposed) else 0
             if sent:
@@ -227,7 +233,9 @@ class RequestState:
 
     def on_decode_result(self, tokens: list[int]) -> list[Action]:
         self.target_busy = False
+        n_prev = len(self.committed)
         self.committed += [int(t) for t in tokens]
+        self._judge(n_prev)
         if self.mode != "speculative" or not self.drafting or self._complete():
             return self._finish()
         # a paused draft's stretch of plain decoding is over: probe the draft again
@@ -241,6 +249,23 @@ class RequestState:
         self.probe_every = min(self.max_probe_every, self.probe_every * 2)
 
     # --- helpers ---------------------------------------------------------------------------
+
+    def _judge(self, n_prev: int) -> tuple[list[int], int]:
+        """The draft's proposals for the positions committed since n_prev (its branch must have agreed up
+        to n_prev), and how many of them agree in a row. Counts per-position hits and misses: the
+        acceptance estimate hits / (hits + misses) that coordinator.costs plans with."""
+        if self.draft_seq[:n_prev] != self.committed[:n_prev]:
+            return [], 0
+        proposed = self.draft_seq[n_prev: len(self.committed)]
+        agree = common_prefix_len(proposed, self.committed[n_prev:])
+        self.hits += agree
+        self.misses += agree < len(proposed)
+        return proposed, agree
+
+    @property
+    def alpha_estimate(self) -> float | None:
+        judged = self.hits + self.misses
+        return self.hits / judged if judged else None
 
     def _finish(self) -> list[Action]:
         self.finished = True

@@ -157,6 +157,15 @@ def test_adapter_beats_raw_draft_on_held_out_sequences(setup, token_ckpt):
     assert result["adapter"]["top5"] >= result["adapter"]["top1"]
     for name in ("adapter.safetensors", "config.json", "metrics.json", "curves.png"):
         assert (token_ckpt / name).is_file()
+    # the checkpoint names the sequences it saw, so `run --adapter` can flag them
+    from coordinator.session import adapter_seen_split
+    seen = json.loads((token_ckpt / "config.json").read_text())["extra"]["sequences"]
+    index = read_index(setup["data"])["records"]
+    for split in ("train", "val"):
+        assert sorted({e["sequence"] for e in index if e["split"] == split}) == seen[split]
+        assert adapter_seen_split({"sequences": seen}, seen[split][0]) == split
+    test_seq = next(e["sequence"] for e in index if e["split"] == "test")
+    assert adapter_seen_split({"sequences": seen}, test_seq) is None
     metrics = json.loads((token_ckpt / "metrics.json").read_text())
     assert metrics["selected_epoch"] == max(metrics["history"], key=lambda h: (h["val_acceptance_rate"],
                                                                              -h["val_loss"]))["epoch"]
@@ -372,6 +381,7 @@ def test_coordinator_run_with_the_adapter_on_held_out_samples(setup, token_ckpt,
         assert proc.returncode == 0, proc.stderr
         recs = json.loads((out / "results.json").read_text())["records"]
         assert recs and all(r["status"] == "ok" for r in recs)
+        assert all(r.get("adapter_seen_split") is None for r in recs)       # held out: nothing to flag
         drafted = sum(r["drafted_tokens"] for r in recs)
         return sum(r["accepted_tokens"] for r in recs) / max(1, drafted), drafted
     live_rate, drafted = run(tmp_path / "with", "--adapter", str(token_ckpt))

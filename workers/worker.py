@@ -296,8 +296,9 @@ class Worker:
                 self.proposer.observe(msg.committed)
                 todo = state.on_rebase(msg.epoch, msg.committed, msg.max_ahead)
                 if todo is not None:
-                    with self.span("rebase", committed=len(todo)):
-                        if engine.rebase(todo) is not None:
+                    with self.span("rebase", committed=len(todo)) as attrs:
+                        attrs["forward"] = engine.rebase(todo) is not None    # a rollback (or catching up)
+                        if attrs["forward"]:
                             self._keep_probs()
                     self._send_draft(state.flush(engine.tokens))
             elif msg is not None:

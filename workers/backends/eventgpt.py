@@ -20,7 +20,8 @@ class EventGPTBackend(HFBackend):
             from workers.adapters.live import load_live_adapter
             self.adapter = load_live_adapter(ckpt, draft_lm=self.lm, device=self.device)
             self.adapter.attach(self.engine)      # refuses temperature > 0: adapters assume greedy verification
-            ready["info"]["adapter"] = {"path": str(ckpt), "kind": self.adapter.config.kind}
+            ready["info"]["adapter"] = {"path": str(ckpt), "kind": self.adapter.config.kind,
+                                        "sequences": self.adapter.config.extra.get("sequences")}
         return ready
 
     def proposer(self, sample: dict, options: dict):

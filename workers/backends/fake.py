@@ -147,6 +147,14 @@ class FakeBackend(Backend):
                              bool(options.get("ignore_eos")), prompt_len)
         return Prepared(prompt=prompt, info=info)
 
+    def hf_generate(self, prepared: Prepared, max_new_tokens: int, eos_id: int) -> list[int]:
+        """Like transformers' generate(): its own model state, the worker's engine is left alone."""
+        own = TokenEngine(ScriptedModel(self.model.prefill_s, self.model.step_s, self.model.per_token_s))
+        out = [own.start(prepared.prompt)]
+        while len(out) < max_new_tokens and out[-1] != eos_id:
+            out.append(own.step())
+        return out
+
     def proposer(self, sample: dict, options: dict):
         return ScriptQuality(self._quality(sample.get("sample_id", "")))
 
