@@ -276,14 +276,9 @@ class Session:
                   "status": "ok", "error": None}
         pipelined, plan, key = False, None, ""
         if mode in ("parallel", "speculative"):
-            pipelined = pipeline == "on" or (pipeline == "auto" and self.separate_devices())
-            key = _draft_key(options, self.workers["draft"].ready)
-            if draft_policy == "auto" and self.workers["target"].ready.device.startswith("cuda"):
-                plan = self.costs.decide(key, mode=mode, pipelined=pipelined, k_max=k_max,
-                                         max_new_tokens=max_new_tokens)
+            pipelined, plan, key = self._plan(mode, options, pipeline, draft_policy, k_max, max_new_tokens)
             record.update(pipelined=pipelined, draft_stood_aside=None if plan is None or plan.draft else plan.reason,
-                          draft_plan=_plan_record(plan))
-            record.update(self._adapter_check(sample))
+                          draft_plan=_plan_record(plan), **self._adapter_check(sample))
         state = RequestState(mode=mode, max_new_tokens=max_new_tokens, eos_id=eos, k_max=k_max, adaptive=adaptive,
                              wait_for_drafts=wait_for_drafts, pipelined=pipelined, max_ahead=max_ahead,
                              k_start=plan.k if plan is not None and plan.draft else None,
@@ -371,6 +366,15 @@ class Session:
                     req.draft_active = False
             elif isinstance(action, spec.Finish):
                 req.end_ns = now_ns
+
+    def _plan(self, mode, options, pipeline, draft_policy, k_max, max_new_tokens) -> tuple[bool, Plan | None, str]:
+        """Pipelined or not, and (on a GPU, draft_policy auto) whether drafting can pay: coordinator.costs."""
+        pipelined = pipeline == "on" or (pipeline == "auto" and self.separate_devices())
+        key = _draft_key(options, self.workers["draft"].ready)
+        plan = None
+        if draft_policy == "auto" and self.workers["target"].ready.device.startswith("cuda"):
+            plan = self.costs.decide(key, mode=mode, pipelined=pipelined, k_max=k_max, max_new_tokens=max_new_tokens)
+        return pipelined, plan, key
 
     def separate_devices(self) -> bool:
         """Whether the workers report different devices (then the draft is pipelined)."""

@@ -180,3 +180,45 @@ def test_rounds_that_commit_too_little_pause_the_draft_with_backoff():
     drafted_rounds = sum(1 for d, _ in poor.per_round if d)
     assert drafted_rounds < 40                           # of 300 tokens: mostly decoded alone
     assert poor.probe_every > 8                          # failed probes back off
+
+
+@pytest.mark.parametrize("k_max", [0, 1, 3])
+def test_k_max_is_never_exceeded_even_after_a_probe(k_max):
+    target = target_seq(300)
+    # wrong at every other position: the draft is paused and probed again and again
+    st = simulate("speculative", target, lambda i: target[i] if i % 2 else target[i] + 1, max_new=200, k_max=k_max)
+    assert st.output == target[:200]                     # simulate() asserts every window <= k_max
+    assert max(st.k_history, default=0) <= k_max
+    if k_max == 0:
+        assert st.drafted == 0 and st.rounds == 0
+
+
+def test_lookahead_pipelined_runs_to_max_ahead_and_one_device_to_k_plus_margin():
+    one = RequestState(mode="speculative", max_new_tokens=100, eos_id=EOS, k_max=4, max_ahead=32)
+    two = RequestState(mode="speculative", max_new_tokens=100, eos_id=EOS, k_max=4, max_ahead=32, pipelined=True)
+    for st in (one, two):
+        st.on_draft(0, 0, [10])
+    assert one.on_prefill_done(10)[0].max_ahead == 4 + 2
+    assert two.on_prefill_done(10)[0].max_ahead == 32
+    assert one.min_mean_len == 2.5 and two.min_mean_len == 1.5      # unmeasured defaults
+
+
+def test_a_draft_standing_aside_leaves_the_target_decoding_alone():
+    st = RequestState(mode="speculative", max_new_tokens=20, eos_id=EOS, stood_aside="cannot pay")
+    actions = st.on_prefill_done(7)
+    assert kinds(actions) == ["Decode"] and actions[0].count == 19 and st.free_draft_tokens is None
+    assert kinds(st.on_decode_result(list(range(100, 119)))) == ["Finish"]
+    par = RequestState(mode="parallel", max_new_tokens=20, eos_id=EOS, stood_aside="cannot pay")
+    assert kinds(par.on_prefill_done(7)) == ["Decode"]               # no StopDraft: it never drafted
+
+
+def test_acceptance_estimate_counts_every_judged_proposal():
+    target = target_seq(400)
+    rng = random.Random(5)
+    right = [rng.random() < 0.8 for _ in range(400)]
+    st = simulate("speculative", target, lambda i: target[i] if right[i] else target[i] + 1, max_new=300,
+                  adaptive=False, k_max=4)
+    assert st.output == target[:300]
+    assert 0.7 < st.alpha_estimate < 0.9
+    hopeless = simulate("speculative", target, lambda i: target[i] + 1, max_new=50)
+    assert hopeless.alpha_estimate == 0.0 and hopeless.misses > 0
