@@ -24,9 +24,8 @@ import zmq
 from protocol import messages as m
 from protocol.transport import Channel, check_endpoint, ipc_endpoint, make_socket, private_ipc_dir
 
-from . import spec
 from .costs import CostTracker, Plan
-from .spec import RequestState
+from .spec import Decode, Finish, Rebase, RequestState, StopDraft, Verify   # actions; protocol messages are m.*
 
 POLL_MS = 50
 
@@ -295,9 +294,6 @@ class Session:
             self.send(msgs[role], role)
         req = _Request(rid=rid, state=state, draft_active="draft" in roles)     # owes the draft a STOP
         deadline = time.monotonic() + self.request_timeout_s
-        ttft_ns = None
-        info = {}
-        early_dones: dict[str, m.Done] = {}
         try:
             while not state.finished:
                 if state.waiting:
@@ -307,46 +303,47 @@ class Session:
                         continue
                 else:
                     msg = self.recv(deadline)
-                if msg.request_id != rid:
-                    continue                     # a straggler from an earlier request
-                actions = []
-                if isinstance(msg, m.Error):
-                    raise RequestFailed(msg.reason)
-                if isinstance(msg, m.Done):
-                    early_dones[msg.src] = msg
-                elif isinstance(msg, m.Draft) and msg.src == "draft":
-                    if "probs" in msg.arrays:
-                        for i, row in enumerate(msg.arrays["probs"]):
-                            req.probs[(msg.epoch, msg.start_pos + i)] = row
-                    actions = state.on_draft(msg.epoch, msg.start_pos, msg.tokens)
-                elif isinstance(msg, m.PrefillDone) and msg.src == "target":
-                    ttft_ns = msg.recv_ns
-                    info["target_prompt_len"] = msg.prompt_len
-                    info["target_inputs"] = msg.info
-                    actions = state.on_prefill_done(msg.first_token)
-                elif isinstance(msg, m.VerifyResult):
-                    actions = state.on_verify_result(msg.accepted, msg.next_token)
-                elif isinstance(msg, m.DecodeResult):
-                    actions = state.on_decode_result(msg.tokens)
-                self._execute(req, actions, msg.recv_ns)
+                if msg.request_id == rid:            # else a straggler from an earlier request
+                    self._execute(req, self._event(req, msg), msg.recv_ns)
         except RequestFailed as exc:
             record.update(status="error", error=str(exc))
         end_ns = req.end_ns or time.monotonic_ns()
         for role in roles:
             if role == "target" or req.draft_active:
                 self.send(m.Stop(request_id=rid, reason="request complete"), role)
-        dones = self._collect_done(rid, roles, early_dones)
-        record.update(self._measure(state, dones, start_ns, end_ns, ttft_ns, mode))
-        record.update(info)
+        dones = self._collect_done(rid, roles, req.early_dones)
+        record.update(self._measure(state, dones, start_ns, end_ns, req.ttft_ns, mode))
+        record.update(req.info)
         if record["status"] == "ok" and mode != "hf-generate":
             self.costs.observe(key=key, drafting=state.drafting, spans={r: d.spans for r, d in dones.items()},
                                free_drafts=state.free_draft_tokens, hits=state.hits, misses=state.misses)
         return record
 
+    def _event(self, req: "_Request", msg: m.Message) -> list:
+        """Feed one worker message of this request to coordinator.spec; returns its actions."""
+        state = req.state
+        if isinstance(msg, m.Error):
+            raise RequestFailed(msg.reason)
+        if isinstance(msg, m.Done):
+            req.early_dones[msg.src] = msg
+        elif isinstance(msg, m.Draft) and msg.src == "draft":
+            for i, row in enumerate(msg.arrays.get("probs", ())):
+                req.probs[(msg.epoch, msg.start_pos + i)] = row
+            return state.on_draft(msg.epoch, msg.start_pos, msg.tokens)
+        elif isinstance(msg, m.PrefillDone) and msg.src == "target":
+            req.ttft_ns = msg.recv_ns
+            req.info.update(target_prompt_len=msg.prompt_len, target_inputs=msg.info)
+            return state.on_prefill_done(msg.first_token)
+        elif isinstance(msg, m.VerifyResult):
+            return state.on_verify_result(msg.accepted, msg.next_token)
+        elif isinstance(msg, m.DecodeResult):
+            return state.on_decode_result(msg.tokens)
+        return []
+
     def _execute(self, req: "_Request", actions: list, now_ns: int) -> None:
         """Map coordinator.spec's actions to messages."""
         for action in actions:
-            if isinstance(action, spec.Verify):
+            if isinstance(action, Verify):
                 verify = m.Verify(request_id=req.rid, start_pos=action.start_pos, tokens=action.tokens)
                 if req.probs and action.tokens:
                     rows = [req.probs.get((action.epoch, action.start_pos + i)) for i in range(len(action.tokens))]
@@ -354,17 +351,17 @@ class Session:
                         raise RequestFailed("sampling: the draft sent no probabilities for some drafted tokens")
                     verify.arrays["probs"] = np.stack(rows)
                 self.send(verify, "target")
-            elif isinstance(action, spec.Rebase):
+            elif isinstance(action, Rebase):
                 if req.draft_active:
                     self.send(m.Rebase(request_id=req.rid, epoch=action.epoch, committed=action.committed,
                                        max_ahead=action.max_ahead), "draft")
-            elif isinstance(action, spec.Decode):
+            elif isinstance(action, Decode):
                 self.send(m.Decode(request_id=req.rid, max_tokens=action.count), "target")
-            elif isinstance(action, spec.StopDraft):
+            elif isinstance(action, StopDraft):
                 if req.draft_active:
                     self.send(m.Stop(request_id=req.rid, reason=action.reason), "draft")
                     req.draft_active = False
-            elif isinstance(action, spec.Finish):
+            elif isinstance(action, Finish):
                 req.end_ns = now_ns
 
     def _plan(self, mode, options, pipeline, draft_policy, k_max, max_new_tokens) -> tuple[bool, Plan | None, str]:
@@ -522,6 +519,9 @@ class _Request:
     draft_active: bool
     probs: dict = field(default_factory=dict)      # (epoch, position) -> the draft's q row, when sampling
     end_ns: int | None = None
+    ttft_ns: int | None = None
+    info: dict = field(default_factory=dict)
+    early_dones: dict = field(default_factory=dict)
 
 
 def adapter_seen_split(adapter: dict, sequence: str | None) -> str | None:
