@@ -296,15 +296,26 @@ class Session:
         deadline = time.monotonic() + self.request_timeout_s
         try:
             while not state.finished:
-                if state.waiting:
+                if req.queue:
+                    msg = req.queue.pop(0)
+                elif state.waiting:
                     msg = self.recv(min(deadline, time.monotonic() + wait_timeout_ms / 1e3), timeout_ok=True)
                     if msg is None:
                         self._execute(req, state.on_wait_timeout(), time.monotonic_ns())
                         continue
                 else:
                     msg = self.recv(deadline)
-                if msg.request_id == rid:            # else a straggler from an earlier request
-                    self._execute(req, self._event(req, msg), msg.recv_ns)
+                if msg.request_id != rid:
+                    continue                         # a straggler from an earlier request
+                if isinstance(msg, (m.PrefillDone, m.VerifyResult, m.DecodeResult)):
+                    # the socket queues fairly per peer: drafts sent before this result may still wait behind
+                    # it; take them first, so the next window holds every draft that exists
+                    for extra in self._waiting_messages():
+                        if isinstance(extra, m.Draft) and extra.request_id == rid:
+                            self._execute(req, self._event(req, extra), extra.recv_ns)
+                        else:
+                            req.queue.append(extra)
+                self._execute(req, self._event(req, msg), msg.recv_ns)
         except RequestFailed as exc:
             record.update(status="error", error=str(exc))
         end_ns = req.end_ns or time.monotonic_ns()
@@ -318,6 +329,16 @@ class Session:
             self.costs.observe(key=key, drafting=state.drafting, spans={r: d.spans for r, d in dones.items()},
                                free_drafts=state.free_draft_tokens, hits=state.hits, misses=state.misses)
         return record
+
+    def _waiting_messages(self) -> list[m.Message]:
+        """Every message already received, without waiting (heartbeats dropped, fatal errors raised)."""
+        out = []
+        while (msg := self._recv_raw(0)) is not None:
+            if isinstance(msg, m.Error) and msg.fatal:
+                raise WorkerDied(f"{msg.src} worker reported a fatal error: {msg.reason}")
+            if not isinstance(msg, m.Heartbeat):
+                out.append(msg)
+        return out
 
     def _event(self, req: "_Request", msg: m.Message) -> list:
         """Feed one worker message of this request to coordinator.spec; returns its actions."""
@@ -522,6 +543,7 @@ class _Request:
     ttft_ns: int | None = None
     info: dict = field(default_factory=dict)
     early_dones: dict = field(default_factory=dict)
+    queue: list = field(default_factory=list)        # messages taken early, handled in order next
 
 
 def adapter_seen_split(adapter: dict, sequence: str | None) -> str | None:
