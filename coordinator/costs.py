@@ -3,8 +3,8 @@
 The model (../shared/DOMAIN.md, "the two levers"). With per-token acceptance α, a window of k drafts
 commits E(α, k) = 1 + α + … + α^k tokens per verification. On one device the draft's k steps and the
 verification share it: a round costs k·D + V(k). Pipelined (the draft on its own device) the draft drafts
-the next window while the target verifies this one: a round costs max(V(k), k·D), plus one draft step
-after a rejection. Drafting pays when the best window's time per committed token beats the target's own
+the next window while the target verifies this one: a round costs max(V(k), (k+1)·D), plus one draft
+step after a rejection (the draft must also pass the target's own token, so c = D/T ≥ 1 cannot pay). Drafting pays when the best window's time per committed token beats the target's own
 step T by a margin, counting the drafts ready when the target's prefill ends (the window) and what the
 draft's prefill costs the target's (the slowdown). `plan` is pure; `CostTracker` keeps the medians of the
 spans of recent requests it reads from. Nothing here is a constant measured elsewhere: with a cost or the
@@ -45,10 +45,13 @@ def expected_committed(alpha: float, k: int) -> float:
 
 
 def round_ms(costs: Costs, k: int, alpha: float, pipelined: bool) -> float:
-    verify, drafting = costs.verify_ms(k), k * costs.draft_step_ms
+    verify, step = costs.verify_ms(k), costs.draft_step_ms
     if pipelined:
-        return max(verify, drafting) + (1.0 - alpha ** k) * costs.draft_step_ms
-    return drafting + verify
+        # to keep ahead the draft must make the next window and the position of the target's own token
+        # while the target verifies (so a draft as costly as the target cannot run ahead of it), and it
+        # redoes one step after a rejection
+        return max(verify, (k + 1) * step) + (1.0 - alpha ** k) * step
+    return k * step + verify
 
 
 def plan(costs: Costs, alpha: float | None, *, mode: str, pipelined: bool, k_max: int, max_new_tokens: int,

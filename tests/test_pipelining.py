@@ -157,10 +157,14 @@ def test_expected_committed():
     assert abs(expected_committed(0.5, 2) - 1.75) < 1e-12
 
 
+@pytest.mark.parametrize("pipelined", [True, False])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9, 1.0])
-def test_a_draft_as_costly_as_the_target_never_pays_on_one_device(alpha):
-    decision = plan(costs(D=7.0), alpha, mode="speculative", pipelined=False, k_max=16, max_new_tokens=200)
+def test_a_draft_as_costly_as_the_target_pays_only_its_head_start(alpha, pipelined):
+    """c = 1: once the target decodes, the draft cannot run ahead of it (DOMAIN.md, the two levers)."""
+    decision = plan(costs(D=7.0), alpha, mode="speculative", pipelined=pipelined, k_max=16, max_new_tokens=200)
     assert not decision.draft and "cannot pay" in decision.reason
+    head_start = plan(costs(D=7.0, free=5), alpha, mode="speculative", pipelined=True, k_max=16, max_new_tokens=50)
+    assert head_start.draft == (alpha >= 0.9)
 
 
 @pytest.mark.parametrize("pipelined", [True, False])
