@@ -1,8 +1,9 @@
 """One worker process: one model, one role (draft or target), one DEALER socket to the coordinator.
 
 Owns the request life cycle on the model side and the compute spans (GPU synchronised before each end
-stamp). The draft streams tokens as soon as they exist and checks its socket between steps; the target
-prefills, verifies and decodes when told. Never decides what to verify or when: the coordinator does.
+stamp). The draft streams tokens as soon as they exist and checks its socket between steps, following the
+pure state machine coordinator.drafting.DraftState, with one draft strategy per request (workers.proposers);
+the target prefills, verifies and decodes when told. Never decides what to verify or when: the coordinator does.
 Any failure on a request is answered with ERROR; nothing a request carries may kill the process.
 """
 from __future__ import annotations
