@@ -145,6 +145,8 @@ class FakeBackend(Backend):
         prompt_len = int(self.options.get("prompt_len", 600 if self.role == "draft" else 2000))
         prompt = fake_prompt(sample.get("sample_id", ""), question, self.options.get("length"),
                              bool(options.get("ignore_eos")), prompt_len)
+        if self.role == "draft":
+            self._quality(sample.get("sample_id", ""))     # a bad quality option fails the request, oracle or not
         return Prepared(prompt=prompt, info=info)
 
     def hf_generate(self, prepared: Prepared, max_new_tokens: int, eos_id: int) -> list[int]:
