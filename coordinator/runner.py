@@ -109,7 +109,7 @@ def _run(cfg: RunConfig, guard: "SignalGuard") -> int:
     if not samples and not (bad and cfg.on_error == "fail"):
         raise StartupError(f"no usable samples in {cfg.input}" + (f" ({len(bad)} bad)" if bad else ""))
     guard.raising = False               # until the try below: noted, acted on there
-    outputs = RunOutputs(out_dir, cfg.command)
+    outputs = RunOutputs(out_dir, cfg.command, defer_signals=guard.deferred)
     for b in bad:
         warn(f"skipping sample {b['sample_id']}: {b['error']}")
         for mode in cfg.modes:
@@ -127,7 +127,8 @@ def _run(cfg: RunConfig, guard: "SignalGuard") -> int:
         if guard.signum is not None:
             raise Interrupted(guard.signum)
         if mps_wanted(cfg.mps):
-            daemon = MpsDaemon().start()
+            daemon = MpsDaemon()                  # assigned first: a signal during start still stops it
+            daemon.start()
             cfg.draft.env.update(daemon.client_env(cfg.draft_sm_percent))
             cfg.target.env.update(daemon.client_env(cfg.target_sm_percent))
             say(f"MPS daemon started (pipe {daemon.env['CUDA_MPS_PIPE_DIRECTORY']})")
