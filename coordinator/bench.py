@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import reports
+from . import bench_model, reports
 from .mps import MpsDaemon, MpsError
 from .session import Session, StartupError, WorkerDied, WorkerSpec
 
@@ -47,6 +47,9 @@ class BenchConfig:
     target_sm_percent: int | None = None
     placements: list = field(default_factory=lambda: ["same-gpu"])
     user_devices: tuple = ()             # roles whose device the user named: placements leave them alone
+    measure_bandwidth: bool = True       # each worker measures its device's read bandwidth before loading
+    bandwidth_gbs: float | None = None   # the floor's bandwidth when the card is not in the datasheet table
+    ceiling_trials: int = 400            # event-simulation trials per two-GPU prediction
     command: str = ""
 
 
@@ -87,7 +90,7 @@ def run_bench(cfg: BenchConfig) -> int:
     plan = [(placement, mps) for placement in cfg.placements for mps in cfg.mps]
     for placement, mps_setting in plan:
         try:
-            events += _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info, placement)
+            _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, events, run_info, placement)
         except (WorkerDied, StartupError, MpsError) as exc:
             failure = f"placement={placement} mps={mps_setting}: {exc}"
             _say(f"error: {failure}")
@@ -109,13 +112,18 @@ def placement_devices(spec: WorkerSpec, placement: str, user_devices=()) -> dict
     return options
 
 
-def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info, placement) -> list[dict]:
+def _tagged(events: list[dict], placement: str, mps: str) -> list[dict]:
+    return [dict(e, placement=placement, mps=mps) for e in events]
+
+
+def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, events, run_info, placement) -> None:
     daemon = None
     session = None
-    draft = WorkerSpec(cfg.draft.role, cfg.draft.backend, placement_devices(cfg.draft, placement, cfg.user_devices),
-                       cfg.draft.endpoint, {})
+    probe = {"measure_bandwidth": True} if cfg.measure_bandwidth else {}
+    draft = WorkerSpec(cfg.draft.role, cfg.draft.backend,
+                       {**placement_devices(cfg.draft, placement, cfg.user_devices), **probe}, cfg.draft.endpoint, {})
     target = WorkerSpec(cfg.target.role, cfg.target.backend,
-                        placement_devices(cfg.target, placement, cfg.user_devices), cfg.target.endpoint, {})
+                        {**placement_devices(cfg.target, placement, cfg.user_devices), **probe}, cfg.target.endpoint, {})
     try:
         if mps_setting == "on":
             daemon = MpsDaemon().start()
@@ -175,10 +183,10 @@ def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info, pl
             rec["mps"] = mps_setting
             rec["placement"] = placement
             draft_alone.append(rec)
-        return session.events
     finally:
         if session is not None:
             session.close()
+            events += _tagged(session.events, placement, mps_setting)   # a failed session's spans count too
         if daemon is not None:
             daemon.stop()
 
@@ -200,8 +208,14 @@ def _pct(xs, q):
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def aggregate(records: list[dict], draft_alone: list[dict], events: list[dict]) -> dict:
+def aggregate(records: list[dict], draft_alone: list[dict], events: list[dict], run_info: dict | None = None, *,
+              k_max: int = 16, bandwidth_gbs: float | None = None, ceiling_trials: int = 400) -> dict:
     ok = [r for r in records if r.get("status") == "ok"]
+    best_base: dict[tuple, float] = {}           # the faster baseline of the run (any placement or MPS)
+    for r in ok:
+        if r["mode"] == "baseline":
+            key = (r["max_new_tokens"], r["sample_id"])
+            best_base[key] = min(best_base.get(key, float("inf")), r["wall_ms"])
     spans_by_request: dict[str, list] = {}
     for e in events:
         if e.get("kind") == "span":
@@ -248,6 +262,8 @@ def aggregate(records: list[dict], draft_alone: list[dict], events: list[dict]) 
             "wall_ms_median": _median(walls_ms), "wall_ms_p10": _pct(walls_ms, 0.1), "wall_ms_p90": _pct(walls_ms, 0.9),
             "speedup_vs_baseline": paired("baseline") if mode != "baseline" else 1.0,
             "speedup_vs_hf_generate": paired("hf-generate") if mode != "hf-generate" else 1.0,
+            "speedup_vs_best_baseline": _median([best_base[(n, r["sample_id"])] / r["wall_ms"] for r in recs
+                                                 if (n, r["sample_id"]) in best_base]),
             "target_prefill_ms": _median([(r.get("target") or {}).get("prefill_ms") for r in recs]),
             "target_ms_per_token": _median([(r.get("target") or {}).get("ms_per_token") for r in recs]),
             "target_decode_step_ms": _median(decode_steps),
@@ -290,18 +306,23 @@ def aggregate(records: list[dict], draft_alone: list[dict], events: list[dict]) 
             "ideal_free_draft_tokens": _median(ideal),
             "free_vs_ideal": (_median(free) / _median(ideal)) if free and ideal and _median(ideal) else None,
         }
-    return {"rows": rows, "contention": contention}
+    costs = bench_model.add_ceiling(rows, records, events, draft_alone, k_max=k_max, trials=ceiling_trials)
+    answer = statistics.mean(r["max_new_tokens"] for r in ok) / 2 if ok else 0.0
+    floor = bench_model.floor_rows(run_info or {}, rows, costs, records, answer_positions=answer,
+                                   bandwidth_gbs=bandwidth_gbs)
+    return {"rows": rows, "contention": contention, "costs_alone": costs, "floor": floor}
 
 
 def _write(cfg: BenchConfig, records, draft_alone, events, run_info, failure) -> None:
-    agg = aggregate(records, draft_alone, events)
+    agg = aggregate(records, draft_alone, events, run_info, k_max=cfg.k_max, bandwidth_gbs=cfg.bandwidth_gbs,
+                    ceiling_trials=cfg.ceiling_trials)
     synthetic = any(v.get("synthetic") for info in run_info.values() for v in info.values())
     data = {"command": cfg.command, "created": dt.datetime.now().isoformat(timespec="seconds"),
             "synthetic_weights": synthetic, "failure": failure, "config": {
                 "samples": cfg.samples, "warmup": cfg.warmup, "max_new_tokens": cfg.max_new_tokens,
                 "alphas": cfg.alphas, "profiles": cfg.profiles, "modes": cfg.modes, "mps": cfg.mps,
                 "ignore_eos": cfg.ignore_eos, "k_max": cfg.k_max, "adaptive": cfg.adaptive,
-                "wait_for_drafts": cfg.wait_for_drafts,
+                "wait_for_drafts": cfg.wait_for_drafts, "bandwidth_gbs": cfg.bandwidth_gbs,
                 "placements": cfg.placements},
             "host": {"python": platform.python_version(), "node": platform.node()},
             "run_info": run_info, "aggregate": agg, "draft_alone": draft_alone, "records": records}
@@ -345,13 +366,14 @@ def render_markdown(data: dict) -> str:
                          f"({(v.get('info') or {}).get('cuda_device') or ''}, {(v.get('info') or {}).get('precision')}, "
                          f"step model {(v.get('info') or {}).get('step_model')}, torch {(v.get('info') or {}).get('torch')})")
     lines += ["", "## End to end (medians over samples; speedups are paired per sample in this run)", "",
-              "| placement | MPS | new tokens | mode | oracle | n | wall ms | p10–p90 | vs baseline | vs hf-generate | "
-              "accept | mean len | free drafts | lossless |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| placement | MPS | new tokens | mode | oracle | n | wall ms | p10–p90 | vs baseline | vs best baseline "
+              "| vs hf-generate | accept | mean len | free drafts | lossless |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.get('placement') or '—'} | {r['mps']} | {r['max_new_tokens']} | {r['mode']} | {r['oracle'] or '—'} | {r['n']} | "
                      f"{_f(r['wall_ms_median'])} | {_f(r['wall_ms_p10'])}–{_f(r['wall_ms_p90'])} | "
-                     f"{_f(r['speedup_vs_baseline'], 2, '×')} | {_f(r['speedup_vs_hf_generate'], 2, '×')} | "
+                     f"{_f(r['speedup_vs_baseline'], 2, '×')} | {_f(r.get('speedup_vs_best_baseline'), 2, '×')} | "
+                     f"{_f(r['speedup_vs_hf_generate'], 2, '×')} | "
                      f"{_f(r['acceptance_rate'] * 100 if r['acceptance_rate'] is not None else None, 0, '%')} | "
                      f"{_f(r['mean_acceptance_length'], 2)} | {_f(r['free_draft_tokens'], 0)} | "
                      f"{r['matches_baseline'] or '—'} |")
@@ -374,10 +396,13 @@ def render_markdown(data: dict) -> str:
                      f"{_f(c['draft_step_ms_beside_target_prefill'], 2)} | {_f(c['overlap_window_ms'])} | "
                      f"{_f(c['free_draft_tokens'], 0)} | {_f(c['ideal_free_draft_tokens'], 1)} | "
                      f"{_f(c['free_vs_ideal'], 2)} |")
+    lines += [""] + bench_model.render(data)
     lines += ["", "Definitions: wall = PREFILL sent → last token at the coordinator, input loading included; "
               "acceptance = accepted / drafted; mean len = 1 + accepted / verify rounds; the oracle replaces the "
               "draft's token ids with the baseline's answer (right with probability α per position, or per the "
-              "seed's per-position profile) while the draft model runs every forward pass.", ""]
+              "seed's per-position profile) while the draft model runs every forward pass; vs baseline is paired "
+              "with the baseline of the same placement and MPS setting, vs best baseline with the fastest "
+              "baseline of the run for that sample.", ""]
     return "\n".join(lines)
 
 

@@ -121,6 +121,10 @@ class HFBackend(Backend):
         info["prompt_len"] = prompt_len
         return Prepared(prompt=kwargs, info=info)
 
+    def step_bytes(self) -> dict | None:
+        from workers.step_bytes import describe_step_bytes
+        return describe_step_bytes(self.lm.model, self.step_model)
+
     def sync(self) -> None:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
