@@ -185,8 +185,9 @@ def floor_rows(run_info: dict, rows: list[dict], sessions: dict, records, *, ans
             measured_gbs = (worker.get("bandwidth") or {}).get("best_gbs")
             kinds = [(f"{role} decode", costs.get(f"{role}_step_ms"))]
             if role == "target":
-                kinds += [(f"target verify k={k}", v) for k, v in (costs.get("verify_ms_by_k") or {}).items()
-                          if k and v is not None]
+                measured_k = {k: v for k, v in (costs.get("verify_ms_by_k") or {}).items() if k and v is not None}
+                shown = [k for k in measured_k if k <= 8] + [k for k in measured_k if k > 8][-1:]
+                kinds += [(f"target verify k={k}", measured_k[k]) for k in shown]
             for kind, measured in kinds:
                 nbytes = floor.step_bytes(step, positions)
                 fl = floor.floor_ms(nbytes, gbs)

@@ -1,6 +1,8 @@
 """`coordinator bench` end to end with fake workers: the oracle sweep, paired speedups, contention numbers."""
 import json
 
+import pytest
+
 from tests.conftest import run_cli
 
 
@@ -9,7 +11,9 @@ def test_bench_oracle_sweep_with_fake_workers(fake_input, tmp_path):
     proc = run_cli("bench", "--input", fake_input, "--draft-backend", "fake", "--target-backend", "fake",
                    "--samples", "3", "--warmup", "1", "--max-new-tokens", "24", "--alphas", "0,1",
                    "--oracle-profile", "seed", "--bench-mps", "off", "--output-dir", out,
-                   "--draft-option", "step_ms=0.5", "--target-option", "step_ms=4", timeout=300)
+                   "--draft-option", "step_ms=0.5", "--target-option", "step_ms=4",
+                   "--draft-option", "weight_bytes=1000000000", "--target-option", "weight_bytes=4000000000",
+                   "--target-option", "kv_bytes_per_position=1000", "--bandwidth-gbs", "500", timeout=300)
     assert proc.returncode == 0, proc.stderr
     data = json.loads((out / "bench.json").read_text())
     rows = {(r["mode"], r["oracle"]): r for r in data["aggregate"]["rows"]}
@@ -35,6 +39,29 @@ def test_bench_oracle_sweep_with_fake_workers(fake_input, tmp_path):
     md = (out / "bench.md").read_text()
     assert "coordinator bench" in md and "alpha=1" in md
     assert (out / "speedup_vs_alpha.png").stat().st_size > 1000
+    # the ceiling: every drafting row has a prediction from this run's costs, and the ratio is measured ÷ it
+    costs = data["aggregate"]["costs_alone"]["same-gpu_mps_off"]
+    assert costs["target_step_ms"] >= 4 and 0.5 <= costs["draft_step_ms"] < 4
+    for mode in ("parallel", "speculative"):
+        for oracle in ("alpha=0", "alpha=1", "profile=seed"):
+            row = rows[(mode, oracle)]
+            assert row["predicted_speedup"] >= 1.0
+            assert row["ceiling_ratio"] == row["speedup_vs_baseline"] / row["predicted_speedup"]
+    assert rows[("speculative", "alpha=1")]["predicted_speedup"] > rows[("speculative", "alpha=0")]["predicted_speedup"]
+    assert "Against the ceiling" in md
+    # the floor: bytes from the workers' READY, bandwidth from --bandwidth-gbs and the workers' own probe
+    floors = {f["step"]: f for f in data["aggregate"]["floor"]}
+    target = floors["target decode"]
+    prompt = data["records"][0]["target"]["prompt_len"]
+    assert target["bytes"] == 4e9 + 1000 * (prompt + 12)          # K/V at prompt + half the answer
+    assert target["floor_ms"] == pytest.approx(8.0 + 1000 * (prompt + 12) / 5e8)
+    assert target["ratio"] == target["measured_ms"] / target["floor_ms"]
+    assert target["measured_gbs"] > 0 and target["floor_ms_measured_bw"] > 0
+    assert floors["draft decode"]["bytes"] == 1e9
+    assert any(step.startswith("target verify k=") for step in floors)
+    assert "bandwidth floor" in md
+    probe = data["run_info"]["same-gpu_mps_off"]["draft"]["info"]["bandwidth"]
+    assert probe["best_gbs"] == max(probe["read_gbs"], probe["copy_gbs"]) > 0
 
 
 def test_bench_runs_both_placements_in_one_run(fake_input, tmp_path):
