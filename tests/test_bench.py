@@ -84,3 +84,13 @@ def test_bench_runs_both_placements_in_one_run(fake_input, tmp_path):
     for placement in ("same-gpu", "two-gpu"):
         spec = [r for r in rows if r["placement"] == placement and r["mode"] == "speculative"]
         assert spec and spec[0]["matches_baseline"] == "2/2" and spec[0]["speedup_vs_baseline"] is not None
+
+
+def test_precision_per_worker():
+    from coordinator.cli import bench_command, build_specs
+
+    kw = {p.name: p.default for p in bench_command.params}
+    kw.update(draft_backend="fake", target_backend="fake", draft_option=(), target_option=(), precision="bf16",
+              draft_precision="nf4", target_precision=None)
+    draft, target = build_specs(kw)
+    assert draft.options["precision"] == "nf4" and target.options["precision"] == "bf16"

@@ -49,3 +49,15 @@ def test_bandwidth_probe_on_the_cpu():
         probe = measure_read_bandwidth("cpu", use_torch)
         assert probe["best_gbs"] == max(probe["read_gbs"], probe["copy_gbs"]) > 0
         assert probe["bytes"] >= 1 << 20 and "numpy" in probe["method"]
+
+
+def test_a_step_model_that_reports_its_own_bytes_wins():
+    model = tiny_llama(0)
+
+    class Own:
+        def step_bytes(self):
+            return {"weights": 123, "kv_per_position": 7}
+
+    info = describe_step_bytes(model, Own())
+    assert info["weight_bytes"] == 123 and info["kv_bytes_per_position"] == 7
+    assert info["module_weight_bytes"] > 123 and info["counted_by"] == "Own"

@@ -4,7 +4,9 @@ per cache position, for the bench's bandwidth floor (coordinator.floor turns the
 Counted from the tensors actually in memory: the decoder layers, the final norm and the output head (each
 tensor once, so tied weights count once); the input embedding is left out (a step gathers one row of it) and
 so are the vision tower and projectors (prefill only). A bitsandbytes 4-bit weight counts its packed bytes
-plus its quantisation state (absmax, nested absmax and codebooks). Imports torch: worker processes only.
+plus its quantisation state (absmax, nested absmax and codebooks). A step model that keeps its weights in
+its own form (ExactStepModel: NF4 absmax expanded to float32) reports what its kernels read, and that
+wins. Imports torch: worker processes only.
 """
 from __future__ import annotations
 
@@ -57,8 +59,14 @@ def describe_step_bytes(model, step_model=None) -> dict:
     keys = getattr(kv, "keys", None)
     if keys:
         slots = int(keys[0].shape[2])
-    return {"weight_bytes": total, "quant_state_bytes": quant, "step_parameters": count,
-            "layers": len(decoder.layers), "kv_heads": kv_heads, "head_dim": head_dim,
-            "kv_dtype_bytes": kv_dtype_bytes,
-            "kv_bytes_per_position": 2 * len(decoder.layers) * kv_heads * head_dim * kv_dtype_bytes,
-            "cache_slots": slots}
+    out = {"weight_bytes": total, "quant_state_bytes": quant, "step_parameters": count,
+           "layers": len(decoder.layers), "kv_heads": kv_heads, "head_dim": head_dim,
+           "kv_dtype_bytes": kv_dtype_bytes,
+           "kv_bytes_per_position": 2 * len(decoder.layers) * kv_heads * head_dim * kv_dtype_bytes,
+           "cache_slots": slots, "counted_by": "module parameters"}
+    own = getattr(step_model, "step_bytes", None)
+    if callable(own):      # a step model that holds its weights in its own form (ExactStepModel) knows best
+        mine = own()
+        out.update(module_weight_bytes=total, weight_bytes=int(mine["weights"]),
+                   kv_bytes_per_position=int(mine["kv_per_position"]), counted_by=type(step_model).__name__)
+    return out
