@@ -2,8 +2,10 @@
 oracle setting the draft's acceptance, with and without MPS, and the contention between the two workers.
 
 Owns the benchmark plan (warm-up, hf-generate, baseline, oracle sweep, draft alone), the aggregation
-into per-configuration medians and paired speedups, and bench.json / bench.md / plots. Speedups are ratios
-of walls measured in this run on the same sample; nothing is computed from constants. Never imports torch.
+into per-configuration medians and paired speedups, and writing bench.json / bench.md / plots (presentation in
+coordinator.bench_report, the ceiling and floor columns in coordinator.bench_model). Speedups are ratios of
+walls measured in this run on the same sample; nothing is computed from constants. Never imports torch.
+Longer than 300 lines because the plan and the aggregation over what the plan recorded read best side by side.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import bench_model, reports
+from .bench_report import plot_speedup, render_markdown
 from .mps import MpsDaemon, MpsError
 from .session import Session, StartupError, WorkerDied, WorkerSpec
 
@@ -341,92 +344,3 @@ def _write(cfg: BenchConfig, records, draft_alone, events, run_info, failure) ->
                                                                             if r.get("request_id") == rid])
     except Exception as exc:       # plots never cost the numbers
         _say(f"warning: plots not written: {exc}")
-
-
-def _f(x, digits=1, suffix=""):
-    if x is None:
-        return "—"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}{suffix}"
-    return f"{x}{suffix}"
-
-
-def render_markdown(data: dict) -> str:
-    rows = data["aggregate"]["rows"]
-    lines = ["# eventspec benchmark", ""]
-    if data.get("synthetic_weights"):
-        lines += ["**Random full-size weights (`--synthetic-weights`): timings are real, the text is meaningless; "
-                  "acceptance is set by the benchmark oracle.**", ""]
-    lines += ["Every number below was measured in one run of:", "", "```bash", data.get("command", ""), "```", ""]
-    if data.get("failure"):
-        lines += [f"**The run stopped early:** {data['failure']}", ""]
-    for info_key, info in data.get("run_info", {}).items():
-        for role, v in info.items():
-            lines.append(f"- {info_key} {role}: {v.get('model_id')} on {v.get('device')} "
-                         f"({(v.get('info') or {}).get('cuda_device') or ''}, {(v.get('info') or {}).get('precision')}, "
-                         f"step model {(v.get('info') or {}).get('step_model')}, torch {(v.get('info') or {}).get('torch')})")
-    lines += ["", "## End to end (medians over samples; speedups are paired per sample in this run)", "",
-              "| placement | MPS | new tokens | mode | oracle | n | wall ms | p10–p90 | vs baseline | vs best baseline "
-              "| vs hf-generate | accept | mean len | free drafts | lossless |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.get('placement') or '—'} | {r['mps']} | {r['max_new_tokens']} | {r['mode']} | {r['oracle'] or '—'} | {r['n']} | "
-                     f"{_f(r['wall_ms_median'])} | {_f(r['wall_ms_p10'])}–{_f(r['wall_ms_p90'])} | "
-                     f"{_f(r['speedup_vs_baseline'], 2, '×')} | {_f(r.get('speedup_vs_best_baseline'), 2, '×')} | "
-                     f"{_f(r['speedup_vs_hf_generate'], 2, '×')} | "
-                     f"{_f(r['acceptance_rate'] * 100 if r['acceptance_rate'] is not None else None, 0, '%')} | "
-                     f"{_f(r['mean_acceptance_length'], 2)} | {_f(r['free_draft_tokens'], 0)} | "
-                     f"{r['matches_baseline'] or '—'} |")
-    lines += ["", "## Per-model costs", "",
-              "| placement | MPS | new tokens | mode | oracle | target prefill ms | target decode step ms | "
-              "target ms/token | draft prefill ms | draft step ms | verify ms by k |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        vk = ", ".join(f"{k}: {_f(v, 2)}" for k, v in list(r["verify_ms_by_k"].items())[:8]) or "—"
-        lines.append(f"| {r.get('placement') or '—'} | {r['mps']} | {r['max_new_tokens']} | {r['mode']} | {r['oracle'] or '—'} | "
-                     f"{_f(r['target_prefill_ms'])} | {_f(r['target_decode_step_ms'], 2)} | "
-                     f"{_f(r['target_ms_per_token'], 2)} | {_f(r['draft_prefill_ms'])} | {_f(r['draft_step_ms'], 2)} | {vk} |")
-    lines += ["", "## Contention between the workers", "",
-              "| placement, MPS | target prefill alone ms | beside the draft ms | slowdown | draft step alone ms | "
-              "beside target prefill ms | overlap window ms | free drafts | ideal (window ÷ step alone) | free ÷ ideal |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for mps, c in data["aggregate"]["contention"].items():
-        lines.append(f"| {mps} | {_f(c['target_prefill_ms_alone'])} | {_f(c['target_prefill_ms_beside_draft'])} | "
-                     f"{_f(c['target_prefill_slowdown'], 3, '×')} | {_f(c['draft_step_ms_alone'], 2)} | "
-                     f"{_f(c['draft_step_ms_beside_target_prefill'], 2)} | {_f(c['overlap_window_ms'])} | "
-                     f"{_f(c['free_draft_tokens'], 0)} | {_f(c['ideal_free_draft_tokens'], 1)} | "
-                     f"{_f(c['free_vs_ideal'], 2)} |")
-    lines += [""] + bench_model.render(data)
-    lines += ["", "Definitions: wall = PREFILL sent → last token at the coordinator, input loading included; "
-              "acceptance = accepted / drafted; mean len = 1 + accepted / verify rounds; the oracle replaces the "
-              "draft's token ids with the baseline's answer (right with probability α per position, or per the "
-              "seed's per-position profile) while the draft model runs every forward pass; vs baseline is paired "
-              "with the baseline of the same placement and MPS setting, vs best baseline with the fastest "
-              "baseline of the run for that sample.", ""]
-    return "\n".join(lines)
-
-
-def plot_speedup(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: dict[tuple, list] = {}
-    for r in rows:
-        if r["oracle"] and r["oracle"].startswith("alpha=") and r["speedup_vs_baseline"] is not None:
-            alpha = float(r["oracle"].split("=", 1)[1])
-            series.setdefault((r["mode"], r.get("placement"), r["mps"], r["max_new_tokens"]), []).append(
-                (alpha, r["speedup_vs_baseline"]))
-    for (mode, placement, mps, n), pts in sorted(series.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                label=f"{mode}, {placement or ''} MPS {mps}, {n} tok")
-    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("oracle acceptance α (per position)")
-    ax.set_ylabel("speedup vs baseline (paired, same run)")
-    ax.set_title("eventspec: speedup vs draft acceptance")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -3,7 +3,8 @@ time it lost against it, and each step kind beside its bandwidth floor (coordina
 
 Owns extracting the costs each session measured alone from the records and the recorded spans and
 messages (target steps from `baseline`, the draft's from the draft-alone runs, verifications with no draft
-step beside them), the per-request decomposition of measured − predicted wall, and the markdown for both.
+step beside them) and the per-request decomposition of measured − predicted wall; coordinator.bench_report
+prints them.
 Never imports torch; no clocks.
 """
 from __future__ import annotations
@@ -197,62 +198,3 @@ def floor_rows(run_info: dict, rows: list[dict], sessions: dict, records, *, ans
                             "floor_ms": fl, "floor_ms_measured_bw": fl_meas, "measured_ms": measured,
                             "ratio": floor.ratio(measured, fl), "ratio_measured_bw": floor.ratio(measured, fl_meas)})
     return out
-
-
-def _f(x, digits=1, suffix=""):
-    if x is None:
-        return "—"
-    return f"{x:.{digits}f}{suffix}" if isinstance(x, float) else f"{x}{suffix}"
-
-
-def render(data: dict) -> list[str]:
-    agg = data["aggregate"]
-    rows = [r for r in agg["rows"] if r["mode"] in ("parallel", "speculative")]
-    lines = ["## Against the ceiling (coordinator/ceiling.py, from the costs this run measured alone)", "",
-             "| placement | MPS | new tokens | mode | oracle | measured vs baseline | predicted | measured ÷ predicted "
-             "| predicted wall ms | free drafts (pred.) | how the ceiling gets there |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.get('placement') or '—'} | {r['mps']} | {r['max_new_tokens']} | {r['mode']} | "
-                     f"{r['oracle'] or '—'} | {_f(r.get('speedup_vs_baseline'), 2, '×')} | "
-                     f"{_f(r.get('predicted_speedup'), 2, '×')} | {_f(r.get('ceiling_ratio'), 2)} | "
-                     f"{_f(r.get('predicted_wall_ms'))} | {_f(r.get('predicted_free_drafts'))} | "
-                     f"{r.get('ceiling_policy') or r.get('ceiling_note') or '—'} |")
-    below = [r for r in rows if r.get("ceiling_ratio") is not None and r["ceiling_ratio"] < 0.9 and r.get("lost_ms")]
-    if below:
-        lines += ["", "### Where the time went, below 90% of the ceiling (ms per request, medians; the parts add "
-                  "up to measured − predicted wall per request)", "",
-                  "| placement | MPS | new tokens | mode | oracle | measured − predicted | "
-                  + " | ".join(label for _, label in LOST_PARTS) + " |",
-                  "|---|---|---|---|---|---|" + "---|" * len(LOST_PARTS)]
-        for r in below:
-            lost = r["lost_ms"]
-            lines.append(f"| {r.get('placement') or '—'} | {r['mps']} | {r['max_new_tokens']} | {r['mode']} | "
-                         f"{r['oracle'] or '—'} | {_f(lost.get('total_ms'))} | "
-                         + " | ".join(_f(lost.get(k)) for k, _ in LOST_PARTS) + " |")
-    lines += ["", "Costs measured alone, per session: target decode step and loading/prefill from `baseline`, "
-              "the draft's from its draft-alone runs, verification by k from verifications with no draft work "
-              "beside them.", "",
-              "| session | target step ms | draft step ms | c | target load + prefill ms | draft load + prefill ms | "
-              "verify ms by k | verify measured |", "|---|---|---|---|---|---|---|---|"]
-    for key, c in (agg.get("costs_alone") or {}).items():
-        ratio = (c["draft_step_ms"] / c["target_step_ms"]) if c.get("draft_step_ms") and c.get("target_step_ms") else None
-        vk = ", ".join(f"{k}: {_f(v, 2)}" for k, v in list((c.get("verify_ms_by_k") or {}).items())[:8]) or "—"
-        lines.append(f"| {key} | {_f(c.get('target_step_ms'), 2)} | {_f(c.get('draft_step_ms'), 2)} | "
-                     f"{_f(ratio, 2)} | {_f(c.get('target_load_ms'))} + {_f(c.get('target_prefill_ms'))} | "
-                     f"{_f(c.get('draft_load_ms'))} + {_f(c.get('draft_prefill_ms'))} | {vk} | "
-                     f"{c.get('verify_source')} |")
-    lines += ["", "## Against the bandwidth floor (bytes a step must read ÷ bandwidth; coordinator/floor.py)", "",
-              "| session | step | GB read per step | K/V positions | floor ms (datasheet) | measured ms | "
-              "measured ÷ floor | measured bandwidth GB/s | floor ms (measured bw) | measured ÷ that floor |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    notes = set()
-    for f in agg.get("floor") or []:
-        notes.add(f"{f['session']}: datasheet {f['datasheet']}" + (f" ({f['datasheet_gbs']:g} GB/s)" if
-                                                                   f.get("datasheet_gbs") else ""))
-        lines.append(f"| {f['session']} | {f['step']} | {_f(f['bytes'] / 1e9 if f['bytes'] else None, 3)} | "
-                     f"{_f(f['kv_positions'], 0)} | {_f(f['floor_ms'], 2)} | {_f(f['measured_ms'], 2)} | "
-                     f"{_f(f['ratio'], 2, '×')} | {_f(f['measured_gbs'], 0)} | {_f(f['floor_ms_measured_bw'], 2)} | "
-                     f"{_f(f['ratio_measured_bw'], 2, '×')} |")
-    lines += [""] + [f"- {n}" for n in sorted(notes)] + [""]
-    return lines
