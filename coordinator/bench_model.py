@@ -95,7 +95,8 @@ def _acceptance(oracle: str | None):
     return ceiling.Acceptance.iid(float(value)) if kind == "alpha" else ceiling.Acceptance.profile(value)
 
 
-def _costs(c: dict) -> ceiling.Costs | None:
+def costs_from(c: dict) -> ceiling.Costs | None:
+    """ceiling.Costs from one session's costs_alone, or None when a cost was not measured."""
     need = ("target_step_ms", "draft_step_ms", "target_load_ms", "target_prefill_ms", "draft_load_ms",
             "draft_prefill_ms")
     if any(c.get(k) is None for k in need) or c["draft_step_ms"] <= 0:
@@ -147,7 +148,7 @@ def add_ceiling(rows: list[dict], records, events, draft_alone, *, k_max: int, t
     for row in rows:
         if row["mode"] not in ("parallel", "speculative"):
             continue
-        costs = _costs(sessions[session_key(row.get("placement"), row["mps"])])
+        costs = costs_from(sessions[session_key(row.get("placement"), row["mps"])])
         if costs is None:
             row["ceiling_note"] = "costs alone not all measured"
             continue

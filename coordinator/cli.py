@@ -282,6 +282,8 @@ def _register_optional() -> None:
         pass
     from .adapter_commands import adapter_group
     main.add_command(adapter_group)
+    from .ceiling_command import ceiling_command
+    main.add_command(ceiling_command)
 
 
 _register_optional()

@@ -109,3 +109,26 @@ def test_floor_arithmetic_and_card_lookup():
     assert floor.floor_ms(nbytes, 4800.0) == pytest.approx(3.05, abs=0.01)
     assert floor.ratio(6.1, floor.floor_ms(nbytes, 4800.0)) == pytest.approx(2.0, abs=0.01)
     assert floor.step_bytes(None, 10) is None and floor.floor_ms(1e9, None) is None
+
+
+def test_ceiling_command_reads_a_bench_json(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from coordinator.cli import main
+
+    measured = {"target_step_ms": 4.0, "draft_step_ms": 1.5, "target_load_ms": 30.0, "target_prefill_ms": 70.0,
+                "draft_load_ms": 40.0, "draft_prefill_ms": 40.0, "verify_ms_by_k": {"1": 4.1, "8": 4.6},
+                "verify_source": "alone"}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"aggregate": {"costs_alone": {"two-gpu_mps_off": measured}}}))
+    result = CliRunner().invoke(main, ["ceiling", str(path), "--alphas", "0.5,1", "--oracle-profile", ""])
+    assert result.exit_code == 0, result.output
+    costs = bench_model.costs_from(measured)
+    want = [ceiling.predict("speculative", "two-gpu", 200, costs, Acceptance.iid(a))["speedup"] for a in (0.5, 1.0)]
+    assert f"| two-gpu_mps_off | 0.38 | speculative | {want[0]:.2f}× | {want[1]:.2f}× |" in result.output
+    bad = tmp_path / "other.json"
+    bad.write_text("{}")
+    result = CliRunner().invoke(main, ["ceiling", str(bad)])
+    assert result.exit_code != 0 and "costs_alone" in result.output
