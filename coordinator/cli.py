@@ -46,7 +46,7 @@ def model_options(f):
         click.option("--precision", type=click.Choice(["nf4", "bf16", "fp16", "fp32"]),
                      help="both models (default: nf4 on a GPU, fp32 on the CPU)"),
         click.option("--draft-precision", type=click.Choice(["nf4", "bf16", "fp16", "fp32"]),
-                     help="the draft's precision (overrides --precision)"),
+                     help="the draft's precision (overrides --precision; e.g. nf4 beside a bf16 target)"),
         click.option("--target-precision", type=click.Choice(["nf4", "bf16", "fp16", "fp32"]),
                      help="the target's precision (overrides --precision)"),
         click.option("--device", help="both workers: cpu, cuda, cuda:N (default: cuda if available)"),
