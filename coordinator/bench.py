@@ -122,11 +122,14 @@ def _tagged(events: list[dict], placement: str, mps: str) -> list[dict]:
 def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, events, run_info, placement) -> None:
     daemon = None
     session = None
-    probe = {"measure_bandwidth": True} if cfg.measure_bandwidth else {}
-    draft = WorkerSpec(cfg.draft.role, cfg.draft.backend,
-                       {**placement_devices(cfg.draft, placement, cfg.user_devices), **probe}, cfg.draft.endpoint, {})
-    target = WorkerSpec(cfg.target.role, cfg.target.backend,
-                        {**placement_devices(cfg.target, placement, cfg.user_devices), **probe}, cfg.target.endpoint, {})
+    draft_opts = placement_devices(cfg.draft, placement, cfg.user_devices)
+    target_opts = placement_devices(cfg.target, placement, cfg.user_devices)
+    if cfg.measure_bandwidth:     # one probe per device: two probes at once on one GPU would halve both
+        target_opts["measure_bandwidth"] = True
+        if draft_opts.get("device") != target_opts.get("device"):
+            draft_opts["measure_bandwidth"] = True
+    draft = WorkerSpec(cfg.draft.role, cfg.draft.backend, draft_opts, cfg.draft.endpoint, {})
+    target = WorkerSpec(cfg.target.role, cfg.target.backend, target_opts, cfg.target.endpoint, {})
     try:
         if mps_setting == "on":
             daemon = MpsDaemon().start()

@@ -60,8 +60,12 @@ def test_bench_oracle_sweep_with_fake_workers(fake_input, tmp_path):
     assert floors["draft decode"]["bytes"] == 1e9
     assert any(step.startswith("target verify k=") for step in floors)
     assert "bandwidth floor" in md
-    probe = data["run_info"]["same-gpu_mps_off"]["draft"]["info"]["bandwidth"]
+    # one probe per device (two at once on one device would halve both): the draft's row uses the target's
+    info = data["run_info"]["same-gpu_mps_off"]
+    probe = info["target"]["info"]["bandwidth"]
     assert probe["best_gbs"] == max(probe["read_gbs"], probe["copy_gbs"]) > 0
+    assert "bandwidth" not in info["draft"]["info"]
+    assert floors["draft decode"]["measured_gbs"] == target["measured_gbs"] == probe["best_gbs"]
 
 
 def test_bench_runs_both_placements_in_one_run(fake_input, tmp_path):
@@ -79,6 +83,8 @@ def test_bench_runs_both_placements_in_one_run(fake_input, tmp_path):
     assert info["two-gpu_mps_off"]["draft"]["device"] == "cuda:1"
     assert info["two-gpu_mps_off"]["target"]["device"] == "cuda:0"
     assert info["same-gpu_mps_off"]["draft"]["device"] == "cpu"
+    assert "bandwidth" in info["two-gpu_mps_off"]["draft"]["info"]          # its own device: its own probe
+    assert "bandwidth" not in info["same-gpu_mps_off"]["draft"]["info"]
     rows = data["aggregate"]["rows"]
     assert {r["placement"] for r in rows} == {"same-gpu", "two-gpu"}
     for placement in ("same-gpu", "two-gpu"):

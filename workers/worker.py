@@ -102,7 +102,11 @@ class Worker:
             bandwidth = measure_read_bandwidth(self.backend.options.get("device"), self.backend_name != "fake")
         try:
             info = self.backend.load()
-            info["info"] = dict(info.get("info") or {}, step_bytes=self.backend.step_bytes())
+            try:                  # the bench's floor column; never a reason for a worker not to start
+                step_bytes = self.backend.step_bytes()
+            except Exception as exc:
+                step_bytes = {"error": f"{type(exc).__name__}: {exc}"}
+            info["info"] = dict(info.get("info") or {}, step_bytes=step_bytes)
             if bandwidth is not None:
                 info["info"]["bandwidth"] = bandwidth
         except Exception as exc:
