@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ class BenchConfig:
     target_sm_percent: int | None = None
     placements: list = field(default_factory=lambda: ["same-gpu"])
     user_devices: tuple = ()             # roles whose device the user named: placements leave them alone
-    measure_bandwidth: bool = True       # each worker measures its device's read bandwidth before loading
+    measure_bandwidth: bool = True       # each device's read bandwidth, measured before the workers start
     bandwidth_gbs: float | None = None   # the floor's bandwidth when the card is not in the datasheet table
     ceiling_trials: int = 400            # event-simulation trials per two-GPU prediction
     command: str = ""
@@ -91,9 +92,10 @@ def run_bench(cfg: BenchConfig) -> int:
     run_info: dict = {}
     failure = None
     plan = [(placement, mps) for placement in cfg.placements for mps in cfg.mps]
+    probes: dict = {}                       # device -> its measured read bandwidth, once per run
     for placement, mps_setting in plan:
         try:
-            _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, events, run_info, placement)
+            _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, events, run_info, placement, probes)
         except (WorkerDied, StartupError, MpsError) as exc:
             failure = f"placement={placement} mps={mps_setting}: {exc}"
             _say(f"error: {failure}")
@@ -119,17 +121,37 @@ def _tagged(events: list[dict], placement: str, mps: str) -> list[dict]:
     return [dict(e, placement=placement, mps=mps) for e in events]
 
 
-def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, events, run_info, placement) -> None:
+def _probe_key(spec: WorkerSpec) -> tuple:
+    return (spec.backend == "fake", spec.options.get("device") or "")
+
+
+def _probe(spec: WorkerSpec, probes: dict) -> None:
+    """The best read bandwidth of the worker's device, measured once per run by `python -m workers.bandwidth`
+    (its own process: the coordinator never imports torch)."""
+    key = _probe_key(spec)
+    if key in probes:
+        return
+    cmd = [sys.executable, "-m", "workers.bandwidth"] + (["--numpy"] if key[0] else [])
+    cmd += ["--device", key[1]] if key[1] else []
+    _say(f"measuring the read bandwidth of {key[1] or 'the default device'}")
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        probes[key] = json.loads(done.stdout.strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, ValueError, IndexError, OSError) as exc:
+        probes[key] = {"method": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, events, run_info, placement, probes) -> None:
     daemon = None
     session = None
-    draft_opts = placement_devices(cfg.draft, placement, cfg.user_devices)
-    target_opts = placement_devices(cfg.target, placement, cfg.user_devices)
-    if cfg.measure_bandwidth:     # one probe per device: two probes at once on one GPU would halve both
-        target_opts["measure_bandwidth"] = True
-        if draft_opts.get("device") != target_opts.get("device"):
-            draft_opts["measure_bandwidth"] = True
-    draft = WorkerSpec(cfg.draft.role, cfg.draft.backend, draft_opts, cfg.draft.endpoint, {})
-    target = WorkerSpec(cfg.target.role, cfg.target.backend, target_opts, cfg.target.endpoint, {})
+    draft = WorkerSpec(cfg.draft.role, cfg.draft.backend, placement_devices(cfg.draft, placement, cfg.user_devices),
+                       cfg.draft.endpoint, {})
+    target = WorkerSpec(cfg.target.role, cfg.target.backend,
+                        placement_devices(cfg.target, placement, cfg.user_devices), cfg.target.endpoint, {})
+    if cfg.measure_bandwidth:     # before the workers start: nothing else on the device while it measures
+        for spec in (draft, target):
+            if not spec.endpoint:
+                _probe(spec, probes)
     try:
         if mps_setting == "on":
             daemon = MpsDaemon().start()
@@ -141,7 +163,9 @@ def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, events, run_
         session.start()
         run_info[f"{placement}_mps_{mps_setting}"] = {
             r: {"model_id": h.ready.model_id, "device": h.ready.device, "synthetic": h.ready.synthetic,
-                "info": h.ready.info, "memory_at_ready": h.ready.memory} for r, h in session.workers.items()}
+                "info": dict(h.ready.info, **({"bandwidth": probes[_probe_key(h.spec)]}
+                                              if _probe_key(h.spec) in probes else {})),
+                "memory_at_ready": h.ready.memory} for r, h in session.workers.items()}
         base_opts = {"ignore_eos": cfg.ignore_eos, "event_frames": 5}
         oracles = oracle_settings(cfg)
 

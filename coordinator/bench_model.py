@@ -184,10 +184,7 @@ def floor_rows(run_info: dict, rows: list[dict], sessions: dict, records, *, ans
                 gbs, source = bandwidth_gbs, "--bandwidth-gbs"
             else:
                 gbs, source = floor.datasheet_bandwidth(worker.get("cuda_device"))
-            other = info.get("draft" if role == "target" else "target") or {}
-            probe = worker.get("bandwidth") or (((other.get("info") or {}).get("bandwidth") or {})
-                                                if other.get("device") == (info.get(role) or {}).get("device") else {})
-            measured_gbs = probe.get("best_gbs")
+            measured_gbs = (worker.get("bandwidth") or {}).get("best_gbs")
             kinds = [(f"{role} decode", costs.get(f"{role}_step_ms"))]
             if role == "target":
                 measured_k = {k: v for k, v in (costs.get("verify_ms_by_k") or {}).items() if k and v is not None}

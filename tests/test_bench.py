@@ -24,8 +24,13 @@ def test_bench_oracle_sweep_with_fake_workers(fake_input, tmp_path):
         assert hopeless["acceptance_rate"] in (None, 0.0)
         assert perfect["matches_baseline"] == "3/3" and hopeless["matches_baseline"] == "3/3"
         assert rows[(mode, "profile=seed")]["matches_baseline"] == "3/3"
-        # with every draft right the target's 4 ms steps are replaced by a few verifications
-        assert perfect["speedup_vs_baseline"] > 1.5
+        # with every draft right the target's 4 ms steps are replaced by a few verifications (the walls
+        # also hold message handling, which a loaded 2-core machine slows: the margins are wide)
+        if mode == "speculative":              # keeps drafting, so it never depends on the prefill window
+            passes = [r["target"]["forward_passes"] for r in data["records"]
+                      if r["mode"] == mode and r["oracle"] == "alpha=1" and r["status"] == "ok"]
+            assert max(passes) < 12             # baseline: 23 decode steps
+        assert perfect["speedup_vs_baseline"] > 1.15
         assert hopeless["speedup_vs_baseline"] > 0.8
     # speedups are paired ratios of walls from this run
     recs = [r for r in data["records"] if r["status"] == "ok"]
@@ -60,11 +65,11 @@ def test_bench_oracle_sweep_with_fake_workers(fake_input, tmp_path):
     assert floors["draft decode"]["bytes"] == 1e9
     assert any(step.startswith("target verify k=") for step in floors)
     assert "bandwidth floor" in md
-    # one probe per device (two at once on one device would halve both): the draft's row uses the target's
+    # one probe per device, before the workers start (fake workers: the host, with numpy)
     info = data["run_info"]["same-gpu_mps_off"]
     probe = info["target"]["info"]["bandwidth"]
-    assert probe["best_gbs"] == max(probe["read_gbs"], probe["copy_gbs"]) > 0
-    assert "bandwidth" not in info["draft"]["info"]
+    assert probe["best_gbs"] == max(probe["read_gbs"], probe["copy_gbs"]) > 0 and "numpy" in probe["method"]
+    assert info["draft"]["info"]["bandwidth"] == probe
     assert floors["draft decode"]["measured_gbs"] == target["measured_gbs"] == probe["best_gbs"]
 
 
@@ -83,8 +88,7 @@ def test_bench_runs_both_placements_in_one_run(fake_input, tmp_path):
     assert info["two-gpu_mps_off"]["draft"]["device"] == "cuda:1"
     assert info["two-gpu_mps_off"]["target"]["device"] == "cuda:0"
     assert info["same-gpu_mps_off"]["draft"]["device"] == "cpu"
-    assert "bandwidth" in info["two-gpu_mps_off"]["draft"]["info"]          # its own device: its own probe
-    assert "bandwidth" not in info["same-gpu_mps_off"]["draft"]["info"]
+    assert info["two-gpu_mps_off"]["draft"]["info"]["bandwidth"]["best_gbs"] > 0     # measured for cuda:1
     rows = data["aggregate"]["rows"]
     assert {r["placement"] for r in rows} == {"same-gpu", "two-gpu"}
     for placement in ("same-gpu", "two-gpu"):

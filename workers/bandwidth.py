@@ -3,10 +3,14 @@ imports torch): a reduction over a large buffer (reads it once) and a copy (read
 repeated back to back, best of a few timed groups. On a CUDA device the buffer is min(1 GiB, a quarter of
 the free memory), far larger than any L2 cache. The fake backend measures the host with numpy.
 
-Run before the model loads, so its buffers never count towards the model's peak memory.
+`coordinator bench` runs it as its own short process (`python -m workers.bandwidth --device cuda:1`) on each
+device before the workers start, one device at a time, so nothing else uses the device while it measures and
+its buffers never count towards a model's peak memory. Prints one JSON object.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import time
 
 GIB = 1 << 30
@@ -75,3 +79,16 @@ def measure_read_bandwidth(device: str | None, use_torch: bool) -> dict:
         return measure_torch(device) if use_torch else measure_numpy()
     except Exception as exc:  # a probe must not stop a worker from starting
         return {"method": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m workers.bandwidth", description=__doc__.splitlines()[0])
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--numpy", action="store_true", help="measure the host with numpy (no torch)")
+    args = p.parse_args(argv)
+    print(json.dumps(measure_read_bandwidth(args.device, not args.numpy)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -96,10 +96,6 @@ class Worker:
 
     def run(self) -> int:
         self.send(m.Hello(role=self.role, pid=os.getpid(), backend=self.backend_name))
-        bandwidth = None
-        if self.backend.options.get("measure_bandwidth"):       # before the model: its buffers are freed
-            from workers.bandwidth import measure_read_bandwidth
-            bandwidth = measure_read_bandwidth(self.backend.options.get("device"), self.backend_name != "fake")
         try:
             info = self.backend.load()
             try:                  # the bench's floor column; never a reason for a worker not to start
@@ -107,8 +103,6 @@ class Worker:
             except Exception as exc:
                 step_bytes = {"error": f"{type(exc).__name__}: {exc}"}
             info["info"] = dict(info.get("info") or {}, step_bytes=step_bytes)
-            if bandwidth is not None:
-                info["info"]["bandwidth"] = bandwidth
         except Exception as exc:
             self.send(m.Error(reason=f"{self.name}: loading backend {self.backend_name!r} failed: {exc}",
                               fatal=True))
