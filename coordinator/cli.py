@@ -198,7 +198,7 @@ def _floats(text: str, flag: str) -> list[float]:
 @click.option("--bandwidth-gbs", type=click.FloatRange(min=0, min_open=True),
               help="memory bandwidth (GB/s) for the floor columns when the card is not in the datasheet table")
 @click.option("--measure-bandwidth/--no-measure-bandwidth", default=True, show_default=True,
-              help="each worker measures its device's read bandwidth before loading its model")
+              help="measure each device's read bandwidth (python -m workers.bandwidth) before the workers start")
 @click.option("--demo-profile", type=click.Choice(["small", "dsec"]), default="small", show_default=True,
               help="without --input: generated data of this profile (dsec: DSEC-size clips, see make-demo)")
 @click.option("--placement", "placements", default="same-gpu", show_default=True,
