@@ -19,7 +19,7 @@ from workers.engine import nf4  # noqa: E402
 from workers.engine.kernels import linear as L  # noqa: E402
 
 
-def run(weight, x, block_m, block_n, block_k, warps, stages, splits, probe=0):
+def run(weight, x, block_m, block_n, block_k, warps, stages, splits, probe=0, wa=True, fma=False):
     n, k = weight.n, weight.k
     k_blocks = -(-k // block_k)
     k_split = -(-k_blocks // splits) * block_k
@@ -30,8 +30,8 @@ def run(weight, x, block_m, block_n, block_k, warps, stages, splits, probe=0):
     def call():
         L._single_kernel[grid](x, *weight.pointers(x), out, x.shape[0], n, k, k_split, SPLITS=max(2, splits),
                                NF4=weight.nf4, UPCAST=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                               num_warps=warps, num_stages=stages, PROBE=probe)
-    ms = triton.testing.do_bench(call, warmup=10, rep=60)
+                               num_warps=warps, num_stages=stages, PROBE=probe, WA=wa, FMA=fma)
+    ms = triton.testing.do_bench(call, warmup=5, rep=25)
     return ms, weight.bytes_read() / ms / 1e6
 
 
@@ -42,30 +42,19 @@ def main():
         dense = L.Weight(n, k, dense=w)
         packed, absmax = nf4.quantize(w.float())
         q = L.Weight(n, k, packed=packed, absmax=absmax, code=nf4.code_tensor("cuda"))
-        for rows in (1, 17):
+        for rows in (1, 9, 17):
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            for bm, bn, bk, warps, stages, splits in itertools.product((16, 32), (32, 64, 128), (64, 128),
-                                                                       (4,), (3, 5), (1, 2, 4)):
-                if bn * bk > 128 * 128 or (bk == 256 and bn == 128):
+            grid = [("bf16", dense, c) for c in itertools.product((True,), (16,), (16, 32, 64), (128, 256, 512), (4, 8), (3,), (1, 2, 4))]
+            grid += [("nf4", q, c) for c in itertools.product((True,), (16,), (16, 32, 64), (128, 256, 512), (4, 8), (2,), (1, 2, 4))]
+            for kind, weight, (fma, bm, bn, bk, warps, stages, splits) in grid:
+                if bn * bk > 64 * 256:
                     continue
                 try:
-                    ms, gbs = run(dense, x, bm, bn, bk, warps, stages, splits)
+                    ms, gbs = run(weight, x, bm, bn, bk, warps, stages, splits, 0, True, fma)
                 except Exception as exc:  # noqa: BLE001
                     ms, gbs = None, str(exc)[:80]
-                results.append(dict(kind="bf16", n=n, k=k, rows=rows, bm=bm, bn=bn, bk=bk, warps=warps,
+                results.append(dict(kind=kind, fma=fma, n=n, k=k, rows=rows, bm=bm, bn=bn, bk=bk, warps=warps,
                                     stages=stages, splits=splits, ms=ms, gbs=gbs))
-            for probe, bm, bn, bk, warps, splits in itertools.product((0, 1, 2), (16,), (32, 64), (64, 128),
-                                                                      (4, 8), (1, 4)):
-                if rows == 17 and probe:
-                    continue
-                try:
-                    ms, gbs = run(q, x, bm, bn, bk, warps, 3, splits, probe)
-                except Exception as exc:  # noqa: BLE001
-                    ms, gbs = None, str(exc)[:80]
-                results.append(dict(kind=f"nf4-probe{probe}", n=n, k=k, rows=rows, bm=bm, bn=bn, bk=bk,
-                                    warps=warps, stages=3, splits=splits, ms=ms, gbs=gbs))
-            print(json.dumps([r for r in results if r["rows"] == rows and r["n"] == n][-1]), file=sys.stderr,
-                  flush=True)
     copy_src = torch.empty(1 << 30, dtype=torch.uint16, device="cuda")
     copy_dst = torch.empty_like(copy_src)
     ms = triton.testing.do_bench(lambda: copy_dst.copy_(copy_src))

@@ -41,10 +41,63 @@ TARGET_PROGRAMS = 256          # enough CTAs to keep every SM of an H200 (132) s
 
 
 @triton.jit
+def _mma(acc, w, x, UPCAST: tl.constexpr, WA: tl.constexpr):
+    """acc += x @ w.T, as acc[rows of x, rows of w], or (WA) acc.T += w @ x.T: the weight tile is then the
+    MMA's A operand, which Triton feeds from registers without a shared-memory round trip (what makes a
+    tile dequantized in registers cheap); a column of the result still depends on its own row of x only."""
+    if UPCAST:
+        w = w.to(tl.float32)
+        x = x.to(tl.float32)
+        if WA:
+            acc += tl.dot(w, tl.trans(x), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+    else:
+        if WA:
+            acc += tl.dot(w, tl.trans(x))
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    return acc
+
+
+@triton.jit
+def _fma_rows(acc, w, x_ptr, cols, cols_ok, rm, M, K, BLOCK_M: tl.constexpr, STRIDE: tl.constexpr, OFFSET: tl.constexpr):
+    """acc[i, :] += W_tile @ x[rm[i], cols·STRIDE + OFFSET] for each real row, with float32 FMAs and one
+    reduction per row; rows beyond M are skipped, so M = 1 pays for one row. A row's sum has the same
+    order whatever M is: the same compiled code runs for every row."""
+    row0 = tl.min(rm, 0)
+    for i in tl.static_range(BLOCK_M):
+        if row0 + i < M:
+            xv = tl.load(x_ptr + (row0 + i) * K + cols * STRIDE + OFFSET, mask=cols_ok, other=0.0).to(tl.float32)
+            part = tl.sum(w * xv[None, :], axis=1)
+            acc += tl.where((tl.arange(0, BLOCK_M) == i)[:, None], part[None, :], 0.0)
+    return acc
+
+
+@triton.jit
 def _accumulate(acc, x_ptr, w_ptr, absmax_ptr, code_ptr, rm, rows, row_ok, k0, M, K,
-                NF4: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, PROBE: tl.constexpr = 0):
-    """acc += x[rm, k0:k0+BLOCK_K] @ W[rows, k0:k0+BLOCK_K].T"""
+                NF4: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, WA: tl.constexpr,
+                PROBE: tl.constexpr = 0, FMA: tl.constexpr = False, BLOCK_M: tl.constexpr = 16):
+    """acc += x[rm, k0:k0+BLOCK_K] @ W[rows, k0:k0+BLOCK_K].T (transposed when WA, never with FMA)"""
     m_ok = rm < M
+    if FMA:
+        if NF4:
+            rj = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            j_ok = rj < K // 2
+            wmask = row_ok[:, None] & j_ok[None, :]
+            packed = tl.load(w_ptr + rows[:, None] * (K // 2) + rj[None, :], mask=wmask, other=0).to(tl.int32)
+            scale = tl.load(absmax_ptr + rows[:, None] * (K // 64) + (rj // 32)[None, :], mask=wmask, other=0.0)
+            dtype = x_ptr.dtype.element_ty
+            w_high = cast(tl.load(code_ptr + (packed >> 4)) * scale, dtype, UPCAST).to(tl.float32)
+            acc = _fma_rows(acc, w_high, x_ptr, rj, j_ok, rm, M, K, BLOCK_M, 2, 0)
+            w_low = cast(tl.load(code_ptr + (packed & 15)) * scale, dtype, UPCAST).to(tl.float32)
+            acc = _fma_rows(acc, w_low, x_ptr, rj, j_ok, rm, M, K, BLOCK_M, 2, 1)
+        else:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K
+            w = tl.load(w_ptr + rows[:, None] * K + rk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = _fma_rows(acc, w.to(tl.float32), x_ptr, rk, k_ok, rm, M, K, BLOCK_M, 1, 0)
+        return acc
     if NF4:
         rj = k0 // 2 + tl.arange(0, BLOCK_K // 2)              # byte j holds columns 2j (high) and 2j+1
         j_ok = rj < K // 2
@@ -63,38 +116,38 @@ def _accumulate(acc, x_ptr, w_ptr, absmax_ptr, code_ptr, rm, rows, row_ok, k0, M
         else:
             w_high = cast(tl.load(code_ptr + (packed >> 4)) * scale, x_even.dtype, UPCAST)
             w_low = cast(tl.load(code_ptr + (packed & 15)) * scale, x_even.dtype, UPCAST)
-        if UPCAST:
-            acc += tl.dot(x_even.to(tl.float32), tl.trans(w_high.to(tl.float32)), input_precision="ieee")
-            acc += tl.dot(x_odd.to(tl.float32), tl.trans(w_low.to(tl.float32)), input_precision="ieee")
-        else:
-            acc += tl.dot(x_even, tl.trans(w_high))
-            acc += tl.dot(x_odd, tl.trans(w_low))
+        acc = _mma(acc, w_high, x_even, UPCAST, WA)
+        acc = _mma(acc, w_low, x_odd, UPCAST, WA)
     else:
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
         x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + rows[:, None] * K + rk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
+        acc = _mma(acc, w, x, UPCAST, WA)
     return acc
 
 
 @triton.jit(do_not_specialize=["M"])
 def _single_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, K_SPLIT,
                    SPLITS: tl.constexpr, NF4: tl.constexpr, UPCAST: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROBE: tl.constexpr = 0):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WA: tl.constexpr = True,
+                   PROBE: tl.constexpr = 0, FMA: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if WA and not FMA:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_begin = pid_s * K_SPLIT
     for k0 in range(k_begin, k_begin + K_SPLIT, BLOCK_K):
-        acc = _accumulate(acc, x_ptr, w_ptr, absmax_ptr, code_ptr, rm, rn, col_ok, k0, M, K, NF4, UPCAST, BLOCK_K, PROBE)
+        acc = _accumulate(acc, x_ptr, w_ptr, absmax_ptr, code_ptr, rm, rn, col_ok, k0, M, K, NF4, UPCAST, BLOCK_K,
+                          WA, PROBE, FMA, BLOCK_M)
+    if WA and not FMA:
+        acc = tl.trans(acc)
     mask = (rm < M)[:, None] & col_ok[None, :]
     if SPLITS == 1:
         tl.store(out_ptr + rm[:, None] * N + rn[None, :], cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=mask)
@@ -106,7 +159,8 @@ def _single_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, K_SPLIT
 def _dual_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, K, GROUP, HALF, PER_GROUP,
                  k_cache_ptr, v_cache_ptr, start_ptr, inv_freq_ptr, scaling, Q_HEADS, KV_HEADS, SLOTS,
                  ROPE: tl.constexpr, NF4: tl.constexpr, UPCAST: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WA: tl.constexpr = True,
+                 FMA: tl.constexpr = False):
     """Rows a = g·GROUP + p·BLOCK_N + i and b = a + HALF of group g (a head, or the whole gate/up stack)."""
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -116,11 +170,20 @@ def _dual_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, K, GROUP, HALF,
     rows_b = rows_a + HALF
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ok = offset < HALF
-    acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if WA and not FMA:
+        acc_a = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        acc_a = _accumulate(acc_a, x_ptr, w_ptr, absmax_ptr, code_ptr, rm, rows_a, ok, k0, M, K, NF4, UPCAST, BLOCK_K)
-        acc_b = _accumulate(acc_b, x_ptr, w_ptr, absmax_ptr, code_ptr, rm, rows_b, ok, k0, M, K, NF4, UPCAST, BLOCK_K)
+        acc_a = _accumulate(acc_a, x_ptr, w_ptr, absmax_ptr, code_ptr, rm, rows_a, ok, k0, M, K, NF4, UPCAST, BLOCK_K,
+                            WA, 0, FMA, BLOCK_M)
+        acc_b = _accumulate(acc_b, x_ptr, w_ptr, absmax_ptr, code_ptr, rm, rows_b, ok, k0, M, K, NF4, UPCAST, BLOCK_K,
+                            WA, 0, FMA, BLOCK_M)
+    if WA and not FMA:
+        acc_a = tl.trans(acc_a)
+        acc_b = tl.trans(acc_b)
     m_ok = rm < M
     mask = m_ok[:, None] & ok[None, :]
     dtype = x_ptr.dtype.element_ty
