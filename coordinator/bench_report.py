@@ -84,15 +84,18 @@ def plot_speedup(rows: list[dict], path: Path) -> None:
         if r["oracle"] and r["oracle"].startswith("alpha=") and r["speedup_vs_baseline"] is not None:
             alpha = float(r["oracle"].split("=", 1)[1])
             series.setdefault((r["mode"], r.get("placement"), r["mps"], r["max_new_tokens"]), []).append(
-                (alpha, r["speedup_vs_baseline"]))
+                (alpha, r["speedup_vs_baseline"], r.get("predicted_speedup")))
     for (mode, placement, mps, n), pts in sorted(series.items(), key=lambda kv: tuple(map(str, kv[0]))):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                label=f"{mode}, {placement or ''} MPS {mps}, {n} tok")
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                        label=f"{mode}, {placement or ''} MPS {mps}, {n} tok")
+        predicted = [(p[0], p[2]) for p in pts if p[2] is not None]
+        if predicted:            # the ceiling of the same configuration, dashed in the same colour
+            ax.plot([p[0] for p in predicted], [p[1] for p in predicted], ls="--", color=line.get_color(), lw=1)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("oracle acceptance α (per position)")
     ax.set_ylabel("speedup vs baseline (paired, same run)")
-    ax.set_title("eventspec: speedup vs draft acceptance")
+    ax.set_title("eventspec: speedup vs draft acceptance (dashed: predicted ceiling)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
