@@ -49,7 +49,8 @@ def _index(events):
 
 
 def _verify_alone(recs, spans, placement) -> tuple[dict, str]:
-    """Median verification ms by k, from verifications no draft work overlapped (on two GPUs: all)."""
+    """Median verification ms by k, from verifications no draft work overlapped (on two GPUs: all); a k never
+    verified alone takes its medians beside the draft, and the source says which."""
     alone, beside = {}, {}
     for r in recs:
         mine = spans.get(r["request_id"], [])
@@ -61,9 +62,10 @@ def _verify_alone(recs, spans, placement) -> tuple[dict, str]:
             k = int((s.get("attrs") or {}).get("k", 0))
             busy = any(a < s["end_ns"] and b > s["start_ns"] for a, b in draft_work)
             (beside if busy and placement != "two-gpu" else alone).setdefault(k, []).append(_ms(s))
-    if alone:
-        return {k: _median(v) for k, v in sorted(alone.items())}, "alone"
-    return {k: _median(v) for k, v in sorted(beside.items())}, "beside the draft (none measured alone)"
+    merged = {k: _median(alone.get(k) or beside[k]) for k in sorted(set(alone) | set(beside))}
+    only_beside = sorted(k for k in beside if k not in alone)
+    source = "alone" if not only_beside else f"alone, except k = {', '.join(map(str, only_beside))} (beside the draft)"
+    return merged, source
 
 
 def session_costs(records, events, draft_alone, placement, mps) -> dict:

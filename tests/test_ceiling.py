@@ -132,3 +132,14 @@ def test_ceiling_command_reads_a_bench_json(tmp_path):
     bad.write_text("{}")
     result = CliRunner().invoke(main, ["ceiling", str(bad)])
     assert result.exit_code != 0 and "costs_alone" in result.output
+
+
+def test_verification_costs_alone_are_told_from_those_beside_the_draft():
+    spans = {"r": [_span("target", "verify", 0, 10, k=2), _span("draft", "draft_step", 5, 8),
+                   _span("target", "verify", 30, 34, k=2), _span("target", "verify", 40, 52, k=3),
+                   _span("draft", "draft_step", 45, 47)]}
+    by_k, source = bench_model._verify_alone([{"request_id": "r"}], spans, "same-gpu")
+    assert by_k == {2: pytest.approx(4.0), 3: pytest.approx(12.0)}     # k=2: the one alone; k=3: none alone
+    assert source == "alone, except k = 3 (beside the draft)"
+    by_k, source = bench_model._verify_alone([{"request_id": "r"}], spans, "two-gpu")   # no contention there
+    assert by_k[2] == pytest.approx(7.0) and source == "alone"
