@@ -27,6 +27,8 @@ def render_markdown(data: dict) -> str:
     lines += ["Every number below was measured in one run of:", "", "```bash", data.get("command", ""), "```", ""]
     if data.get("failure"):
         lines += [f"**The run stopped early:** {data['failure']}", ""]
+    for skipped in data.get("skipped") or []:
+        lines += [f"**Not measured:** {skipped}.", ""]
     for info_key, info in data.get("run_info", {}).items():
         for role, v in info.items():
             lines.append(f"- {info_key} {role}: {v.get('model_id')} on {v.get('device')} "

@@ -8,6 +8,9 @@ that only masks loads and stores (`do_not_specialize`, so M = 1 runs the same co
 MMA computes each output row from its own input row, so a row's arithmetic is the same whatever rows run
 beside it. No atomics: split partials go to a workspace and `_finish_kernel` adds them in split order.
 
+`PROBE` and `FMA` are measurement switches for `benchmarks/kernel_probe.py` (a variant without the codebook
+lookup or the absmax, and one with float32 FMAs instead of MMAs); the step never sets them.
+
 Kernels (one layer = qkv · attention · o · gate/up · down):
 - `_single_kernel`: one weight, optional split-K; writes the output (no split) or split partials.
 - `_dual_kernel`: two row sets of one stacked weight per program, no split, so the epilogue sees both:
@@ -277,6 +280,12 @@ def _check(x: torch.Tensor, weight: Weight) -> None:
         raise ValueError(f"expected a contiguous [M, {weight.k}] input; got {tuple(x.shape)}")
 
 
+def _stages(weight: Weight) -> int:
+    # measured on an H200 (benchmarks/kernel_probe.py): dense tiles stream best 4 deep; NF4 tiles, which
+    # are dequantized in registers, best 2 deep
+    return 2 if weight.nf4 else 4
+
+
 def _upcast(x: torch.Tensor) -> bool:
     return INTERPRET or x.dtype == torch.float32
 
@@ -292,7 +301,7 @@ def linear(x: torch.Tensor, weight: Weight, *, out_dtype: torch.dtype | None = N
     grid = (_cdiv(weight.n, BLOCK_N), weight.splits, _cdiv(m, BLOCK_M))
     _single_kernel[grid](x, *weight.pointers(x), out, m, weight.n, weight.k, weight.k_split,
                          SPLITS=weight.splits, NF4=weight.nf4, UPCAST=_upcast(x),
-                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=4)
+                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=_stages(weight))
     if weight.splits == 1:
         return out
     return out.sum(0).to(out_dtype or x.dtype)      # not on the step's path: see linear_residual_norm
@@ -308,7 +317,7 @@ def linear_residual_norm(x: torch.Tensor, weight: Weight, residual: torch.Tensor
     # SPLITS=2 forces the partial store even for an unsplit weight (the finish kernel adds the residual)
     _single_kernel[grid](x, *weight.pointers(x), part, m, n, weight.k, weight.k_split,
                          SPLITS=max(2, weight.splits), NF4=weight.nf4, UPCAST=_upcast(x),
-                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=4)
+                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=_stages(weight))
     hidden = torch.empty((m, n), dtype=residual.dtype, device=x.device)
     normed = torch.empty_like(hidden)
     _finish_kernel[(m,)](part, residual, hidden, norm_weight, normed, m, n, eps, SPLITS=weight.splits,
@@ -326,7 +335,7 @@ def gate_up_silu(x: torch.Tensor, weight: Weight) -> torch.Tensor:
         x, *weight.pointers(x), out, m, weight.k, weight.n, half, per_group,
         out, out, out, out, 1.0, 0, 0, 0,
         ROPE=False, NF4=weight.nf4, UPCAST=_upcast(x),
-        BLOCK_M=BLOCK_M, BLOCK_N=DUAL_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=4)
+        BLOCK_M=BLOCK_M, BLOCK_N=DUAL_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=_stages(weight))
     return out
 
 
@@ -345,5 +354,5 @@ def qkv_rope_store(x: torch.Tensor, weight: Weight, keys: torch.Tensor, values: 
         x, *weight.pointers(x), q, m, weight.k, d, d // 2, per_group,
         keys, values, start, inv_freq, float(scaling), heads, kv_heads, slots,
         ROPE=True, NF4=weight.nf4, UPCAST=_upcast(x),
-        BLOCK_M=BLOCK_M, BLOCK_N=DUAL_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=4)
+        BLOCK_M=BLOCK_M, BLOCK_N=DUAL_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=_stages(weight))
     return q
