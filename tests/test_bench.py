@@ -30,7 +30,9 @@ def test_bench_oracle_sweep_with_fake_workers(fake_input, tmp_path):
             passes = [r["target"]["forward_passes"] for r in data["records"]
                       if r["mode"] == mode and r["oracle"] == "alpha=1" and r["status"] == "ok"]
             assert max(passes) < 12             # baseline: 23 decode steps
-        assert perfect["speedup_vs_baseline"] > 1.15
+            assert perfect["speedup_vs_baseline"] > 1.15
+        else:                                   # what the draft made during the 20 ms window, verified once
+            assert perfect["free_draft_tokens"] >= 1 and perfect["speedup_vs_baseline"] > 1.0
         assert hopeless["speedup_vs_baseline"] > 0.8
     # speedups are paired ratios of walls from this run
     recs = [r for r in data["records"] if r["status"] == "ok"]
@@ -46,7 +48,7 @@ def test_bench_oracle_sweep_with_fake_workers(fake_input, tmp_path):
     assert (out / "speedup_vs_alpha.png").stat().st_size > 1000
     # the ceiling: every drafting row has a prediction from this run's costs, and the ratio is measured ÷ it
     costs = data["aggregate"]["costs_alone"]["same-gpu_mps_off"]
-    assert costs["target_step_ms"] >= 4 and 0.5 <= costs["draft_step_ms"] < 4
+    assert costs["target_step_ms"] >= 4 and 0.5 <= costs["draft_step_ms"] < costs["target_step_ms"]
     for mode in ("parallel", "speculative"):
         for oracle in ("alpha=0", "alpha=1", "profile=seed"):
             row = rows[(mode, oracle)]
