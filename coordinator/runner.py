@@ -58,6 +58,8 @@ class RunConfig:
     ignore_eos: bool = False
     wait_for_drafts: int = 0
     warmup: int = 1
+    pipeline: str = "auto"
+    draft_policy: str = "auto"
     command: str = ""
     quiet: bool = False
 
@@ -206,7 +208,8 @@ def _warm_up(session: Session, cfg: RunConfig, sample: dict, say) -> None:
                 rec = session.run_request(sample, mode, question=sample.get("question") or cfg.question or "",
                                           max_new_tokens=cfg.max_new_tokens, options=options, k_max=cfg.k_max,
                                           adaptive=cfg.adaptive, max_ahead=cfg.max_ahead,
-                                          wait_for_drafts=cfg.wait_for_drafts)
+                                          wait_for_drafts=cfg.wait_for_drafts, pipeline=cfg.pipeline,
+                                          draft_policy=cfg.draft_policy)
                 if rec["status"] != "ok":
                     print(f"warning: warm-up request ({mode}) failed: {rec['error']}", file=sys.stderr)
     finally:
@@ -226,7 +229,8 @@ def _run_samples(cfg: RunConfig, session: Session, samples: list, outputs: RunOu
             question = sample.get("question") or cfg.question or ""
             rec = session.run_request(sample, mode, question=question, max_new_tokens=cfg.max_new_tokens,
                                       options=options, k_max=cfg.k_max, adaptive=cfg.adaptive,
-                                      max_ahead=cfg.max_ahead, wait_for_drafts=cfg.wait_for_drafts)
+                                      max_ahead=cfg.max_ahead, wait_for_drafts=cfg.wait_for_drafts,
+                                      pipeline=cfg.pipeline, draft_policy=cfg.draft_policy)
             rec["sequence"] = sample.get("sequence")
             if rec["status"] == "ok" and mode == "baseline":
                 baseline_ids = rec["output_ids"]
