@@ -69,7 +69,8 @@ def test_two_devices_pipeline_the_draft_and_stay_lossless(fake_input, tmp_path):
 def test_on_one_gpu_a_draft_that_cannot_pay_stands_aside(fake_input, tmp_path):
     """Fake workers that say they share cuda:0: after the first sample has measured the costs and a hopeless
     acceptance, the target runs alone; a good draft keeps drafting."""
-    gpu = ["--draft-option", "device=cuda:0", "--target-option", "device=cuda:0"]
+    # --warmup 0: the warm-up requests would measure the costs before the first sample does
+    gpu = ["--draft-option", "device=cuda:0", "--target-option", "device=cuda:0", "--warmup", "0"]
     out = tmp_path / "hopeless"
     run_cli("run", "--input", fake_input, "--output-dir", out, *FAKE, *gpu, "--max-new-tokens", "30",
             "--draft-option", "quality=wrong", "--draft-option", "step_ms=5", "--target-option", "step_ms=5",
