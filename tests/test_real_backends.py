@@ -53,6 +53,9 @@ def test_lossless_in_every_mode_on_tiny_checkpoints(tiny, tmp_path, draft):
     assert all(r["target"]["prompt_len"] > 8 * 17 for r in recs)          # 8 frames × 17 tokens + text
     assert all(r["draft"]["prompt_len"] > 5 + 17 for r in recs if r["draft"])
     assert info["memory_at_ready"]["target"]["rss_bytes"] > 0
+    for role in ("draft", "target"):                  # the bench's floor: what one step reads, from READY
+        step = info["worker_info"][role]["step_bytes"]
+        assert step["weight_bytes"] > 0 and step["kv_bytes_per_position"] > 0, step
 
 
 def test_broken_checkpoint_fails_at_startup_naming_the_tensor(tiny, tmp_path):

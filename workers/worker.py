@@ -80,6 +80,11 @@ class Worker(DraftLoop, TargetLoop):
         self.heartbeats.start()         # also while loading and computing
         try:
             info = self.backend.load()
+            try:                  # the bench's floor column; never a reason for a worker not to start
+                step_bytes = self.backend.step_bytes()
+            except Exception as exc:
+                step_bytes = {"error": f"{type(exc).__name__}: {exc}"}
+            info["info"] = dict(info.get("info") or {}, step_bytes=step_bytes)
         except Exception as exc:
             self.send(m.Error(reason=f"{self.name}: loading backend {self.backend_name!r} failed: {exc}",
                               fatal=True))

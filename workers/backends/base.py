@@ -65,6 +65,10 @@ class Backend(ABC):
         if self.engine is not None:
             self.engine.override = None
 
+    def step_bytes(self) -> dict | None:
+        """What one decode step reads (workers.step_bytes.describe_step_bytes), for the bench's floor."""
+        return None
+
     def memory(self) -> dict:
         import psutil
         return {"rss_bytes": psutil.Process(os.getpid()).memory_info().rss, "peak_gpu_bytes": None}

@@ -127,6 +127,14 @@ class FakeBackend(Backend):
             return {"files": sum(1 for p in path.rglob("*") if p.is_file())}
         return {"files": 1 if path.is_file() else 0}
 
+    def step_bytes(self) -> dict | None:
+        """Stand-in step geometry (options weight_bytes, kv_bytes_per_position) so the bench's floor
+        columns can be tested without a model."""
+        if self.options.get("weight_bytes") is None:
+            return None
+        return {"weight_bytes": int(self.options["weight_bytes"]),
+                "kv_bytes_per_position": int(self.options.get("kv_bytes_per_position", 0))}
+
     def decode_text(self, token_ids):
         return " ".join(f"w{t}" for t in token_ids)
 

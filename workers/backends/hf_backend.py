@@ -154,6 +154,10 @@ class HFBackend(Backend):
         info["max_new_tokens"] = int(options.get("max_new_tokens") or 0)
         return Prepared(prompt=kwargs, info=info)
 
+    def step_bytes(self) -> dict | None:
+        from workers.step_bytes import describe_step_bytes
+        return describe_step_bytes(self.lm.model, self.step_model)
+
     def sync(self) -> None:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
