@@ -67,7 +67,7 @@ class HFBackend(Backend):
         self.step_model = self._make_step_model()
         self._load_peak_gpu = None
         if self.device.startswith("cuda"):
-            # loading (a synthetic model is built in bf16 before it is quantized) peaks above what serving
+            # loading (transformers' from_pretrained, a quantization pass) can peak above what serving
             # needs: report both
             self._load_peak_gpu = int(torch.cuda.max_memory_allocated())
             torch.cuda.reset_peak_memory_stats()

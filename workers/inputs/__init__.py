@@ -2,8 +2,9 @@
 from .errors import InputError
 from .events import Events, load_events, load_events_file, validate_events
 from .render import render_event_images
+from .sample_inputs import load_sample_inputs
 from .samples import (DEFAULT_QUESTION, INPUT_FORMATS, QUESTION_SETS, TOP10_QUESTIONS, detect_layout,
-                      discover_samples, load_sample_inputs)
+                      discover_samples)
 from .video import load_video_frames, sample_frame_indices
 
 __all__ = [

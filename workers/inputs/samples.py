@@ -1,4 +1,5 @@
-"""Finding samples in an input folder (coordinator side) and loading one sample's model inputs (worker side).
+"""Finding samples in an input folder (coordinator side); `sample_inputs.py` loads one sample's model inputs
+(worker side).
 
 Discovery knows the three layouts — the research dataset (`EventGPT_Instruction_Subset.json` + `event_npy/`
 + `mp4/` / `video/`), a single clip folder (`events.npy|h5` + `video.mp4|frames/`), raw DSEC sequences
@@ -15,9 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .events import DSEC_SENSOR_SIZE, dsec_time_range, load_events
-from .render import render_event_images
-from .video import load_video
+from .events import DSEC_SENSOR_SIZE, dsec_time_range
 
 DATASET_INDEX = "EventGPT_Instruction_Subset.json"
 DEFAULT_QUESTION = "What are the key elements in this scene?"
@@ -292,26 +291,3 @@ def discover_samples(input_dir, *, input_format: str = "auto", split: str | None
         where = f" with split {split!r}" if split is not None and layout == "dataset" else ""
         raise InputError(f"{root}: no samples in this '{layout}' layout{where}.{why}")
     return samples, bad
-
-
-def load_sample_inputs(sample: dict, role: str, *, event_frames: int = 5, event_window_ms: float | None = None,
-                       video_frames: int = 8) -> dict:
-    """Model inputs for one sample. role "draft": event images; role "target": video frames. Raises InputError."""
-    sample_id = sample.get("sample_id", "?")
-    try:
-        if role == "draft":
-            sensor_size = sample.get("sensor_size", DSEC_SENSOR_SIZE)
-            events = load_events(sample.get("events"), sensor_size=sensor_size)
-            try:
-                images = render_event_images(events, event_frames, event_window_ms)
-            except InputError as exc:
-                raise InputError(f"{sample['events'].get('path')}: {exc}") from None
-            info = {"n_events": len(events), "events_duration_us": events.duration_us,
-                    "event_image_shapes": [list(im.shape) for im in images]}
-            return {"event_images": images, "n_events": len(events), "info": info}
-        if role == "target":
-            frames, info = load_video(sample.get("video"), video_frames)
-            return {"video_frames": frames, "info": info}
-    except InputError as exc:
-        raise InputError(f"sample {sample_id}: {exc}") from None
-    raise ValueError(f"role must be 'draft' or 'target', not {role!r}")

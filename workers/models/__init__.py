@@ -1,8 +1,9 @@
 """Model definitions and loading for the two workers: EventGPT (draft) and Video-LLaVA (target).
 
 Submodules: `eventgpt` (EventGPT config/model, registered with the transformers Auto classes), `prompts`
-(templates and the event splice), `loading` (checkpoint folders → LoadedModel + prefill inputs), `tiny`
-(offline tiny checkpoints for tests), `synthetic` (random-weight real-size models for timing).
+(templates and the event splice), `loading` (checkpoint folders → LoadedModel + prefill inputs; it re-exports
+`checkpoint`, `eventgpt_loading` and `videollava_loading`), `tiny` (offline tiny checkpoints for tests),
+`synthetic` (random-weight real-size models for timing).
 Names are imported lazily so that `import workers.models.prompts` does not pull in transformers.
 """
 

@@ -4,7 +4,7 @@ The module names reproduce the released checkpoint's state-dict names (model.emb
 model.visual_projector.{0,2}, model.feature_adaptor, model.visual_tower.visual_tower.vision_model.*), so
 `from_pretrained` reads the released folder as is. The language model is transformers' LlamaModel (decode
 steps are plain LLaMA calls); the event tower is transformers' CLIPVisionModel.
-This module never reads files or resolves paths: loading.py does.
+This module never reads files or resolves paths: eventgpt_loading.py does.
 """
 
 from __future__ import annotations

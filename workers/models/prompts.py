@@ -25,7 +25,7 @@ REFERENCE_QUESTION = "What are the key elements in this scene?"
 
 def eventgpt_prompt(question: str) -> str:
     # <ev_start>/<ev_end> are always in the text; whether they become one special token each or
-    # several ordinary pieces depends on the tokenizer (see loading.py, which follows the config).
+    # several ordinary pieces depends on the tokenizer (see eventgpt_loading.py, which follows the config).
     return f"{SYSTEM} USER: {EV_START_TOKEN}{EVENT_TOKEN}{EV_END_TOKEN}\n{question} ASSISTANT:"
 
 

@@ -23,16 +23,10 @@ import re
 import torch
 from torch import nn
 
+from .checkpoint import EVENTGPT_SKIP_MODULES, VIDEOLLAVA_SKIP_MODULES, LoadedModel, check_precision
 from .eventgpt import CLIP_VIT_L14_336, EventGPTConfig, EventGPTForCausalLM
-from .loading import (
-    EVENTGPT_SKIP_MODULES,
-    VIDEOLLAVA_SKIP_MODULES,
-    LoadedModel,
-    check_precision,
-    spliced_length,
-    videollava_prompt_ids,
-)
-from .prompts import REFERENCE_QUESTION, eventgpt_prompt_ids
+from .prompts import REFERENCE_QUESTION, eventgpt_prompt_ids, spliced_length
+from .videollava_loading import videollava_prompt_ids
 
 SIZES = ("7b", "tiny-test")
 N_EVENT_IMAGES = 5
@@ -137,60 +131,93 @@ def _videollava_config(size: str):
     )
 
 
-def _materialize(model_cls, config, dtype: torch.dtype, device: str, seed: int) -> nn.Module:
+def _materialize(model_cls, config, dtype: torch.dtype, device: str, seed: int, *,
+                 quantize_linear=None, skip_modules: list[str] = ()) -> nn.Module:
+    """Build `model_cls(config)` on the meta device and materialise it on `device` with seeded random weights.
+
+    With `quantize_linear` (NF4), the linears outside `skip_modules` are never all in `dtype` at once:
+    they are taken out of the model, the rest is materialised and initialised, then each of them in turn is
+    materialised, initialised, handed to `quantize_linear` and dropped before the next one, so the loading
+    peak is the quantized model plus one linear in `dtype`. The random values then differ from the
+    unquantized model of the same seed (the generator is drawn in another order), their distributions do not.
+    """
     with torch.device("meta"):
         model = model_cls(config)
     for p in model.parameters():  # on meta this costs nothing; buffers (RoPE, position ids) stay as built
         p.data = p.data.to(dtype)
+    pending = _take_out_linears(model, skip_modules) if quantize_linear is not None else []
     model.to_empty(device=device)
     torch.manual_seed(seed)
     model.initialize_weights()  # fills parameters and recomputes the RoPE / position-id buffers on `device`
+    pending.reverse()  # pop() below then goes in module order
+    while pending:
+        owner, parent, name, linear = pending.pop()  # popped: no list keeps the materialised weight alive
+        linear.to_empty(device=device)
+        with torch.no_grad():
+            owner._init_weights(linear)  # what initialize_weights does for it: normal(0, initializer_range)
+        setattr(parent, name, quantize_linear(linear))
+        del linear
     return model
 
 
-def quantize_nf4_(model: nn.Module, skip_modules: list[str]) -> nn.Module:
-    """Replace every nn.Linear outside `skip_modules` by a bitsandbytes NF4 Linear4bit (double quant,
-    bf16 compute), the reference 4-bit setting; the weight is quantized where it already lies (CUDA)."""
-    import bitsandbytes as bnb
+def _take_out_linears(model: nn.Module, skip_modules) -> list[tuple]:
+    """Replace every nn.Linear outside `skip_modules` by an nn.Identity placeholder (so that materialising
+    the model leaves them on meta); returns (owning PreTrainedModel, parent, attribute name, the linear) for
+    each, in module order."""
+    from transformers import PreTrainedModel
 
+    owners = {name: m for name, m in model.named_modules() if isinstance(m, PreTrainedModel)}
+    taken = []
     for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            full = f"{parent_name}.{child_name}" if parent_name else child_name
+        for name, child in list(parent.named_children()):
+            full = f"{parent_name}.{name}" if parent_name else name
             if not isinstance(child, nn.Linear) or any(full == s or full.startswith(s + ".") for s in skip_modules):
                 continue
-            device = child.weight.device
-            q = bnb.nn.Linear4bit(
-                child.in_features, child.out_features, bias=child.bias is not None,
-                compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4", device="meta",
-            )
-            q.weight = bnb.nn.Params4bit(
-                child.weight.data.to(torch.bfloat16), requires_grad=False, compress_statistics=True, quant_type="nf4"
-            ).to(device)
-            if child.bias is not None:
-                q.bias = nn.Parameter(child.bias.data.to(torch.bfloat16), requires_grad=False)
-            setattr(parent, child_name, q)
-            del child
-    if str(next(model.parameters()).device).startswith("cuda"):
-        torch.cuda.empty_cache()
-    return model
+            # the nearest enclosing PreTrainedModel initialises it (LlamaModel inside the multimodal wrappers)
+            owner = max((o for o in owners if o == "" or full.startswith(o + ".")), key=len)
+            taken.append((owners[owner], parent, name, child))
+            setattr(parent, name, nn.Identity())
+    return taken
+
+
+def nf4_linear(linear: nn.Linear) -> nn.Module:
+    """A bitsandbytes NF4 Linear4bit (double quant, bf16 compute: the reference 4-bit setting) holding
+    `linear`'s weight, quantized where it lies (CUDA)."""
+    import bitsandbytes as bnb
+
+    device = linear.weight.device
+    q = bnb.nn.Linear4bit(
+        linear.in_features, linear.out_features, bias=linear.bias is not None,
+        compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4", device="meta",
+    )
+    q.weight = bnb.nn.Params4bit(
+        linear.weight.data.to(torch.bfloat16), requires_grad=False, compress_statistics=True, quant_type="nf4"
+    ).to(device)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data.to(torch.bfloat16), requires_grad=False)
+    return q
 
 
 def synthetic_model(kind: str, *, size: str = "7b", precision: str = "bf16", device: str = "cpu", seed: int = 0) -> LoadedModel:
+    """A random-weight model of the real architecture; under nf4 it is quantized linear by linear while it is
+    built (see `_materialize`), never held whole in bf16."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}; got {size!r}")
     dtype = check_precision(precision, device)
     if kind == "eventgpt":
-        model = _materialize(EventGPTForCausalLM, _eventgpt_config(size), dtype, device, seed)
-        skip, tokenizer = EVENTGPT_SKIP_MODULES, StandInTokenizer()
+        model_cls, config, skip = EventGPTForCausalLM, _eventgpt_config(size), EVENTGPT_SKIP_MODULES
+        tokenizer = StandInTokenizer()
     elif kind == "videollava":
         from transformers import VideoLlavaForConditionalGeneration
 
-        model = _materialize(VideoLlavaForConditionalGeneration, _videollava_config(size), dtype, device, seed)
-        skip, tokenizer = VIDEOLLAVA_SKIP_MODULES, StandInTokenizer(added_tokens={"<image>": 32000, "<video>": 32001})
+        model_cls, config, skip = VideoLlavaForConditionalGeneration, _videollava_config(size), VIDEOLLAVA_SKIP_MODULES
+        tokenizer = StandInTokenizer(added_tokens={"<image>": 32000, "<video>": 32001})
     else:
         raise ValueError(f"kind must be 'eventgpt' or 'videollava'; got {kind!r}")
-    if precision == "nf4":
-        quantize_nf4_(model, skip)
+    quantize = nf4_linear if precision == "nf4" else None
+    model = _materialize(model_cls, config, dtype, device, seed, quantize_linear=quantize, skip_modules=skip)
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -201,7 +228,7 @@ def synthetic_model(kind: str, *, size: str = "7b", precision: str = "bf16", dev
 
 
 def synthetic_prefill_inputs(lm: LoadedModel, question: str = REFERENCE_QUESTION, *, seed: int = 0) -> tuple[dict, int]:
-    """Prefill kwargs of the real prompt lengths (random pixels), in the same form as loading.py's."""
+    """Prefill kwargs of the real prompt lengths (random pixels), in the same form as the loaders'."""
     gen = torch.Generator().manual_seed(seed)
     config = lm.model.config
     if lm.kind == "eventgpt":
