@@ -122,24 +122,12 @@ def run(cfg: RunConfig) -> int:
         run_info = _run_info(cfg, session, daemon)
         if "draft" in session.workers and warning:
             run_info["vocab_warning"] = warning
-        options = dict(event_frames=cfg.event_frames, event_window_ms=cfg.event_window_ms, ignore_eos=cfg.ignore_eos)
         total = len(samples) * len(cfg.modes)
         bar = _progress(total, cfg.quiet)
         stop_all = False
         for sample in samples:
-            baseline_ids = None
-            for mode in cfg.modes:
-                question = sample.get("question") or cfg.question or ""
-                rec = session.run_request(sample, mode, question=question, max_new_tokens=cfg.max_new_tokens,
-                                          options=options, k_max=cfg.k_max, adaptive=cfg.adaptive,
-                                          max_ahead=cfg.max_ahead, wait_for_drafts=cfg.wait_for_drafts)
-                rec["sequence"] = sample.get("sequence")
-                if rec["status"] == "ok" and mode == "baseline":
-                    baseline_ids = rec["output_ids"]
-                sampled = float(cfg.target.options.get("temperature") or 0) > 0   # outputs are draws, not equal
-                rec["matches_baseline"] = (rec["output_ids"] == baseline_ids
-                                           if rec["status"] == "ok" and baseline_ids is not None
-                                           and mode != "baseline" and not sampled else None)
+            for rec in sample_records(session, cfg, sample):
+                mode = rec["mode"]
                 records.append(rec)
                 bar(f"{sample['sample_id']} {mode}: " + (f"{rec['wall_ms']:.0f} ms" if rec["status"] == "ok"
                                                           else f"ERROR {rec['error']}"))
@@ -173,6 +161,27 @@ def run(cfg: RunConfig) -> int:
             print(reports.format_table(reports.aggregate(records)))
         print(f"outputs in {out_dir}/ (results.json, summary.md, events.jsonl, trace.json, timeline.png)")
     return exit_code
+
+
+def sample_records(session: Session, cfg: RunConfig, sample: dict):
+    """Every mode of cfg on one sample through a started session, yielding each record as it finishes
+    (baseline first, so the others are checked against it). The one entry point for anything that runs
+    samples on a session: `run` here, each pipeline of `--ray` (coordinator.cluster)."""
+    options = dict(event_frames=cfg.event_frames, event_window_ms=cfg.event_window_ms, ignore_eos=cfg.ignore_eos)
+    sampled = float(cfg.target.options.get("temperature") or 0) > 0     # outputs are draws, not equal
+    baseline_ids = None
+    for mode in cfg.modes:
+        question = sample.get("question") or cfg.question or ""
+        rec = session.run_request(sample, mode, question=question, max_new_tokens=cfg.max_new_tokens,
+                                  options=options, k_max=cfg.k_max, adaptive=cfg.adaptive,
+                                  max_ahead=cfg.max_ahead, wait_for_drafts=cfg.wait_for_drafts)
+        rec["sequence"] = sample.get("sequence")
+        if rec["status"] == "ok" and mode == "baseline":
+            baseline_ids = rec["output_ids"]
+        rec["matches_baseline"] = (rec["output_ids"] == baseline_ids
+                                   if rec["status"] == "ok" and baseline_ids is not None
+                                   and mode != "baseline" and not sampled else None)
+        yield rec
 
 
 def _progress(total: int, quiet: bool):

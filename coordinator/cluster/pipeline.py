@@ -1,0 +1,110 @@
+"""One pipeline of a `--ray` run: a Ray actor that owns an MPS daemon (where used), a Session with its two
+worker processes, and runs one sample at a time through coordinator.runner.sample_records.
+
+It holds the GPUs Ray gave it (Ray sets CUDA_VISIBLE_DEVICES in the actor, and the worker processes inherit
+it, so `cuda:0` is the pipeline's first GPU). It never decides what to run next (the driver does) and never
+writes the run's outputs (it returns records and events). `stop()` may arrive from a second thread while a
+sample runs: it ends the worker processes, which makes the running request fail fast with WorkerDied, and
+then everything is closed by the thread that owns it. Never imports torch.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import threading
+import time
+from pathlib import Path
+
+
+class PipelineBroken(RuntimeError):
+    """This pipeline cannot run samples any more (a worker died, or it was stopped); its sample goes back."""
+
+
+class Pipeline:
+    def __init__(self, cfg, index: int, log_dir: str):
+        self.cfg, self.index, self.log_dir = cfg, index, Path(log_dir)
+        self.session = None
+        self.daemon = None
+        self._lock = threading.Lock()        # one owner of session/daemon at a time
+        self._stopping = threading.Event()
+        self.node = platform.node()
+
+    def start(self) -> dict:
+        """Start MPS (if wanted) and both workers; returns where it runs and its clock."""
+        from coordinator.mps import MpsDaemon, mps_wanted
+        from coordinator.runner import check_vocab
+        from coordinator.session import Session
+
+        cfg = self.cfg
+        with self._lock:
+            try:
+                if mps_wanted(cfg.mps):
+                    self.daemon = MpsDaemon().start()
+                    cfg.draft.env.update(self.daemon.client_env(cfg.draft_sm_percent))
+                    cfg.target.env.update(self.daemon.client_env(cfg.target_sm_percent))
+                specs = [cfg.target] if cfg.modes == ["baseline"] else [cfg.draft, cfg.target]
+                self.session = Session(specs, log_dir=self.log_dir, startup_timeout_s=cfg.startup_timeout_s,
+                                       request_timeout_s=cfg.request_timeout_s,
+                                       allow_public_endpoint=cfg.allow_public_endpoint)
+                self.session.start()
+                warning = check_vocab(self.session, cfg.allow_vocab_mismatch) if "draft" in self.session.workers \
+                    else None
+            except BaseException:
+                self._close_locked()
+                raise
+            workers = self.session.workers
+            return {"pipeline": self.index, "node": self.node, "pid": os.getpid(),
+                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "mps": bool(self.daemon),
+                    "device": {r: h.ready.device for r, h in workers.items()},
+                    "backends": {r: h.spec.backend for r, h in workers.items()},
+                    "models": {r: h.ready.model_id for r, h in workers.items()},
+                    "synthetic": any(h.ready.synthetic for h in workers.values()),
+                    "worker_pids": {r: h.proc.pid for r, h in workers.items() if h.proc is not None},
+                    "vocab_warning": warning, "monotonic_ns": time.monotonic_ns()}
+
+    def run_sample(self, sample: dict) -> dict:
+        """Every mode on one sample: {"records", "events"}, both tagged with pipeline and node. Raises
+        PipelineBroken when a worker dies or the pipeline is being stopped (nothing of the sample is kept)."""
+        from coordinator.runner import sample_records
+        from coordinator.session import WorkerDied
+
+        with self._lock:
+            if self.session is None or self._stopping.is_set():
+                raise PipelineBroken(f"pipeline {self.index} is stopped")
+            tag = {"pipeline": self.index, "node": self.node}
+            try:
+                records = [dict(rec, **tag) for rec in sample_records(self.session, self.cfg, sample)]
+            except WorkerDied as exc:
+                self._close_locked()
+                raise PipelineBroken(f"pipeline {self.index} on {self.node}: {exc}") from None
+            except BaseException:
+                self._close_locked()
+                raise
+            events, self.session.events = self.session.events, []
+            return {"records": records, "events": [dict(e, **tag) for e in events]}
+
+    def stop(self) -> bool:
+        """Called from another thread: end the workers so a running request fails now, then close all."""
+        self._stopping.set()
+        session = self.session
+        if session is not None:
+            for handle in session.workers.values():
+                if handle.proc is not None and handle.proc.poll() is None:
+                    try:
+                        handle.proc.send_signal(signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+        with self._lock:                  # waits for a running sample to notice and unwind
+            self._close_locked()
+        return True
+
+    def _close_locked(self) -> None:
+        if self.session is not None:
+            try:
+                self.session.close()
+            finally:
+                self.session = None
+        if self.daemon is not None:
+            self.daemon.stop()
+            self.daemon = None
