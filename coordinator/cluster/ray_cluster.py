@@ -29,7 +29,7 @@ class RayCluster:
 
     def __enter__(self) -> "RayCluster":
         ray = self.ray
-        self._old_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+        self._old_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)   # while Ray starts
         common = dict(include_dashboard=False, log_to_driver=False, configure_logging=True,
                       logging_level="ERROR")
         try:
@@ -46,6 +46,7 @@ class RayCluster:
             self.__exit__(None, None, None)
             where = "start a local Ray" if self.address == "local" else f"join the Ray cluster at {self.address}"
             raise ConnectionError(f"--ray {self.address}: could not {where}: {exc}") from None
+        signal.signal(signal.SIGTERM, _sigterm_to_interrupt)     # again: Ray's core installs its own handler
         return self
 
     def resources(self) -> tuple[float, float]:
