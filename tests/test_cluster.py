@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -200,3 +201,49 @@ def test_without_ray_the_flag_says_how_to_install(tmp_path, fake_input):
 def test_cluster_flags_need_ray(fake_input, tmp_path):
     proc = run_cli("run", "--input", fake_input, *FAKE, "--pipelines", "2")
     assert proc.returncode != 0 and "--pipelines needs --ray" in proc.stderr
+
+
+def test_collect_on_two_pipelines_writes_the_dataset_one_pipeline_writes(tmp_path, ray_address):
+    torch = pytest.importorskip("torch")
+    from click.testing import CliRunner
+
+    from coordinator.adapter_commands import adapter_group
+    from workers.adapters.data import SPLITS, read_index, read_split
+    from workers.inputs import make_demo
+    from workers.models.tiny import make_tiny
+
+    paths = make_tiny(tmp_path / "tiny", share_weights=True, seed=0)
+    demo = make_demo(tmp_path / "demo", n_clips=4, n_sequences=3)
+    common = ["--input", demo["dataset"], "--draft-model", paths["eventgpt"], "--target-model", paths["videollava"],
+              "--max-new-tokens", 6, "--device", "cpu", "--quiet"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(adapter_group, ["collect", *map(str, common), "--out", str(tmp_path / "one")],
+                                    catch_exceptions=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    proc = run_cli("adapter", "collect", *common, "--out", tmp_path / "two", "--ray", ray_address, "--pipelines", 2,
+                   check=True, timeout=300)
+    assert "on 2 pipeline(s)" in proc.stdout
+    one, two = read_index(tmp_path / "one"), read_index(tmp_path / "two")
+    assert one["splits"] == two["splits"] and one["config"] == two["config"]
+    assert sorted(r["key"] for r in one["records"]) == sorted(r["key"] for r in two["records"])
+    assert len(one["records"]) == 4
+    for split in SPLITS:
+        a = {r.key: r for r in read_split(tmp_path / "one", split)}
+        b = {r.key: r for r in read_split(tmp_path / "two", split)}
+        assert a.keys() == b.keys()
+        for key in a:
+            assert np.array_equal(a[key].target, b[key].target) and np.array_equal(a[key].draft, b[key].draft)
+            assert np.allclose(a[key].hidden, b[key].hidden, atol=1e-2)
+    assert (tmp_path / "two" / "target_head.safetensors").is_file()
+    train = CliRunner().invoke(adapter_group, ["train", "--data", str(tmp_path / "two"), "--kind", "token", "--out",
+                                               str(tmp_path / "ckpt"), "--epochs", "1", "--d-model", "16", "--layers",
+                                               "1", "--heads", "2", "--quiet"], catch_exceptions=False)
+    assert train.exit_code == 0 and "selected" in train.output, train.output
+    # the same --out resumes: nothing left to do
+    again = run_cli("adapter", "collect", *common, "--out", tmp_path / "two", "--ray", ray_address, check=True,
+                    timeout=300)
+    assert "0 new" in again.stdout
