@@ -158,11 +158,15 @@ class CudaGraphStepModel(HFStepModel):
         self._staging = torch.zeros(buckets[-1] + 1, dtype=torch.long, pin_memory=self.device.type == "cuda")
         self._staging_np = self._staging.numpy()
         self._prefilled = False
+        self._setup()
         # torch.compile fuses the ~40 small elementwise kernels per layer (RMSNorm, RoPE, SiLU, residuals)
         # that dominate the GPU time left once launches are gone; the graphs then capture inductor's kernels
         self._body = torch.compile(self._compute, dynamic=False) if compile else self._compute
         if use_graphs:
             self._capture_all()
+
+    def _setup(self) -> None:
+        """What a subclass prepares before the graphs are captured (ExactStepModel: its weights)."""
 
     # --- StepModel -------------------------------------------------------------------------------------
 
@@ -326,9 +330,20 @@ def make_step_model(
     want_hidden: bool = False,
     buckets: Sequence[int] = DEFAULT_BUCKETS,
     compile: bool = False,
+    exact: bool = True,
 ) -> HFStepModel:
-    """CudaGraphStepModel on a CUDA device when `cuda_graphs`, else the eager HFStepModel."""
+    """On a CUDA device with `cuda_graphs`: ExactStepModel (row-invariant kernels, bit-identical decode and
+    verification) when `exact` and Triton is there, else CudaGraphStepModel; otherwise the eager HFStepModel."""
     if cuda_graphs and torch.device(device).type == "cuda":
+        if exact:
+            from .exact import ExactStepModel
+            from .kernels import triton_available
+            if not triton_available():
+                raise ValueError("the exact step needs Triton (pip install triton); pass exact=0 for the "
+                                 "cuBLAS/SDPA step, which is not bit-exact between decode and verification")
+            return ExactStepModel(
+                model, max_cache_len=max_cache_len, buckets=buckets, want_hidden=want_hidden, use_graphs=True,
+            )
         return CudaGraphStepModel(
             model, max_cache_len=max_cache_len, buckets=buckets, want_hidden=want_hidden, use_graphs=True,
             compile=compile,

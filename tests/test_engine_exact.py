@@ -1,0 +1,265 @@
+"""The exact step: row-invariant kernels and ExactStepModel, on the CPU under Triton's interpreter.
+
+What must hold bit for bit: a row's output of every kernel is the same whatever number of rows ran beside
+it (1 … 33), and the step model's logits of a position are the same computed by a decode step, by a
+verification of k drafts or by a rebase. What holds to rounding: the kernels against plain torch, the NF4
+path against the bitsandbytes-format reference dequantization, the step model against transformers.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported anywhere in this process
+
+pytest.importorskip("triton")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from workers.engine import nf4  # noqa: E402
+from workers.engine.core import TokenEngine  # noqa: E402
+from workers.engine.hf import HFStepModel  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("the kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+from workers.engine.exact import ExactStepModel  # noqa: E402
+from workers.engine.kernels.attention import attention  # noqa: E402
+from workers.engine.kernels.elementwise import rmsnorm, rope_and_store  # noqa: E402
+from workers.engine.kernels.linear import Weight, linear  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROWS = (1, 2, 3, 5, 9, 17, 33)
+PROMPT = [1, 5, 9, 22, 40, 7, 61, 3]
+
+
+def _rows_invariant(fn, x):
+    full = fn(x)
+    for m in ROWS:
+        if m <= x.shape[0]:
+            part = fn(x[:m].contiguous())
+            assert torch.equal(part, full[:m]), f"rows 0..{m - 1} differ when computed with {x.shape[0]} rows"
+    return full
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(96, 320), (200, 64)])
+def test_dense_linear_is_row_invariant_and_right(dtype, shape):
+    n, k = shape
+    gen = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
+    x = torch.randn(33, k, generator=gen).to(DEVICE, dtype)
+    weight = Weight(n, k, dense=w)
+    y = _rows_invariant(lambda t: linear(t, weight), x)
+    ref = x.double() @ w.double().T
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert ((y.double() - ref).abs() / (ref.abs() + 1)).max() < tol
+
+
+def test_nf4_linear_matches_reference_dequantization():
+    n, k = 128, 256
+    gen = torch.Generator().manual_seed(3)
+    dense = torch.randn(n, k, generator=gen)
+    packed, absmax = nf4.quantize(dense)
+    assert packed.dtype == torch.uint8 and packed.numel() == n * k // 2 and absmax.numel() == n * k // 64
+    w_ref = nf4.dequantize(packed, absmax, n, k, torch.bfloat16)
+    # quantization error is what 16 levels allow, not more
+    assert ((w_ref.float() - dense).abs() <= absmax.repeat_interleave(64).reshape(n, k) * 0.2).all()
+    weight = Weight(n, k, packed=packed.to(DEVICE), absmax=absmax.to(DEVICE), code=nf4.code_tensor(DEVICE))
+    x = torch.randn(17, k, generator=gen).to(DEVICE, torch.bfloat16)
+    y = _rows_invariant(lambda t: linear(t, weight), x)
+    ref = x.double() @ w_ref.to(DEVICE).double().T
+    assert ((y.double() - ref).abs() / (ref.abs() + 1)).max() < 2e-2
+
+
+def test_unpack_bnb_expands_double_quantized_absmax():
+    class State:
+        pass
+    n, k = 4, 512                       # 32 blocks of 64
+    packed, absmax = nf4.quantize(torch.randn(n, k))
+    nested = State()
+    nested.code = torch.linspace(-1, 1, 256)
+    nested.blocksize = 8
+    nested.absmax = torch.rand(4) + 0.5
+    state = State()
+    state.quant_type, state.blocksize, state.nested, state.state2 = "nf4", 64, True, nested
+    state.absmax = torch.randint(0, 256, (32,), dtype=torch.uint8)
+    state.offset = 0.25
+    state.code = nf4.code_tensor("cpu")
+    param = State()
+    param.quant_state, param.data = state, packed.reshape(-1, 1)
+    got_packed, got_absmax, code = nf4.unpack_bnb(param)
+    expected = nested.code[state.absmax.long()] * nested.absmax.repeat_interleave(8) + 0.25
+    assert torch.equal(got_packed, packed) and torch.equal(got_absmax, expected) and torch.equal(code, state.code)
+    state.blocksize = 128
+    with pytest.raises(ValueError, match="block size 64"):
+        nf4.unpack_bnb(param)
+
+
+def test_linear_epilogues():
+    n, k = 64, 128
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(n, k, generator=gen).to(DEVICE, torch.float32)
+    x = torch.randn(5, k, generator=gen).to(DEVICE, torch.float32)
+    weight = Weight(n, k, dense=w)
+    residual = torch.randn(5, n, generator=gen).to(DEVICE)
+    plain = x.double() @ w.double().T
+    torch.testing.assert_close(linear(x, weight, epilogue="residual", residual=residual).double(),
+                               plain + residual.double(), rtol=1e-5, atol=1e-4)
+    gate, up = plain[:, : n // 2], plain[:, n // 2:]
+    torch.testing.assert_close(linear(x, weight, epilogue="silu_mul").double(),
+                               torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-4)
+
+
+def test_attention_is_row_invariant_and_right():
+    heads, kv_heads, d, slots, start = 4, 2, 32, 600, 530
+    gen = torch.Generator().manual_seed(7)
+    keys = torch.randn(kv_heads, slots, d, generator=gen).to(DEVICE, torch.bfloat16)
+    values = torch.randn(kv_heads, slots, d, generator=gen).to(DEVICE, torch.bfloat16)
+    valid = torch.ones(slots, dtype=torch.uint8, device=DEVICE)
+    valid[:3] = 0                        # left padding of the prompt
+    q = torch.randn(33, heads * d, generator=gen).to(DEVICE, torch.bfloat16)
+    where = torch.tensor([start], device=DEVICE)
+    out = _rows_invariant(lambda t: attention(t, keys, values, valid, where), q)
+    qf = q.double().view(33, heads, d)
+    kf = keys.double().repeat_interleave(heads // kv_heads, 0)
+    vf = values.double().repeat_interleave(heads // kv_heads, 0)
+    scores = torch.einsum("mhd,hsd->hms", qf, kf) / d ** 0.5
+    pos = start + torch.arange(33, device=DEVICE)
+    see = (torch.arange(slots, device=DEVICE)[None] <= pos[:, None]) & valid.bool()[None]
+    ref = torch.einsum("hms,hsd->mhd", scores.masked_fill(~see[None], float("-inf")).softmax(-1), vf)
+    assert (out.double() - ref.reshape(33, -1)).abs().max() < 2e-2
+
+
+def test_rmsnorm_and_rope_store():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(5, 80, generator=gen).to(DEVICE)
+    w = torch.rand(80, generator=gen).to(DEVICE)
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    torch.testing.assert_close(rmsnorm(x, w, 1e-5), ref, rtol=1e-5, atol=1e-5)
+    heads, kv_heads, d, slots = 2, 1, 16, 40
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * d, generator=gen).to(DEVICE)
+    keys = torch.zeros(kv_heads, slots, d, device=DEVICE)
+    values = torch.zeros_like(keys)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, device=DEVICE).float() / d))
+    q = rope_and_store(qkv, keys, values, torch.tensor([10], device=DEVICE), inv_freq, 1.0, heads)
+
+    def rotate(v, pos):
+        angle = pos * inv_freq
+        cos, sin = torch.cat([angle.cos()] * 2), torch.cat([angle.sin()] * 2)
+        return v * cos + torch.cat([-v[d // 2:], v[: d // 2]]) * sin
+
+    for row in range(3):
+        torch.testing.assert_close(q[row, :d], rotate(qkv[row, :d], 10 + row), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(keys[0, 10 + row], rotate(qkv[row, 2 * d: 3 * d], 10 + row), rtol=1e-5, atol=1e-5)
+        assert torch.equal(values[0, 10 + row], qkv[row, 3 * d:])
+    assert not keys[0, 13:].any() and not keys[0, :10].any()
+
+
+# --- the step model --------------------------------------------------------------------------------------
+
+
+def tiny(dtype) -> LlamaForCausalLM:
+    torch.manual_seed(11)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.2)
+    return LlamaForCausalLM(config).eval().to(device=DEVICE, dtype=dtype)
+
+
+def exact(model) -> ExactStepModel:
+    return ExactStepModel(model, max_cache_len=64, buckets=(1, 2, 3, 5, 9), use_graphs=DEVICE == "cuda")
+
+
+def prompt():
+    return {"input_ids": torch.tensor([PROMPT], device=DEVICE)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_and_verification_logits_are_bit_identical(dtype):
+    model = exact(tiny(dtype))
+    decode = TokenEngine(model)
+    decode.start(prompt())
+    decoded_logits = []
+    for _ in range(12):
+        decode.step()
+        decoded_logits.append(decode.last_output.logits[0])
+    tokens = list(decode.tokens)
+    # the same positions, verified in windows of every bucket size: every row's logits bit for bit
+    for k in (1, 2, 4, 8):
+        verify = TokenEngine(model)
+        verify.start(prompt())
+        pos = 0
+        while pos + k < len(tokens):
+            accepted, _ = verify.verify(tokens[pos + 1: pos + 1 + k])
+            assert accepted == k, f"k={k}: the engine's own greedy tokens were rejected at {pos}"
+            for row in range(k + 1):
+                if pos + row < len(decoded_logits):
+                    assert torch.equal(verify.last_output.logits[row], decoded_logits[pos + row]), (k, pos, row)
+            pos += k + 1
+    # a rebase that feeds several committed tokens at once lands on the same next token and logits
+    rebased = TokenEngine(model)
+    rebased.start(prompt())
+    rebased.rebase(tokens[:7])
+    assert rebased.tokens[:8] == tokens[:8]
+    assert torch.equal(rebased.last_output.logits[-1], decoded_logits[6])
+
+
+def test_exact_step_follows_transformers():
+    model = tiny(torch.float32)
+    reference = TokenEngine(HFStepModel(model))
+    reference.start(prompt())
+    ours = TokenEngine(exact(model))
+    ours.start(prompt())
+    for _ in range(10):
+        assert ours.step() == reference.step()
+        torch.testing.assert_close(ours.last_output.logits, reference.last_output.logits, rtol=1e-4, atol=1e-4)
+
+
+def _fed_without_prefill(step, ids):
+    """An engine over `step` that fed `ids` through the step kernels (no transformers prefill)."""
+    engine = TokenEngine(step)
+    step._prefilled, step.kv_len = True, 0
+    with torch.inference_mode():
+        step._valid.fill_(True)
+        step._valid_u8.fill_(1)
+    engine.seq.prompt_len, engine.seq.tokens = 0, [ids[0]]
+    engine.rebase(ids)
+    return engine
+
+
+def test_nf4_step_equals_the_dense_step_on_the_dequantized_weights():
+    """A LLaMA whose projections are NF4 (our quantizer standing in for bitsandbytes' Params4bit): the
+    exact step reads the packed bytes and dequantizes in registers to exactly bitsandbytes' values, so it
+    equals, bit for bit, the dense step over the dequantized weights; decode equals verification."""
+    quantized, dense = tiny(torch.bfloat16), tiny(torch.bfloat16)
+
+    class QuantState:
+        quant_type, blocksize, nested = "nf4", 64, False
+
+    class Params4bit(torch.nn.Parameter):
+        pass
+
+    for (name, mod), dense_mod in zip(quantized.named_modules(), dense.modules()):
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            packed, absmax = nf4.quantize(mod.weight.data.float().cpu())
+            dense_mod.weight.data = nf4.dequantize(packed, absmax, *mod.weight.shape, torch.bfloat16).to(DEVICE)
+            param = Params4bit(packed.reshape(-1, 1).to(DEVICE), requires_grad=False)
+            param.quant_state = QuantState()
+            param.quant_state.absmax, param.quant_state.code = absmax.to(DEVICE), nf4.code_tensor(DEVICE)
+            mod.weight = param
+    step_q, step_d = exact(quantized), exact(dense)
+    assert step_q.layers_w[0].qkv.nf4 and not step_q.head.nf4 and not step_d.layers_w[0].qkv.nf4
+    # the modules' parameters became views of the stacked bytes: no weight is held twice
+    k_proj = quantized.model.layers[0].self_attn.k_proj.weight
+    assert k_proj.data_ptr() > step_q.layers_w[0].qkv.packed.data_ptr()
+    engine_q, engine_d = _fed_without_prefill(step_q, PROMPT), _fed_without_prefill(step_d, PROMPT)
+    assert torch.equal(engine_q.last_output.logits, engine_d.last_output.logits)
+    for _ in range(6):
+        assert engine_q.step() == engine_d.step()
+        assert torch.equal(engine_q.last_output.logits, engine_d.last_output.logits)
+    again = _fed_without_prefill(step_q, engine_q.tokens[:-1])
+    assert again.tokens == engine_q.tokens
+    assert torch.equal(again.last_output.logits[-1], engine_q.last_output.logits[0])

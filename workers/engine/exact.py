@@ -1,0 +1,133 @@
+"""The exact step: a LLaMA decoder step from eventspec's own row-invariant kernels, so a position's logits
+are bit-identical whether it is computed in a decode step (1 row), in a verification of k drafts (k + 1
+rows, any bucket) or as one row of a rebase — the property lossless speculative decoding needs on a GPU.
+
+Owns: reading the decoder's weights once into the form the kernels take (q/k/v and gate/up stacked so each
+layer runs four matmuls; NF4 weights stay packed, their double-quantized absmax expanded to float32; the
+modules' own parameters become views of the stacked tensors, so no weight is held twice) and the step
+body (`_compute`) that `CudaGraphStepModel` captures per bucket. Prefill stays transformers' path; its K/V
+land in the same static cache the step reads, and the first answer token comes from prefill in every mode.
+
+Never depends on the row count: see `kernels/`. Exactness holds for one model on one device and one build of
+the kernels; two different GPUs, or this step against transformers' own forward, agree only to rounding.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from . import nf4
+from .fast import CudaGraphStepModel
+from .kernels import usable_on
+from .kernels.attention import attention
+from .kernels.elementwise import rmsnorm, rope_and_store
+from .kernels.linear import Weight, linear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    eps: float
+    qkv: Weight
+    o: Weight
+    gate_up: Weight
+    down: Weight
+
+
+def _is_nf4(module) -> bool:
+    return hasattr(getattr(module, "weight", None), "quant_state")
+
+
+def _stack(modules) -> Weight:
+    """One Weight over several linear modules stacked along N; the modules then read views of it."""
+    for mod in modules:
+        if getattr(mod, "bias", None) is not None:
+            raise ValueError(f"{type(mod).__name__} has a bias; the exact step supports bias-free LLaMA layers")
+    k = modules[0].in_features
+    if any(m.in_features != k for m in modules):
+        raise ValueError("stacked projections must share their input size")
+    n = sum(m.out_features for m in modules)
+    if not _is_nf4(modules[0]):
+        dense = torch.cat([m.weight.data for m in modules]).contiguous()
+        offset = 0
+        for mod in modules:
+            mod.weight.data = dense[offset: offset + mod.out_features]
+            offset += mod.out_features
+        return Weight(n, k, dense=dense)
+    parts = [nf4.unpack_bnb(m.weight) for m in modules]
+    packed = torch.cat([p for p, _, _ in parts]).contiguous()
+    absmax = torch.cat([a for _, a, _ in parts]).contiguous()
+    offset = 0
+    for mod, (p, _, _) in zip(modules, parts):
+        # bitsandbytes keeps reading its own parameter (prefill): make it a view of the stacked bytes
+        mod.weight.data = packed[offset: offset + p.numel()].view(mod.weight.data.shape)
+        offset += p.numel()
+    return Weight(n, k, packed=packed, absmax=absmax, code=parts[0][2])
+
+
+class ExactStepModel(CudaGraphStepModel):
+    """CudaGraphStepModel whose step runs the row-invariant kernels (CUDA; the CPU under TRITON_INTERPRET)."""
+
+    def _setup(self) -> None:
+        if not usable_on(self.device):
+            raise ValueError(f"the exact step's kernels need a CUDA device (or TRITON_INTERPRET=1); got {self.device}")
+        d = self.decoder
+        config = d.config
+        self.heads = config.num_attention_heads
+        self.layers_w: list[_Layer] = []
+        with torch.inference_mode():
+            for layer in d.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                self.layers_w.append(_Layer(
+                    input_norm=layer.input_layernorm.weight.data,
+                    post_norm=layer.post_attention_layernorm.weight.data,
+                    eps=float(getattr(layer.input_layernorm, "variance_epsilon", config.rms_norm_eps)),
+                    qkv=_stack([attn.q_proj, attn.k_proj, attn.v_proj]),
+                    o=_stack([attn.o_proj]),
+                    gate_up=_stack([mlp.gate_proj, mlp.up_proj]),
+                    down=_stack([mlp.down_proj]),
+                ))
+            self.final_norm = d.norm.weight.data
+            self.final_eps = float(getattr(d.norm, "variance_epsilon", config.rms_norm_eps))
+            self.head = _stack([d.lm_head])
+            self.inv_freq = d.rotary_emb.inv_freq.float().contiguous()
+            self.rope_scaling = float(getattr(d.rotary_emb, "attention_scaling", 1.0))
+            self._valid_u8 = self._valid.to(torch.uint8)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def prefill(self, prompt):
+        out = super().prefill(prompt)
+        with torch.inference_mode():
+            self._valid_u8.copy_(self._valid)
+        return out
+
+    def step_bytes(self, rows: int = 1) -> dict:
+        """Bytes one step reads: every weight once, plus the K/V of the cached positions (for the floor)."""
+        weights = sum(w.bytes_read() for layer in self.layers_w for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        weights += self.head.bytes_read()
+        kv_per_position = 2 * sum(k[0].numel() // k.shape[2] * k.element_size() for k in self.kv.keys)
+        return {"weights": weights, "kv_per_position": kv_per_position}
+
+    def _compute(self, bucket: int):
+        inputs = self._inputs[: bucket + 1]
+        start = inputs[:1]
+        hidden = self.decoder.embed_tokens.weight.index_select(0, inputs[1:])          # [b, hidden]
+        for layer, keys, values in zip(self.layers_w, self.kv.keys, self.kv.values):
+            keys, values = keys[0], values[0]                                            # [kvh, slots, d]
+            x = rmsnorm(hidden, layer.input_norm, layer.eps)
+            q = rope_and_store(linear(x, layer.qkv), keys, values, start, self.inv_freq, self.rope_scaling,
+                               self.heads)
+            a = attention(q, keys, values, self._valid_u8, start)
+            hidden = linear(a, layer.o, epilogue="residual", residual=hidden)
+            x = rmsnorm(hidden, layer.post_norm, layer.eps)
+            g = linear(x, layer.gate_up, epilogue="silu_mul")
+            hidden = linear(g, layer.down, epilogue="residual", residual=hidden)
+        x = rmsnorm(hidden, self.final_norm, self.final_eps)
+        logits = linear(x, self.head, out_dtype=torch.float32)
+        return logits, logits.argmax(dim=-1), x.float() if self.want_hidden else None

@@ -1,0 +1,31 @@
+"""Triton kernels of the exact step (`workers.engine.exact`): every kernel computes a row with the same
+tiles, the same split of the reduction and the same summation order whatever the number of rows beside it,
+so a position's logits are bit-identical in a decode step and in a verification of k drafts.
+
+Owns the kernels only; which weights they read and in what order the layer runs them is `exact.py`'s.
+On the CPU they run under Triton's interpreter (`TRITON_INTERPRET=1`), which is how the tests check them;
+there `tl.dot` on 16-bit inputs is broken (triton 3.9), so the interpreter path up-casts both operands to
+float32 first (the products of 16-bit values are exact in float32, the sums are float32 either way).
+"""
+from __future__ import annotations
+
+import os
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means no kernels
+        return False
+    return True
+
+
+def usable_on(device) -> bool:
+    """Kernels run on CUDA devices, and on the CPU only under the interpreter."""
+    if not triton_available():
+        return False
+    kind = getattr(device, "type", str(device).split(":")[0])
+    return kind == "cuda" or (kind == "cpu" and INTERPRET)
+
