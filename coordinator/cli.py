@@ -236,13 +236,17 @@ def _floats(text: str, flag: str) -> list[float]:
               help="same-gpu and/or two-gpu, comma-separated, measured in this order in one run; two-gpu puts "
                    "the draft on cuda:1 and the target on cuda:0 unless --draft-device/--target-device say otherwise")
 @model_options
+@cluster_options
 def bench_command(input_, **kw):
     """Measure hf-generate, baseline, parallel and speculative on the same samples in one run, with an
     oracle sweep of draft acceptance, MPS on and off; writes bench.json, bench.md and plots."""
     import datetime as dt
-    from pathlib import Path
 
     from .bench import BenchConfig, run_bench
+
+    check_cluster_flags(kw)
+    if kw["resume"]:
+        raise click.UsageError("--resume is for `coordinator run --ray`; a bench is measured in one go")
 
     placements = [x.strip() for x in kw["placements"].split(",") if x.strip()]
     if not placements or set(placements) - {"same-gpu", "two-gpu"}:
@@ -275,7 +279,15 @@ def bench_command(input_, **kw):
         draft_sm_percent=kw["draft_sm_percent"], target_sm_percent=kw["target_sm_percent"],
         placements=placements, user_devices=user_devices, command=shlex.join(["coordinator"] + sys.argv[1:]))
     try:
-        code = run_bench(cfg)
+        if kw["ray_address"]:
+            from .cluster import RayMissing
+            from .cluster.bench import run_bench_on_ray
+            try:
+                code = run_bench_on_ray(cfg, address=kw["ray_address"], pipelines=kw["pipelines"])
+            except RayMissing as exc:
+                raise click.ClickException(str(exc))
+        else:
+            code = run_bench(cfg)
     except (StartupError, ValueError) as exc:
         raise click.ClickException(str(exc))
     click.echo((out / "bench.md").read_text())

@@ -44,9 +44,9 @@ def ray_address():
 
 
 @pytest.fixture
-def eight_samples(tmp_path):
+def six_samples(tmp_path):
     root = tmp_path / "seq"
-    for i in range(8):
+    for i in range(6):
         (root / f"s{i}").mkdir(parents=True)
         (root / f"s{i}" / "frame.txt").write_text(str(i))
     return root
@@ -88,10 +88,10 @@ def _exactly_once(records, n_samples, modes=("baseline", "parallel", "speculativ
     assert set(counts.values()) == {1}, [k for k, v in counts.items() if v > 1]
 
 
-def test_two_pipelines_give_the_same_outputs_as_one(eight_samples, tmp_path, ray_address):
+def test_two_pipelines_give_the_same_outputs_as_one(six_samples, tmp_path, ray_address):
     one, two = tmp_path / "one", tmp_path / "two"
-    run_cli("run", "--input", eight_samples, *FAKE, *SLOW, "--output-dir", one, "--quiet", check=True)
-    proc = run_cli("run", "--input", eight_samples, *FAKE, *SLOW, "--output-dir", two, "--ray", ray_address,
+    run_cli("run", "--input", six_samples, *FAKE, *SLOW, "--output-dir", one, "--quiet", check=True)
+    proc = run_cli("run", "--input", six_samples, *FAKE, *SLOW, "--output-dir", two, "--ray", ray_address,
                    "--pipelines", "2", check=True, timeout=180)
     a, b = load_results(one), load_results(two)
     assert [{k: r.get(k) for k in SAME} for r in a["records"]] == [{k: r.get(k) for k in SAME} for r in b["records"]]
@@ -102,9 +102,9 @@ def test_two_pipelines_give_the_same_outputs_as_one(eight_samples, tmp_path, ray
         by_sample.setdefault(r["sample_id"], set()).add(r["pipeline"])
     assert all(len(p) == 1 for p in by_sample.values())
     ray_info = b["run_info"]["ray"]
-    assert ray_info["pipelines"] == 2 and sum(ray_info["samples_per_pipeline"].values()) == 8
+    assert ray_info["pipelines"] == 2 and sum(ray_info["samples_per_pipeline"].values()) == 6
     assert set(b["aggregate"]) == set(a["aggregate"])
-    assert b["aggregate"]["speculative"]["matches_baseline"] == {"matched": 8, "compared": 8}
+    assert b["aggregate"]["speculative"]["matches_baseline"] == {"matched": 6, "compared": 6}
     for name in ("summary.md", "events.jsonl", "trace.json", "timeline.png"):
         assert (two / name).stat().st_size > 0, name
     # records were written as they arrived, and match the final file
@@ -117,12 +117,12 @@ def test_two_pipelines_give_the_same_outputs_as_one(eight_samples, tmp_path, ray
     events = _jsonl(two / "events.jsonl")
     spans = [e for e in events if e["kind"] == "span"]
     assert spans and all("pipeline" in e and "node" in e for e in spans)
-    assert "samples/s" in proc.stdout and "8/8 samples" in proc.stderr
+    assert "samples/s" in proc.stdout and "6/6 samples" in proc.stderr
 
 
-def test_a_pipeline_killed_mid_run_loses_and_duplicates_nothing(eight_samples, tmp_path, ray_address):
+def test_a_pipeline_killed_mid_run_loses_and_duplicates_nothing(six_samples, tmp_path, ray_address):
     out = tmp_path / "out"
-    proc = _spawn("run", "--input", eight_samples, *FAKE, *SLOW, "--output-dir", out, "--ray", ray_address,
+    proc = _spawn("run", "--input", six_samples, *FAKE, *SLOW, "--output-dir", out, "--ray", ray_address,
                   "--pipelines", "2")
     try:
         ready = _wait_for(lambda: [ln for ln in proc.err_lines if re.match(r"pipeline 0 ready .*\(pid \d+", ln)],
@@ -143,15 +143,15 @@ def test_a_pipeline_killed_mid_run_loses_and_duplicates_nothing(eight_samples, t
     assert proc.returncode == 0, err
     assert "pipeline 0 lost" in err
     res = load_results(out)
-    _exactly_once(res["records"], 8)
+    _exactly_once(res["records"], 6)
     assert all(r["status"] == "ok" and r["matches_baseline"] in (True, None) for r in res["records"])
-    _exactly_once(_jsonl(out / "records.jsonl"), 8)          # nothing written twice as it arrived either
+    _exactly_once(_jsonl(out / "records.jsonl"), 6)          # nothing written twice as it arrived either
     assert wait_gone(workers) == []                            # they died with their actor
 
 
-def test_sigterm_leaves_nothing_and_resume_skips_finished_samples(eight_samples, tmp_path, ray_address):
+def test_sigterm_leaves_nothing_and_resume_skips_finished_samples(six_samples, tmp_path, ray_address):
     out = tmp_path / "out"
-    proc = _spawn("run", "--input", eight_samples, *FAKE, *SLOW, "--output-dir", out, "--ray", "local",
+    proc = _spawn("run", "--input", six_samples, *FAKE, *SLOW, "--output-dir", out, "--ray", "local",
                   "--pipelines", "2")
     try:
         _wait_for(lambda: len({r["sample_id"] for r in _jsonl(out / "records.jsonl")}) >= 2, "two finished samples")
@@ -176,16 +176,16 @@ def test_sigterm_leaves_nothing_and_resume_skips_finished_samples(eight_samples,
     before = load_results(out)["records"]
     finished = {r["sample_id"] for r in before if r["status"] == "ok"}
     kept = {r["request_id"] for r in before}
-    assert 2 <= len(finished) < 8 and len(before) == 3 * len(finished)   # only whole samples were kept
+    assert 2 <= len(finished) < 6 and len(before) == 3 * len(finished)   # only whole samples were kept
 
-    proc = run_cli("run", "--input", eight_samples, *FAKE, *SLOW, "--resume", out, "--ray", ray_address,
+    proc = run_cli("run", "--input", six_samples, *FAKE, *SLOW, "--resume", out, "--ray", ray_address,
                    "--pipelines", "2", check=True, timeout=180)
     assert f"{len(finished)} sample(s) finished before, skipped" in proc.stderr
     after = load_results(out)
-    _exactly_once(after["records"], 8)
+    _exactly_once(after["records"], 6)
     assert kept <= {r["request_id"] for r in after["records"]}          # finished samples were not re-run
-    assert sum(after["run_info"]["ray"]["samples_per_pipeline"].values()) == 8 - len(finished)
-    _exactly_once(_jsonl(out / "records.jsonl"), 8)
+    assert sum(after["run_info"]["ray"]["samples_per_pipeline"].values()) == 6 - len(finished)
+    _exactly_once(_jsonl(out / "records.jsonl"), 6)
 
 
 def test_without_ray_the_flag_says_how_to_install(tmp_path, fake_input):
@@ -243,7 +243,22 @@ def test_collect_on_two_pipelines_writes_the_dataset_one_pipeline_writes(tmp_pat
                                                str(tmp_path / "ckpt"), "--epochs", "1", "--d-model", "16", "--layers",
                                                "1", "--heads", "2", "--quiet"], catch_exceptions=False)
     assert train.exit_code == 0 and "selected" in train.output, train.output
-    # the same --out resumes: nothing left to do
-    again = run_cli("adapter", "collect", *common, "--out", tmp_path / "two", "--ray", ray_address, check=True,
-                    timeout=300)
-    assert "0 new" in again.stdout
+
+
+def test_bench_on_two_pipelines_measures_every_item_once(fake_input, tmp_path, ray_address):
+    out = tmp_path / "bench"
+    run_cli("bench", "--input", fake_input, *FAKE, "--samples", 4, "--max-new-tokens", 12, "--alphas", "0.5,1",
+            "--oracle-profile", "", "--bench-mps", "off", "--no-hf-generate", "--warmup", 1, "--output-dir", out,
+            "--ray", ray_address, "--pipelines", 2, check=True, timeout=180)
+    data = json.loads((out / "bench.json").read_text())
+    recs = data["records"]
+    # 4 samples x (baseline + 2 alphas x 2 modes), each exactly once, warm-up requests not among them
+    assert Counter((r["sample_id"], r["mode"], r["oracle"]) for r in recs) == Counter(
+        {(s, m, o): 1 for s in {r["sample_id"] for r in recs}
+         for m, o in [("baseline", None)] + [(m, f"alpha={a}") for a in ("0.5", "1") for m in ("parallel", "speculative")]})
+    assert len(recs) == 20 and all(r["status"] == "ok" and r["pipeline"] in (0, 1) for r in recs)
+    assert all(r["matches_baseline"] for r in recs if r["mode"] != "baseline")
+    assert len(data["draft_alone"]) == 3
+    conf = data["ray"]["configurations"]["same-gpu_mps_off"]
+    assert conf["pipelines"] == 2 and sum(conf["items_per_pipeline"].values()) == 4 + 3
+    assert "## Pipelines (--ray)" in (out / "bench.md").read_text()

@@ -32,41 +32,60 @@ class Pipeline:
 
     def start(self) -> dict:
         """Start MPS (if wanted) and both workers; returns where it runs and its clock."""
-        from coordinator.mps import MpsDaemon, mps_wanted
+        from coordinator.mps import mps_wanted
         from coordinator.runner import check_vocab
-        from coordinator.session import Session
 
         cfg = self.cfg
+        specs = [cfg.target] if cfg.modes == ["baseline"] else [cfg.draft, cfg.target]
         with self._lock:
+            self._open(specs, mps_wanted(cfg.mps), cfg.draft_sm_percent, cfg.target_sm_percent,
+                       startup_timeout_s=cfg.startup_timeout_s, request_timeout_s=cfg.request_timeout_s,
+                       allow_public_endpoint=cfg.allow_public_endpoint)
             try:
-                if mps_wanted(cfg.mps):
-                    self.daemon = MpsDaemon().start()
-                    cfg.draft.env.update(self.daemon.client_env(cfg.draft_sm_percent))
-                    cfg.target.env.update(self.daemon.client_env(cfg.target_sm_percent))
-                specs = [cfg.target] if cfg.modes == ["baseline"] else [cfg.draft, cfg.target]
-                self.session = Session(specs, log_dir=self.log_dir, startup_timeout_s=cfg.startup_timeout_s,
-                                       request_timeout_s=cfg.request_timeout_s,
-                                       allow_public_endpoint=cfg.allow_public_endpoint)
-                self.session.start()
                 warning = check_vocab(self.session, cfg.allow_vocab_mismatch) if "draft" in self.session.workers \
                     else None
             except BaseException:
                 self._close_locked()
                 raise
-            workers = self.session.workers
-            return {"pipeline": self.index, "node": self.node, "pid": os.getpid(),
-                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "mps": bool(self.daemon),
-                    "device": {r: h.ready.device for r, h in workers.items()},
-                    "backends": {r: h.spec.backend for r, h in workers.items()},
-                    "models": {r: h.ready.model_id for r, h in workers.items()},
-                    "synthetic": any(h.ready.synthetic for h in workers.values()),
-                    "worker_pids": {r: h.proc.pid for r, h in workers.items() if h.proc is not None},
-                    "vocab_warning": warning, "monotonic_ns": time.monotonic_ns()}
+            return dict(self.describe(), vocab_warning=warning)
+
+    def _open(self, specs, mps_on: bool, draft_sm_percent, target_sm_percent, **session_options) -> None:
+        """The MPS daemon (when on) and a started Session of `specs`; on any failure both are closed."""
+        from coordinator.mps import MpsDaemon
+        from coordinator.session import Session
+        try:
+            if mps_on:
+                self.daemon = MpsDaemon().start()
+                for spec in specs:
+                    spec.env.update(self.daemon.client_env(draft_sm_percent if spec.role == "draft"
+                                                           else target_sm_percent))
+            self.session = Session(specs, log_dir=self.log_dir, **session_options)
+            self.session.start()
+        except BaseException:
+            self._close_locked()
+            raise
+
+    def describe(self) -> dict:
+        workers = self.session.workers
+        return {"pipeline": self.index, "node": self.node, "pid": os.getpid(),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "mps": bool(self.daemon),
+                "device": {r: h.ready.device for r, h in workers.items()},
+                "backends": {r: h.spec.backend for r, h in workers.items()},
+                "models": {r: h.ready.model_id for r, h in workers.items()},
+                "synthetic": any(h.ready.synthetic for h in workers.values()),
+                "worker_info": {r: h.ready.info for r, h in workers.items()},
+                "memory_at_ready": {r: h.ready.memory for r, h in workers.items()},
+                "worker_pids": {r: h.proc.pid for r, h in workers.items() if h.proc is not None},
+                "monotonic_ns": time.monotonic_ns()}
 
     def run_sample(self, sample: dict) -> dict:
         """Every mode on one sample: {"records", "events"}, both tagged with pipeline and node. Raises
         PipelineBroken when a worker dies or the pipeline is being stopped (nothing of the sample is kept)."""
         from coordinator.runner import sample_records
+        return self._run(lambda session: {"records": list(sample_records(session, self.cfg, sample))})
+
+    def _run(self, work) -> dict:
+        """work(session) -> dict with "records" (and anything else); adds the events and the tags."""
         from coordinator.session import WorkerDied
 
         with self._lock:
@@ -74,7 +93,7 @@ class Pipeline:
                 raise PipelineBroken(f"pipeline {self.index} is stopped")
             tag = {"pipeline": self.index, "node": self.node}
             try:
-                records = [dict(rec, **tag) for rec in sample_records(self.session, self.cfg, sample)]
+                out = work(self.session)
             except WorkerDied as exc:
                 self._close_locked()
                 raise PipelineBroken(f"pipeline {self.index} on {self.node}: {exc}") from None
@@ -82,7 +101,9 @@ class Pipeline:
                 self._close_locked()
                 raise
             events, self.session.events = self.session.events, []
-            return {"records": records, "events": [dict(e, **tag) for e in events]}
+            out["records"] = [dict(r, **tag) for r in out.get("records", [])]
+            out["events"] = [dict(e, **tag) for e in events]
+            return out
 
     def stop(self) -> bool:
         """Called from another thread: end the workers so a running request fails now, then close all."""
