@@ -185,10 +185,46 @@ def _in_sample_order(records: list[dict], samples: list[dict], modes: list[str])
 
 
 def write_outputs(out_dir: Path, cfg: RunConfig, records, events, run_info, failure) -> None:
-    """The one-pipeline writer, then trace.json again with one process group per pipeline."""
+    """The one-pipeline writer (summary.md says how many pipelines in one line), then the full
+    run_info.ray into results.json, a pipelines section in summary.md, and trace.json again with one
+    process group per pipeline."""
     events = sorted(events, key=lambda e: (e.get("pipeline", -1), _first_stamp(e)))
-    _write_outputs(out_dir, cfg, records, events, run_info, failure)
+    ray_info = run_info.get("ray") or {}
+    short = {k: v for k, v in run_info.items() if k != "ray"}
+    if ray_info.get("pipelines"):
+        short["pipelines"] = f"{ray_info['pipelines']} on Ray ({ray_info.get('address')})"
+    _write_outputs(out_dir, cfg, records, events, short, failure)
+    path = out_dir / "results.json"
+    results = json.loads(path.read_text())
+    results["run_info"]["ray"] = ray_info
+    tmp = path.with_name("results.json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=_json_default))
+    os.replace(tmp, path)
+    with (out_dir / "summary.md").open("a", encoding="utf-8") as handle:
+        handle.write("\n".join(pipelines_section(ray_info, records)) + "\n")
     reports.write_trace_json(out_dir / "trace.json", trace_events(events))
+
+
+def pipelines_section(ray_info: dict, records: list[dict]) -> list[str]:
+    lines = ["", "## Pipelines (--ray)", ""]
+    if not ray_info.get("pipelines"):
+        return lines + ["No pipeline ran in this invocation."]
+    lines += [f"{ray_info['how_chosen']}.", ""]
+    samples: dict = {}
+    for r in records:
+        if r.get("pipeline") is not None:
+            samples.setdefault(r["pipeline"], set()).add(r.get("sample_id"))
+    lines += ["| pipeline | node | CUDA_VISIBLE_DEVICES | MPS | devices | samples in results |", "|---|---|---|---|---|---|"]
+    for key, info in sorted(ray_info.get("pipeline_info", {}).items(), key=lambda kv: int(kv[0])):
+        devices = ", ".join(f"{r}: {d}" for r, d in (info.get("device") or {}).items())
+        lines.append(f"| {key} | {info.get('node')} | {info.get('cuda_visible_devices') or '—'} | "
+                     f"{'on' if info.get('mps') else 'off'} | {devices} | {len(samples.get(int(key), ()))} |")
+    tp = ray_info.get("throughput") or {}
+    if tp.get("items_per_s"):
+        lines += ["", f"Throughput: {tp['items']} sample(s) in {tp['dispatch_to_last_result_s']:.2f} s from the first "
+                      f"sample dispatched to the last result: {tp['items_per_s']:.3f} samples/s "
+                      f"({tp['start_to_last_result_s']:.2f} s including the pipelines' start-up)."]
+    return lines
 
 
 def _first_stamp(e: dict) -> int:
