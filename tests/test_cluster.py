@@ -262,3 +262,11 @@ def test_bench_on_two_pipelines_measures_every_item_once(fake_input, tmp_path, r
     conf = data["ray"]["configurations"]["same-gpu_mps_off"]
     assert conf["pipelines"] == 2 and sum(conf["items_per_pipeline"].values()) == 4 + 3
     assert "## Pipelines (--ray)" in (out / "bench.md").read_text()
+
+
+def test_pipelines_that_cannot_start_fail_the_run_with_the_reason(fake_input, tmp_path, ray_address):
+    proc = run_cli("run", "--input", fake_input, *FAKE, "--output-dir", tmp_path / "out", "--ray", ray_address,
+                   "--pipelines", 2, "--draft-option", "crash_on_load=boom", timeout=120)
+    assert proc.returncode == 4, proc.stderr
+    assert "no pipeline could start" in proc.stderr and "boom" in proc.stderr and "Traceback" not in proc.stderr
+    assert load_results(tmp_path / "out")["records"] == []

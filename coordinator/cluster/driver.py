@@ -26,6 +26,10 @@ from .pool import AllPipelinesDied, PipelinePool
 from .ray_cluster import RayCluster
 
 RECORDS = "records.jsonl"
+
+
+class SampleFailed(Exception):
+    """A sample failed under --on-error fail: the run stops (every pipeline with it)."""
 EVENTS = "events.jsonl"
 
 
@@ -97,6 +101,11 @@ def run_on_ray(cfg: RunConfig, *, address: str, pipelines: int | None, resume: s
     if resume:
         say(f"--resume {out_dir}: {len(finished)} sample(s) finished before, skipped")
     todo = [i for i, s in enumerate(samples) if s["sample_id"] not in finished]
+    if not todo:
+        say("nothing left to run")
+        write_outputs(out_dir, cfg, _in_sample_order(bad_records + kept, samples, cfg.modes), events,
+                      {"modes": cfg.modes, "ray": {"address": address, "pipelines": 0}}, None)
+        return EXIT_OK
     new_records: dict[int, list[dict]] = {}
     queue = WorkQueue.of(todo)
     failure, exit_code = None, EXIT_OK
@@ -110,7 +119,7 @@ def run_on_ray(cfg: RunConfig, *, address: str, pipelines: int | None, resume: s
             devices = [cfg.draft.options.get("device"), cfg.target.options.get("device")]
             each = gpus_per_pipeline(devices, gpus)
             n, why = choose_pipelines(pipelines, cpus=cpus, gpus=gpus, gpus_each=each)
-            n = min(n, max(1, len(todo)))
+            n = min(n, len(todo))
             say(f"--ray {address}: {why}; running {n} for {len(todo)} sample(s)")
             run_info["ray"] = {"address": address, "pipelines": n, "how_chosen": why, "gpus_per_pipeline": each,
                                "cluster_cpus": cpus, "cluster_gpus": gpus, "pipeline_info": {}}
@@ -142,6 +151,8 @@ def run_on_ray(cfg: RunConfig, *, address: str, pipelines: int | None, resume: s
                     if rec.get("status") != "ok":
                         warn(f"sample {rec['sample_id']} ({rec['mode']}) failed on pipeline {slot.index}: "
                              f"{rec.get('error')}")
+                        if cfg.on_error == "fail":
+                            raise SampleFailed(f"sample {rec['sample_id']} ({rec['mode']}) failed and --on-error fail")
 
             pool = PipelinePool(cluster, Pipeline, lambda i: (cfg, i, str(out_dir / "logs" / f"pipeline-{i}")), n,
                                 num_cpus=1, num_gpus=each, startup_timeout_s=cfg.startup_timeout_s, say=say,
@@ -153,8 +164,12 @@ def run_on_ray(cfg: RunConfig, *, address: str, pipelines: int | None, resume: s
                      done_before=len(finished))
             run_info["ray"]["throughput"] = pool.throughput(len(queue.done))
             run_info["ray"]["samples_per_pipeline"] = {str(s.index): s.done for s in pool.slots}
+    except SampleFailed as exc:
+        failure, exit_code = str(exc), EXIT_SAMPLE_FAILED
     except AllPipelinesDied as exc:
-        failure, exit_code = f"every pipeline died: {exc}", EXIT_WORKER_DIED
+        never_ready = pool is not None and not pool.ever_ready
+        failure = f"{'no pipeline could start' if never_ready else 'every pipeline died'}: {exc}"
+        exit_code = EXIT_STARTUP if never_ready else EXIT_WORKER_DIED
     except (StartupError, ConnectionError, ValueError) as exc:
         failure, exit_code = f"startup failed: {exc}", EXIT_STARTUP
     except KeyboardInterrupt:

@@ -46,6 +46,7 @@ class PipelinePool:
         self.refs: dict = {}            # ObjectRef -> (kind, slot index, item)
         self.started_s = time.monotonic()
         self.first_dispatch_s: float | None = None
+        self.ever_ready = False
         self.last_result_s: float | None = None
         for slot in self.slots:
             self._start(slot)
@@ -74,6 +75,7 @@ class PipelinePool:
                     continue
                 if kind == "start":
                     slot.state, slot.info, slot.since_s = "ready", value, time.monotonic()
+                    self.ever_ready = True
                     self.say(f"pipeline {index} ready on {value.get('node')} (pid {value.get('pid')}, "
                              f"CUDA_VISIBLE_DEVICES={value.get('cuda_visible_devices')}, MPS {value.get('mps')})")
                     if self.on_started:
