@@ -52,10 +52,10 @@ def six_samples(tmp_path):
     return root
 
 
-def _spawn(*args):
+def _spawn(*args, env=None):
     """The CLI in the background; its stderr lines are collected as they come."""
     proc = subprocess.Popen(coordinator_cmd(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env={**os.environ, **(env or {})})
     proc.err_lines = []
 
     def read():
@@ -150,9 +150,12 @@ def test_a_pipeline_killed_mid_run_loses_and_duplicates_nothing(six_samples, tmp
 
 
 def test_sigterm_leaves_nothing_and_resume_skips_finished_samples(six_samples, tmp_path, ray_address):
-    out = tmp_path / "out"
-    proc = _spawn("run", "--input", six_samples, *FAKE, *SLOW, "--output-dir", out, "--ray", "local",
-                  "--pipelines", "2")
+    from tests.test_mps import make_stubs
+
+    out, mps_log = tmp_path / "out", tmp_path / "mps.log"
+    env = make_stubs(tmp_path / "bin", mps_log)            # a stub MPS control: each pipeline starts its own
+    proc = _spawn("run", "--input", six_samples, *FAKE[:-2], "--mps", "on", *SLOW, "--output-dir", out,
+                  "--ray", "local", "--pipelines", "2", env=env)
     try:
         _wait_for(lambda: len({r["sample_id"] for r in _jsonl(out / "records.jsonl")}) >= 2, "two finished samples")
         family = psutil.Process(proc.pid).children(recursive=True)
@@ -173,6 +176,10 @@ def test_sigterm_leaves_nothing_and_resume_skips_finished_samples(six_samples, t
     assert "interrupted" in err
     assert wait_gone([p.pid for p in family], timeout=20) == []   # workers, actors, raylet, GCS: all gone
     assert not any(d.exists() for d in ipc_dirs) and not any(Path(d).exists() for d in ray_dirs)
+    started = [ln.split()[1] for ln in mps_log.read_text().splitlines() if ln.startswith("start")]
+    stopped = [ln.split()[1] for ln in mps_log.read_text().splitlines() if ln.startswith("quit")]
+    assert len(set(started)) == 2 and sorted(started) == sorted(stopped)      # both daemons stopped
+    assert not any(Path(p.split("=", 1)[1]).parent.exists() for p in started)
     before = load_results(out)["records"]
     finished = {r["sample_id"] for r in before if r["status"] == "ok"}
     kept = {r["request_id"] for r in before}
