@@ -27,7 +27,8 @@ FAKE = ["--draft-backend", "fake", "--target-backend", "fake", "--mps", "off"]
 # about 0.15 s per mode per sample: long enough that both pipelines are busy when one is killed
 SLOW = ["--target-option", "length=16", "--target-option", "step_ms=8", "--draft-option", "step_ms=8",
         "--draft-option", "quality=alpha:0.6"]
-SAME = ("sample_id", "mode", "status", "output_ids", "text", "matches_baseline", "committed_ids", "sequence")
+SAME = ("sample_id", "mode", "status", "output_ids", "text", "matches_baseline", "committed_ids", "sequence",
+        "target_inputs")
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +91,17 @@ def _exactly_once(records, n_samples, modes=("baseline", "parallel", "speculativ
 
 def test_two_pipelines_give_the_same_outputs_as_one(six_samples, tmp_path, ray_address):
     one, two = tmp_path / "one", tmp_path / "two"
-    run_cli("run", "--input", six_samples, *FAKE, *SLOW, "--samples", 4, "--output-dir", one, "--quiet", check=True)
-    proc = run_cli("run", "--input", six_samples, *FAKE, *SLOW, "--samples", 4, "--output-dir", two,
+    rel = lambda path: os.path.relpath(path, ROOT)       # noqa: E731 (relative paths mean the driver's folder)
+    run_cli("run", "--input", rel(six_samples), *FAKE, *SLOW, "--samples", 4, "--output-dir", rel(one), "--quiet",
+            check=True)
+    proc = run_cli("run", "--input", rel(six_samples), *FAKE, *SLOW, "--samples", 4, "--output-dir", rel(two),
                    "--ray", ray_address, "--pipelines", "2", check=True, timeout=180)
     a, b = load_results(one), load_results(two)
     assert [{k: r.get(k) for k in SAME} for r in a["records"]] == [{k: r.get(k) for k in SAME} for r in b["records"]]
     assert all(r["status"] == "ok" and r["node"] for r in b["records"])
+    assert all(r["target_inputs"] == {"files": 1} for r in b["records"])     # the workers found the inputs
+    ran = {r["pipeline"] for r in b["records"]}
+    assert all((two / "logs" / f"pipeline-{p}" / "target.log").is_file() for p in ran)
     assert {r["pipeline"] for r in b["records"]} <= {0, 1}
     by_sample = {}
     for r in b["records"]:                        # every mode of a sample ran on one pipeline
@@ -112,7 +118,7 @@ def test_two_pipelines_give_the_same_outputs_as_one(six_samples, tmp_path, ray_a
         Counter(r["request_id"] for r in b["records"])
     trace = json.loads((two / "trace.json").read_text())
     procs = {e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "process_name"}
-    ran = {f"p{p}" for p in {r["pipeline"] for r in b["records"]}}
+    ran = {f"p{p}" for p in ran}
     assert {f"{p} {role}" for p in ran for role in ("coordinator", "draft", "target")} <= procs
     events = _jsonl(two / "events.jsonl")
     spans = [e for e in events if e["kind"] == "span"]

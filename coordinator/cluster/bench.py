@@ -9,6 +9,7 @@ bench.json / bench.md / plots are written after each configuration and on every 
 """
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -25,8 +26,8 @@ from .ray_cluster import RayCluster
 class BenchPipeline(Pipeline):
     """A pipeline for one (placement, MPS) configuration of a bench."""
 
-    def __init__(self, cfg, placement: str, mps: str, index: int, log_dir: str, warmup_sample: dict):
-        super().__init__(cfg, index, log_dir)
+    def __init__(self, cfg, placement: str, mps: str, index: int, log_dir: str, warmup_sample: dict, cwd: str):
+        super().__init__(cfg, index, log_dir, cwd)
         self.placement, self.mps, self.warmup_sample = placement, mps, warmup_sample
 
     def start(self) -> dict:
@@ -145,7 +146,7 @@ def _one_configuration(cluster, cfg, samples, placement, mps, pipelines, cpus, g
 
     log_root = cfg.output_dir / f"logs-{placement}-mps-{mps}"
     pool = PipelinePool(cluster, BenchPipeline,
-                        lambda i: (cfg, placement, mps, i, str(log_root / f"pipeline-{i}"), samples[0]), n,
+                        lambda i: (cfg, placement, mps, i, str(log_root / f"pipeline-{i}"), samples[0], os.getcwd()), n,
                         num_cpus=1, num_gpus=each, startup_timeout_s=cfg.startup_timeout_s, say=say, warn=say,
                         on_started=started)
     pool.on_given_up = lambda item, reason: say(f"[{placement}, mps {mps}] gave up on item {item}: {reason}")

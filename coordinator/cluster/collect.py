@@ -25,7 +25,9 @@ FLUSH_S = 60.0
 class CollectPipeline:
     """One pipeline of a collection: both models in this actor process."""
 
-    def __init__(self, settings: dict, index: int):
+    def __init__(self, settings: dict, index: int, cwd: str | None = None):
+        from .pipeline import follow_driver_cwd
+        follow_driver_cwd(cwd)
         self.settings, self.index = settings, index
         self.pair = None
 
@@ -119,7 +121,7 @@ def collect_on_ray(*, address: str, pipelines: int | None, settings: dict, plan_
                 n = min(n, len(items))
                 say(f"--ray {address}: {why}; running {n} for {len(items)} sample(s)")
                 info.update(pipelines=n, how_chosen=why, device=device, precision=precision)
-                pool = PipelinePool(cluster, CollectPipeline, lambda i: (settings, i), n, num_cpus=1, num_gpus=each,
+                pool = PipelinePool(cluster, CollectPipeline, lambda i: (settings, i, os.getcwd()), n, num_cpus=1, num_gpus=each,
                                     startup_timeout_s=startup_timeout_s, say=say, warn=warn, on_started=on_started)
                 pool.on_given_up = lambda sid, reason: plan["index"]["bad"].append({"sample_id": sid, "error": reason})
                 pool.run(WorkQueue.of(items), "run_sample", payload, on_result, total=len(items))

@@ -154,7 +154,8 @@ def run_on_ray(cfg: RunConfig, *, address: str, pipelines: int | None, resume: s
                         if cfg.on_error == "fail":
                             raise SampleFailed(f"sample {rec['sample_id']} ({rec['mode']}) failed and --on-error fail")
 
-            pool = PipelinePool(cluster, Pipeline, lambda i: (cfg, i, str(out_dir / "logs" / f"pipeline-{i}")), n,
+            cwd = os.getcwd()
+            pool = PipelinePool(cluster, Pipeline, lambda i: (cfg, i, str(out_dir / "logs" / f"pipeline-{i}"), cwd), n,
                                 num_cpus=1, num_gpus=each, startup_timeout_s=cfg.startup_timeout_s, say=say,
                                 warn=warn, on_started=started_cb)
             pool.on_given_up = lambda item, reason: new_records.__setitem__(item, [

@@ -21,8 +21,16 @@ class PipelineBroken(RuntimeError):
     """This pipeline cannot run samples any more (a worker died, or it was stopped); its sample goes back."""
 
 
+def follow_driver_cwd(cwd: str | None) -> None:
+    """Relative paths (inputs, models, output folder) mean what they mean to the driver: run in its folder
+    (on another node: the same path on the shared filesystem, when it exists there)."""
+    if cwd and os.path.isdir(cwd):
+        os.chdir(cwd)
+
+
 class Pipeline:
-    def __init__(self, cfg, index: int, log_dir: str):
+    def __init__(self, cfg, index: int, log_dir: str, cwd: str | None = None):
+        follow_driver_cwd(cwd)
         self.cfg, self.index, self.log_dir = cfg, index, Path(log_dir)
         self.session = None
         self.daemon = None
