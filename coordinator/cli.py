@@ -46,6 +46,10 @@ def model_options(f):
         click.option("--clip-path", type=click.Path(), help="local CLIP folder (overrides mm_visual_tower)"),
         click.option("--precision", type=click.Choice(["nf4", "bf16", "fp16", "fp32"]),
                      help="both models (default: nf4 on a GPU, fp32 on the CPU)"),
+        click.option("--draft-precision", type=click.Choice(["nf4", "bf16", "fp16", "fp32"]),
+                     help="the draft's precision (overrides --precision; e.g. nf4 beside a bf16 target)"),
+        click.option("--target-precision", type=click.Choice(["nf4", "bf16", "fp16", "fp32"]),
+                     help="the target's precision (overrides --precision)"),
         click.option("--device", help="both workers: cpu, cuda, cuda:N (default: cuda if available)"),
         click.option("--draft-device", help="the draft worker's device (overrides --device)"),
         click.option("--target-device", help="the target worker's device (overrides --device)"),
@@ -125,8 +129,9 @@ def build_specs(kw: dict) -> tuple[WorkerSpec, WorkerSpec]:
             options["clip_path"] = kw["clip_path"]
         if kw.get("adapter") and role == "draft":
             options["adapter"] = kw["adapter"]
-        if kw.get("precision"):
-            options["precision"] = kw["precision"]
+        precision = kw.get(f"{role}_precision") or kw.get("precision")
+        if precision:
+            options["precision"] = precision
         device = kw.get(f"{role}_device") or kw.get("device")
         if device:
             options["device"] = device

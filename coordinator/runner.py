@@ -217,9 +217,15 @@ def _run_info(cfg: RunConfig, session: Session, daemon) -> dict:
             "worker_info": {r: h.ready.info for r, h in session.workers.items()},
             "mps": bool(daemon), "max_new_tokens": cfg.max_new_tokens, "modes": cfg.modes,
             "python": platform.python_version(), "host": platform.node()}
-    precision = {r: h.spec.options.get("precision") for r, h in session.workers.items()}
+    # what each worker actually runs (its own default where the user named none)
+    precision = {r: (h.ready.info or {}).get("precision") or h.spec.options.get("precision")
+                 for r, h in session.workers.items()}
     if any(precision.values()):
         info["precision"] = precision
+    gpu = {r: round(h.ready.memory["peak_gpu_bytes"] / 2**30, 2) for r, h in session.workers.items()
+           if (h.ready.memory or {}).get("peak_gpu_bytes")}
+    if gpu:
+        info["gpu_memory_gib_at_ready"] = gpu
     return info
 
 

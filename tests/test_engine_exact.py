@@ -27,8 +27,9 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 
 from workers.engine.exact import ExactStepModel  # noqa: E402
 from workers.engine.kernels.attention import attention  # noqa: E402
-from workers.engine.kernels.elementwise import rmsnorm, rope_and_store  # noqa: E402
-from workers.engine.kernels.linear import Weight, linear  # noqa: E402
+from workers.engine.kernels.elementwise import rmsnorm  # noqa: E402
+from workers.engine.kernels.linear import (Weight, gate_up_silu, linear, linear_residual_norm,  # noqa: E402
+                                           qkv_rope_store)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROWS = (1, 2, 3, 5, 9, 17, 33)
@@ -98,19 +99,60 @@ def test_unpack_bnb_expands_double_quantized_absmax():
         nf4.unpack_bnb(param)
 
 
-def test_linear_epilogues():
-    n, k = 64, 128
+@pytest.mark.parametrize("quantized", [False, True])
+def test_fused_layer_kernels_are_row_invariant_and_right(quantized):
     gen = torch.Generator().manual_seed(5)
-    w = torch.randn(n, k, generator=gen).to(DEVICE, torch.float32)
-    x = torch.randn(5, k, generator=gen).to(DEVICE, torch.float32)
-    weight = Weight(n, k, dense=w)
-    residual = torch.randn(5, n, generator=gen).to(DEVICE)
-    plain = x.double() @ w.double().T
-    torch.testing.assert_close(linear(x, weight, epilogue="residual", residual=residual).double(),
-                               plain + residual.double(), rtol=1e-5, atol=1e-4)
-    gate, up = plain[:, : n // 2], plain[:, n // 2:]
-    torch.testing.assert_close(linear(x, weight, epilogue="silu_mul").double(),
-                               torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-4)
+    dtype = torch.bfloat16
+
+    def weight(n, k):
+        w = torch.randn(n, k, generator=gen) / k ** 0.5
+        if not quantized:
+            w = w.to(dtype)
+            return Weight(n, k, dense=w.to(DEVICE)), w.double()
+        packed, absmax = nf4.quantize(w)
+        ref = nf4.dequantize(packed, absmax, n, k, dtype).double()
+        return Weight(n, k, packed=packed.to(DEVICE), absmax=absmax.to(DEVICE), code=nf4.code_tensor(DEVICE)), ref
+
+    def close(got, ref, tol=3e-2):
+        assert ((got.double().cpu() - ref).abs() / (ref.abs() + 1)).max() < tol
+
+    k, inter = 128, 192
+    x = torch.randn(33, k, generator=gen).to(DEVICE, dtype)
+    xd = x.double().cpu()
+    # o/down: + residual, then the next layer's RMSNorm
+    w_o, ref_o = weight(k, k)
+    residual = torch.randn(33, k, generator=gen).to(DEVICE, dtype)
+    norm_w = torch.rand(k, generator=gen).to(DEVICE, dtype)
+    hidden, normed = _rows_invariant(lambda t: torch.cat(linear_residual_norm(
+        t, w_o, residual[: t.shape[0]].contiguous(), norm_w, 1e-5), dim=1), x).split(k, dim=1)
+    ref_hidden = xd @ ref_o.T + residual.double().cpu()
+    close(hidden, ref_hidden)
+    close(normed, ref_hidden * torch.rsqrt(ref_hidden.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_w.double().cpu())
+    # gate/up stacked: silu(gate) · up
+    w_gu, ref_gu = weight(2 * inter, k)
+    got = _rows_invariant(lambda t: gate_up_silu(t, w_gu), x)
+    ref = xd @ ref_gu.T
+    close(got, torch.nn.functional.silu(ref[:, :inter]) * ref[:, inter:])
+    # qkv stacked: RoPE on q and k, k and v written into the cache at start + row
+    heads, kv_heads, d, slots, start = 2, 1, 64, 80, 20
+    w_qkv, ref_qkv = weight((heads + 2 * kv_heads) * d, k)
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(DEVICE)
+    keys = torch.zeros(kv_heads, slots, d, dtype=dtype, device=DEVICE)
+    values = torch.zeros_like(keys)
+    where = torch.tensor([start], device=DEVICE)
+    q = _rows_invariant(lambda t: qkv_rope_store(t, w_qkv, keys, values, where, inv_freq, 1.0, heads), x[:9])
+    plain = xd[:9] @ ref_qkv.T
+    angle = (start + torch.arange(9)).double()[:, None] * inv_freq.double().cpu()[None]
+    cos, sin = torch.cat([angle.cos()] * 2, 1), torch.cat([angle.sin()] * 2, 1)
+
+    def rotate(v):
+        return v * cos + torch.cat([-v[:, d // 2:], v[:, : d // 2]], 1) * sin
+
+    close(q[:, :d], rotate(plain[:, :d]))
+    close(q[:, d:], rotate(plain[:, d: 2 * d]))
+    close(keys[0, start: start + 9], rotate(plain[:, 2 * d: 3 * d]))
+    close(values[0, start: start + 9], plain[:, 3 * d:])
+    assert not keys[0, :start].any() and not keys[0, start + 9:].any()
 
 
 def test_attention_is_row_invariant_and_right():
@@ -133,29 +175,13 @@ def test_attention_is_row_invariant_and_right():
     assert (out.double() - ref.reshape(33, -1)).abs().max() < 2e-2
 
 
-def test_rmsnorm_and_rope_store():
+def test_rmsnorm():
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(5, 80, generator=gen).to(DEVICE)
     w = torch.rand(80, generator=gen).to(DEVICE)
     ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
     torch.testing.assert_close(rmsnorm(x, w, 1e-5), ref, rtol=1e-5, atol=1e-5)
-    heads, kv_heads, d, slots = 2, 1, 16, 40
-    qkv = torch.randn(3, (heads + 2 * kv_heads) * d, generator=gen).to(DEVICE)
-    keys = torch.zeros(kv_heads, slots, d, device=DEVICE)
-    values = torch.zeros_like(keys)
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, device=DEVICE).float() / d))
-    q = rope_and_store(qkv, keys, values, torch.tensor([10], device=DEVICE), inv_freq, 1.0, heads)
-
-    def rotate(v, pos):
-        angle = pos * inv_freq
-        cos, sin = torch.cat([angle.cos()] * 2), torch.cat([angle.sin()] * 2)
-        return v * cos + torch.cat([-v[d // 2:], v[: d // 2]]) * sin
-
-    for row in range(3):
-        torch.testing.assert_close(q[row, :d], rotate(qkv[row, :d], 10 + row), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(keys[0, 10 + row], rotate(qkv[row, 2 * d: 3 * d], 10 + row), rtol=1e-5, atol=1e-5)
-        assert torch.equal(values[0, 10 + row], qkv[row, 3 * d:])
-    assert not keys[0, 13:].any() and not keys[0, :10].any()
+    assert torch.equal(rmsnorm(x[:1].contiguous(), w, 1e-5), rmsnorm(x, w, 1e-5)[:1])
 
 
 # --- the step model --------------------------------------------------------------------------------------
@@ -230,10 +256,11 @@ def _fed_without_prefill(step, ids):
     return engine
 
 
-def test_nf4_step_equals_the_dense_step_on_the_dequantized_weights():
+def test_nf4_step_follows_the_dense_step_on_the_dequantized_weights():
     """A LLaMA whose projections are NF4 (our quantizer standing in for bitsandbytes' Params4bit): the
-    exact step reads the packed bytes and dequantizes in registers to exactly bitsandbytes' values, so it
-    equals, bit for bit, the dense step over the dequantized weights; decode equals verification."""
+    exact step reads the packed bytes and dequantizes in registers to bitsandbytes' values, so it follows
+    the dense step over the dequantized weights (to rounding: it sums K in another order), and its own
+    decode equals its verification bit for bit."""
     quantized, dense = tiny(torch.bfloat16), tiny(torch.bfloat16)
 
     class QuantState:
@@ -256,10 +283,26 @@ def test_nf4_step_equals_the_dense_step_on_the_dequantized_weights():
     k_proj = quantized.model.layers[0].self_attn.k_proj.weight
     assert k_proj.data_ptr() > step_q.layers_w[0].qkv.packed.data_ptr()
     engine_q, engine_d = _fed_without_prefill(step_q, PROMPT), _fed_without_prefill(step_d, PROMPT)
-    assert torch.equal(engine_q.last_output.logits, engine_d.last_output.logits)
+    torch.testing.assert_close(engine_q.last_output.logits, engine_d.last_output.logits, rtol=0.05, atol=0.05)
     for _ in range(6):
         assert engine_q.step() == engine_d.step()
-        assert torch.equal(engine_q.last_output.logits, engine_d.last_output.logits)
+        torch.testing.assert_close(engine_q.last_output.logits, engine_d.last_output.logits, rtol=0.05, atol=0.05)
     again = _fed_without_prefill(step_q, engine_q.tokens[:-1])
     assert again.tokens == engine_q.tokens
     assert torch.equal(again.last_output.logits[-1], engine_q.last_output.logits[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes NF4 needs CUDA")
+def test_nf4_kernel_dequantizes_bitsandbytes_weights_exactly():
+    bnb = pytest.importorskip("bitsandbytes")
+    n, k = 256, 1024
+    layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
+                              quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(n, k, dtype=torch.bfloat16), requires_grad=False,
+                                     compress_statistics=True, quant_type="nf4").to("cuda")
+    packed, absmax, code = nf4.unpack_bnb(layer.weight)
+    weight = Weight(n, k, packed=packed, absmax=absmax, code=code)
+    eye = torch.eye(k, dtype=torch.bfloat16, device="cuda")
+    ours = torch.cat([linear(eye[i: i + 32].contiguous(), weight) for i in range(0, k, 32)]).T
+    theirs = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert torch.equal(ours, theirs.to(torch.bfloat16))

@@ -16,6 +16,13 @@ from workers.engine.hf import HFStepModel
 
 # fed tokens per forward = drafts + 1: exact buckets for k = 0, 1, 2, 4, 8, 16, 32
 VERIFY_BUCKETS = (1, 2, 3, 5, 9, 17, 33)
+# cache positions beyond prompt + answer: a verification's drafts and the bonus row, and a draft running
+# up to --max-ahead (32) tokens past the committed prefix
+CACHE_MARGIN = VERIFY_BUCKETS[-1] + 1 + 32
+# typical prompt lengths (DOMAIN.md) and answer length the static cache is first sized for; a request
+# that needs more grows it at PREFILL (one re-capture) instead of failing after its decode time is spent
+TYPICAL_PROMPT = {"eventgpt": 641, "videollava": 2076}
+DEFAULT_ANSWER = 512
 
 
 def pick_device(requested: str | None) -> str:
@@ -81,22 +88,35 @@ class HFBackend(Backend):
                          "cuda_device": torch.cuda.get_device_name() if self.device.startswith("cuda") else None,
                          "torch": torch.__version__}}
 
-    def _make_step_model(self):
+    def _make_step_model(self, max_cache_len: int | None = None):
         want_hidden = bool(self.options.get("want_hidden"))
         use_graphs = bool(self.options.get("cuda_graphs", True)) and self.device.startswith("cuda")
         if use_graphs:
-            try:
-                from workers.engine.fast import make_step_model
-            except ImportError:
-                make_step_model = None
-            if make_step_model is not None:
-                # attention reads every cache slot each step: size it to prompt + answer + drafts
-                default = 1024 if self.kind == "eventgpt" else 2432
-                return make_step_model(self.lm.model, device=self.device,
-                                       max_cache_len=int(self.options.get("max_cache_len") or default),
-                                       cuda_graphs=True, want_hidden=want_hidden,
-                                       buckets=VERIFY_BUCKETS, compile=bool(self.options.get("compile", False)))
+            from workers.engine.fast import make_step_model
+            default = TYPICAL_PROMPT.get(self.kind, 2076) + int(self.options.get("max_new_tokens") or DEFAULT_ANSWER)
+            return make_step_model(self.lm.model, device=self.device,
+                                   max_cache_len=max_cache_len or int(self.options.get("max_cache_len") or
+                                                                      default + CACHE_MARGIN),
+                                   cuda_graphs=True, want_hidden=want_hidden, buckets=VERIFY_BUCKETS,
+                                   compile=bool(self.options.get("compile", False)),
+                                   exact=bool(self.options.get("exact", True)))
         return HFStepModel(self.lm.model, want_hidden=want_hidden)
+
+    def prefill(self, prepared: Prepared) -> tuple[int, int]:
+        """Grow a static cache too small for prompt + answer + drafts before prefill, not after the
+        decode time is spent."""
+        capacity = getattr(self.step_model, "max_cache_len", None)
+        need = int(prepared.info.get("prompt_len") or 0) + int(prepared.info.get("max_new_tokens") or 0) + CACHE_MARGIN
+        if capacity is not None and need > capacity:
+            import logging
+            logging.getLogger(__name__).warning(
+                "static KV cache of %d positions is too small for this request (%d): rebuilding it", capacity, need)
+            self.step_model = None
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            self.step_model = self._make_step_model(max_cache_len=-(-need // 256) * 256)
+            self.engine.model = self.step_model
+        return super().prefill(prepared)
 
     # --- per request ---------------------------------------------------------------------------
 
@@ -119,6 +139,7 @@ class HFBackend(Backend):
             kwargs, prompt_len = self._prefill_inputs(loaded, question)
             info = dict(loaded.get("info", {}))
         info["prompt_len"] = prompt_len
+        info["max_new_tokens"] = int(options.get("max_new_tokens") or 0)
         return Prepared(prompt=kwargs, info=info)
 
     def sync(self) -> None:

@@ -22,8 +22,8 @@ from . import nf4
 from .fast import CudaGraphStepModel
 from .kernels import usable_on
 from .kernels.attention import attention
-from .kernels.elementwise import rmsnorm, rope_and_store
-from .kernels.linear import Weight, linear
+from .kernels.elementwise import rmsnorm
+from .kernels.linear import Weight, gate_up_silu, linear, linear_residual_norm, qkv_rope_store
 
 log = logging.getLogger(__name__)
 
@@ -115,19 +115,21 @@ class ExactStepModel(CudaGraphStepModel):
         return {"weights": weights, "kv_per_position": kv_per_position}
 
     def _compute(self, bucket: int):
+        """Per layer: qkv + RoPE + cache write, attention, o + residual + norm, gate/up + silu, down +
+        residual + the next norm — eight kernels, each row computed alike whatever the bucket."""
         inputs = self._inputs[: bucket + 1]
         start = inputs[:1]
         hidden = self.decoder.embed_tokens.weight.index_select(0, inputs[1:])          # [b, hidden]
-        for layer, keys, values in zip(self.layers_w, self.kv.keys, self.kv.values):
+        layers = self.layers_w
+        x = rmsnorm(hidden, layers[0].input_norm, layers[0].eps)
+        for i, (layer, keys, values) in enumerate(zip(layers, self.kv.keys, self.kv.values)):
             keys, values = keys[0], values[0]                                            # [kvh, slots, d]
-            x = rmsnorm(hidden, layer.input_norm, layer.eps)
-            q = rope_and_store(linear(x, layer.qkv), keys, values, start, self.inv_freq, self.rope_scaling,
-                               self.heads)
+            q = qkv_rope_store(x, layer.qkv, keys, values, start, self.inv_freq, self.rope_scaling, self.heads)
             a = attention(q, keys, values, self._valid_u8, start)
-            hidden = linear(a, layer.o, epilogue="residual", residual=hidden)
-            x = rmsnorm(hidden, layer.post_norm, layer.eps)
-            g = linear(x, layer.gate_up, epilogue="silu_mul")
-            hidden = linear(g, layer.down, epilogue="residual", residual=hidden)
-        x = rmsnorm(hidden, self.final_norm, self.final_eps)
+            hidden, x = linear_residual_norm(a, layer.o, hidden, layer.post_norm, layer.eps)
+            g = gate_up_silu(x, layer.gate_up)
+            last = i + 1 == len(layers)
+            norm, eps = (self.final_norm, self.final_eps) if last else (layers[i + 1].input_norm, layers[i + 1].eps)
+            hidden, x = linear_residual_norm(g, layer.down, hidden, norm, eps)
         logits = linear(x, self.head, out_dtype=torch.float32)
         return logits, logits.argmax(dim=-1), x.float() if self.want_hidden else None

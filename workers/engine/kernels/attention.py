@@ -1,9 +1,9 @@
 """Row-count-invariant attention of 1–33 new query rows over a static KV cache (flash-decoding style).
 
 The cache is split into fixed chunks of `SPLIT_LEN` slots; a program handles one head, one chunk and one
-tile of 16 query rows with an online softmax, and `_combine` merges the chunks of a row in chunk order.
+tile of 32 query rows with an online softmax, and `_combine` merges the chunks of a row in chunk order.
 Nothing depends on the row count: the tiles are fixed, and a tile's loop ends at the last position its 16
-rows could see (cache start + 16 per tile), not at the last real row; slots a row cannot see get weight
+rows could see (cache start + 32 per tile), not at the last real row; slots a row cannot see get weight
 exactly 0, so they add exact zeros. Row i sits at position `start + i` and sees slots ≤ its position that
 are `valid` (prompt padding is not). The grid covers the whole cache, so a CUDA graph captured once serves
 every cache length; chunks beyond the rows' positions exit at once.
@@ -19,7 +19,7 @@ import triton.language as tl
 from . import INTERPRET
 from .common import cast
 
-BLOCK_M = 16
+BLOCK_M = 32
 BLOCK_N = 64
 SPLIT_LEN = 256
 

@@ -1,17 +1,25 @@
-"""Row-count-invariant skinny matmul `y = x @ W.T` for decode and verification steps (1–33 rows), from a
-16-bit weight or a bitsandbytes NF4 weight dequantized in registers.
+"""Row-count-invariant skinny matmuls `y = x @ W.T` for decode and verification steps (1–33 rows), from a
+16-bit weight or a bitsandbytes NF4 weight dequantized in registers, with the layer's elementwise work
+fused into their epilogues.
 
-Why invariant: the row tile (`BLOCK_M` = 16, the smallest MMA tile), column tile, K tile, split-K count and
-the order in which the split partial sums are added are functions of the weight's shape alone; the row
-count is a runtime argument that only masks loads and stores (`do_not_specialize`, so M = 1 compiles the
-same kernel as M = 9). An MMA computes each output row from its own input row, so a row's arithmetic is the
-same whatever rows run beside it. No atomics: split partials go to a workspace and `_finish` adds them in
-split order, then applies the epilogue (cast, + residual, or silu(gate) · up).
+Why invariant: the row tile (`BLOCK_M` = 32), column tile, K tile, split-K count and the order in which
+split partial sums are added are functions of the weight's shape alone; the row count is a runtime argument
+that only masks loads and stores (`do_not_specialize`, so M = 1 runs the same compiled kernel as M = 9). An
+MMA computes each output row from its own input row, so a row's arithmetic is the same whatever rows run
+beside it. No atomics: split partials go to a workspace and `_finish_kernel` adds them in split order.
+
+Kernels (one layer = qkv · attention · o · gate/up · down):
+- `_single_kernel`: one weight, optional split-K; writes the output (no split) or split partials.
+- `_dual_kernel`: two row sets of one stacked weight per program, no split, so the epilogue sees both:
+  `silu(gate) · up` (gate/up), or RoPE of the pair (i, i + D/2) of a head plus the K/V cache write (qkv).
+- `_finish_kernel`: one program per row adds the split partials and the residual, stores the new hidden
+  state, and RMS-normalises it for the next matmul (or the head).
 
 NF4 (bitsandbytes' format, what users load): the weight `[N, K]` flattened row-major, blocks of 64
-consecutive values, two 4-bit codes per byte (the first value in the high nibble); value = code[q] ·
-absmax[block] in float32, rounded to the compute dtype — bitsandbytes' own dequantization. The double-
-quantized absmax is expanded to float32 once at load (`nf4.unpack_bnb`), +1/16 byte per weight.
+consecutive values, two 4-bit codes per byte, the first value in the high nibble; value = code[q] ·
+absmax[block] in float32, rounded to the compute dtype — bitsandbytes' own dequantization. The kernel reads
+each byte once and never interleaves the nibbles: it multiplies the high nibbles with the even columns of x
+and the low nibbles with the odd ones (the sum over K is the same dot product, taken in a fixed order).
 """
 from __future__ import annotations
 
@@ -24,73 +32,170 @@ import triton.language as tl
 from . import INTERPRET
 from .common import cast
 
-BLOCK_M = 16
-BLOCK_N = 64
+BLOCK_M = 32
+BLOCK_N = 64          # single kernel; the dual kernel takes 32 rows of each of its two row sets
+DUAL_N = 32
 BLOCK_K = 128
 NF4_BLOCK = 64
 TARGET_PROGRAMS = 256          # enough CTAs to keep every SM of an H200 (132) streaming weights
-FINISH_BLOCK = 1024
 
-EPILOGUES = {"none": 0, "residual": 1, "silu_mul": 2}
+
+@triton.jit
+def _mma(acc, w, x, UPCAST: tl.constexpr, WA: tl.constexpr):
+    """acc += x @ w.T, as acc[rows of x, rows of w], or (WA) acc.T += w @ x.T: the weight tile is then the
+    MMA's A operand, which Triton feeds from registers without a shared-memory round trip (what makes a
+    tile dequantized in registers cheap); a column of the result still depends on its own row of x only."""
+    if UPCAST:
+        w = w.to(tl.float32)
+        x = x.to(tl.float32)
+        if WA:
+            acc += tl.dot(w, tl.trans(x), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+    else:
+        if WA:
+            acc += tl.dot(w, tl.trans(x))
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    return acc
+
+
+@triton.jit
+def _accumulate(acc, x_ptr, w_ptr, absmax_ptr, code_ptr, rm, rows, row_ok, k0, M, K,
+                NF4: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, WA: tl.constexpr,
+                PROBE: tl.constexpr = 0):
+    """acc += x[rm, k0:k0+BLOCK_K] @ W[rows, k0:k0+BLOCK_K].T (transposed when WA)"""
+    m_ok = rm < M
+    if NF4:
+        rj = k0 // 2 + tl.arange(0, BLOCK_K // 2)              # byte j holds columns 2j (high) and 2j+1
+        j_ok = rj < K // 2
+        wmask = row_ok[:, None] & j_ok[None, :]
+        packed = tl.load(w_ptr + rows[:, None] * (K // 2) + rj[None, :], mask=wmask, other=0).to(tl.int32)
+        if PROBE == 2:      # timing probe only: no absmax (wrong values)
+            scale = 1.0
+        else:
+            scale = tl.load(absmax_ptr + rows[:, None] * (K // 64) + (rj // 32)[None, :], mask=wmask, other=0.0)
+        xmask = m_ok[:, None] & j_ok[None, :]
+        x_even = tl.load(x_ptr + rm[:, None] * K + 2 * rj[None, :], mask=xmask, other=0.0)
+        x_odd = tl.load(x_ptr + rm[:, None] * K + 2 * rj[None, :] + 1, mask=xmask, other=0.0)
+        if PROBE == 1:      # timing probe only: no codebook lookup (wrong values)
+            w_high = cast((packed >> 4).to(tl.float32) * scale, x_even.dtype, UPCAST)
+            w_low = cast((packed & 15).to(tl.float32) * scale, x_even.dtype, UPCAST)
+        else:
+            w_high = cast(tl.load(code_ptr + (packed >> 4)) * scale, x_even.dtype, UPCAST)
+            w_low = cast(tl.load(code_ptr + (packed & 15)) * scale, x_even.dtype, UPCAST)
+        acc = _mma(acc, w_high, x_even, UPCAST, WA)
+        acc = _mma(acc, w_low, x_odd, UPCAST, WA)
+    else:
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + rows[:, None] * K + rk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = _mma(acc, w, x, UPCAST, WA)
+    return acc
 
 
 @triton.jit(do_not_specialize=["M"])
-def _partial_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, part_ptr, M, N, K, K_SPLIT,
-                    NF4: tl.constexpr, UPCAST: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _single_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, K_SPLIT,
+                   SPLITS: tl.constexpr, NF4: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WA: tl.constexpr = True,
+                   PROBE: tl.constexpr = 0):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rm < M
     col_ok = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if WA:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_begin = pid_s * K_SPLIT
     for k0 in range(k_begin, k_begin + K_SPLIT, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < K
-        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if NF4:
-            rk2 = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            packed = tl.load(w_ptr + rn[:, None] * (K // 2) + rk2[None, :],
-                             mask=col_ok[:, None] & (rk2 < K // 2)[None, :], other=0).to(tl.int32)
-            high = tl.load(code_ptr + (packed >> 4))
-            low = tl.load(code_ptr + (packed & 15))
-            values = tl.reshape(tl.join(high, low), (BLOCK_N, BLOCK_K))
-            rb = k0 // 64 + tl.arange(0, BLOCK_K // 64)
-            scale = tl.load(absmax_ptr + rn[:, None] * (K // 64) + rb[None, :],
-                            mask=col_ok[:, None] & (rb < K // 64)[None, :], other=0.0)
-            values = tl.reshape(tl.reshape(values, (BLOCK_N, BLOCK_K // 64, 64)) * scale[:, :, None],
-                                (BLOCK_N, BLOCK_K))
-            w = cast(values, x_ptr.dtype.element_ty, UPCAST)
-        else:
-            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
-    tl.store(part_ptr + pid_s * M * N + rm[:, None] * N + rn[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+        acc = _accumulate(acc, x_ptr, w_ptr, absmax_ptr, code_ptr, rm, rn, col_ok, k0, M, K, NF4, UPCAST, BLOCK_K,
+                          WA, PROBE)
+    if WA:
+        acc = tl.trans(acc)
+    mask = (rm < M)[:, None] & col_ok[None, :]
+    if SPLITS == 1:
+        tl.store(out_ptr + rm[:, None] * N + rn[None, :], cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=mask)
+    else:
+        tl.store(out_ptr + pid_s * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
 
 
 @triton.jit(do_not_specialize=["M"])
-def _finish_kernel(part_ptr, out_ptr, res_ptr, M, N, N_OUT,
-                   SPLITS: tl.constexpr, EPILOGUE: tl.constexpr, BLOCK: tl.constexpr, EMULATE: tl.constexpr):
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = idx < M * N_OUT
-    row = idx // N_OUT
-    col = idx % N_OUT
+def _dual_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, K, GROUP, HALF, PER_GROUP,
+                 k_cache_ptr, v_cache_ptr, start_ptr, inv_freq_ptr, scaling, Q_HEADS, KV_HEADS, SLOTS,
+                 ROPE: tl.constexpr, NF4: tl.constexpr, UPCAST: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WA: tl.constexpr = True):
+    """Rows a = g·GROUP + p·BLOCK_N + i and b = a + HALF of group g (a head, or the whole gate/up stack)."""
+    pid = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    group = pid // PER_GROUP
+    offset = (pid % PER_GROUP) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_a = group * GROUP + offset
+    rows_b = rows_a + HALF
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = offset < HALF
+    if WA:
+        acc_a = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        acc_a = _accumulate(acc_a, x_ptr, w_ptr, absmax_ptr, code_ptr, rm, rows_a, ok, k0, M, K, NF4, UPCAST, BLOCK_K, WA)
+        acc_b = _accumulate(acc_b, x_ptr, w_ptr, absmax_ptr, code_ptr, rm, rows_b, ok, k0, M, K, NF4, UPCAST, BLOCK_K, WA)
+    if WA:
+        acc_a = tl.trans(acc_a)
+        acc_b = tl.trans(acc_b)
+    m_ok = rm < M
+    mask = m_ok[:, None] & ok[None, :]
+    dtype = x_ptr.dtype.element_ty
+    if ROPE:
+        pos = tl.load(start_ptr) + rm                                           # [BLOCK_M]
+        if group < Q_HEADS + KV_HEADS:                                           # q and k heads rotate
+            angle = pos.to(tl.float32)[:, None] * tl.load(inv_freq_ptr + offset, mask=ok, other=0.0)[None, :]
+            cos = tl.cos(angle) * scaling
+            sin = tl.sin(angle) * scaling
+            y_a = acc_a * cos - acc_b * sin
+            y_b = acc_b * cos + acc_a * sin
+        else:
+            y_a = acc_a
+            y_b = acc_b
+        if group < Q_HEADS:
+            tl.store(out_ptr + rm[:, None] * (Q_HEADS * GROUP) + rows_a[None, :], cast(y_a, dtype, UPCAST), mask=mask)
+            tl.store(out_ptr + rm[:, None] * (Q_HEADS * GROUP) + rows_b[None, :], cast(y_b, dtype, UPCAST), mask=mask)
+        else:
+            kv = group - Q_HEADS
+            cache = k_cache_ptr
+            if kv >= KV_HEADS:
+                kv = kv - KV_HEADS
+                cache = v_cache_ptr
+            dest = cache + (kv * SLOTS + pos[:, None]) * GROUP
+            tl.store(dest + offset[None, :], cast(y_a, dtype, UPCAST), mask=mask)
+            tl.store(dest + HALF + offset[None, :], cast(y_b, dtype, UPCAST), mask=mask)
+    else:
+        y = acc_a / (1.0 + tl.exp(-acc_a)) * acc_b                             # silu(gate) · up
+        tl.store(out_ptr + rm[:, None] * HALF + rows_a[None, :], cast(y, dtype, UPCAST), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _finish_kernel(part_ptr, res_ptr, hidden_ptr, norm_w_ptr, normed_ptr, M, N, eps,
+                   SPLITS: tl.constexpr, BLOCK: tl.constexpr, EMULATE: tl.constexpr):
+    row = tl.program_id(0)
+    col = tl.arange(0, BLOCK)
+    ok = col < N
     y = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in tl.static_range(SPLITS):
-        y += tl.load(part_ptr + s * M * N + row * N + col, mask=ok, other=0.0)
-    if EPILOGUE == 1:
-        y += tl.load(res_ptr + row * N_OUT + col, mask=ok, other=0.0).to(tl.float32)
-    if EPILOGUE == 2:
-        up = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in tl.static_range(SPLITS):
-            up += tl.load(part_ptr + s * M * N + row * N + N_OUT + col, mask=ok, other=0.0)
-        y = y / (1.0 + tl.exp(-y)) * up
-    tl.store(out_ptr + row * N_OUT + col, cast(y, out_ptr.dtype.element_ty, EMULATE), mask=ok)
+        y += tl.load(part_ptr + (s * M + row) * N + col, mask=ok, other=0.0)
+    y += tl.load(res_ptr + row * N + col, mask=ok, other=0.0).to(tl.float32)
+    hidden = cast(y, hidden_ptr.dtype.element_ty, EMULATE)
+    tl.store(hidden_ptr + row * N + col, hidden, mask=ok)
+    h = hidden.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / N + eps)
+    w = tl.load(norm_w_ptr + col, mask=ok, other=0.0).to(tl.float32)
+    tl.store(normed_ptr + row * N + col, cast(h * rstd * w, normed_ptr.dtype.element_ty, EMULATE), mask=ok)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -99,7 +204,7 @@ def _cdiv(a: int, b: int) -> int:
 
 @dataclass
 class Weight:
-    """A linear layer's weight as the kernel reads it. `dense` [N, K], or NF4 `packed` uint8 [N·K/2] with
+    """A linear layer's weight as the kernels read it: `dense` [N, K], or NF4 `packed` uint8 [N·K/2] with
     float32 `absmax` [N·K/64] and `code` [16]. The split of K depends on (N, K) only."""
 
     n: int
@@ -121,33 +226,89 @@ class Weight:
     def nf4(self) -> bool:
         return self.packed is not None
 
+    def pointers(self, x: torch.Tensor):
+        if self.nf4:
+            return self.packed, self.absmax, self.code
+        return self.dense, x, x          # unused pointers
+
     def bytes_read(self) -> int:
         if self.nf4:
             return self.packed.numel() + 4 * self.absmax.numel()
         return self.dense.numel() * self.dense.element_size()
 
 
-def linear(x: torch.Tensor, weight: Weight, *, epilogue: str = "none", residual: torch.Tensor | None = None,
-           out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`x` [M, K] contiguous → [M, N] (or [M, N/2] for silu_mul, whose weight stacks gate over up)."""
+def _check(x: torch.Tensor, weight: Weight) -> None:
     if x.dim() != 2 or x.shape[1] != weight.k or not x.is_contiguous():
-        raise ValueError(f"linear expects a contiguous [M, {weight.k}] input; got {tuple(x.shape)}")
-    m, n = x.shape[0], weight.n
-    n_out = n // 2 if epilogue == "silu_mul" else n
-    part = torch.empty((weight.splits, m, n), dtype=torch.float32, device=x.device)
-    if weight.nf4:
-        w, absmax, code = weight.packed, weight.absmax, weight.code
+        raise ValueError(f"expected a contiguous [M, {weight.k}] input; got {tuple(x.shape)}")
+
+
+def _upcast(x: torch.Tensor) -> bool:
+    return INTERPRET or x.dtype == torch.float32
+
+
+def linear(x: torch.Tensor, weight: Weight, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`x` [M, K] → [M, N] (split partials summed by `linear_residual_norm` when the weight splits K)."""
+    _check(x, weight)
+    m = x.shape[0]
+    if weight.splits == 1:
+        out = torch.empty((m, weight.n), dtype=out_dtype or x.dtype, device=x.device)
     else:
-        w, absmax, code = weight.dense, x, x          # unused pointers
+        out = torch.empty((weight.splits, m, weight.n), dtype=torch.float32, device=x.device)
+    grid = (_cdiv(weight.n, BLOCK_N), weight.splits, _cdiv(m, BLOCK_M))
+    _single_kernel[grid](x, *weight.pointers(x), out, m, weight.n, weight.k, weight.k_split,
+                         SPLITS=weight.splits, NF4=weight.nf4, UPCAST=_upcast(x),
+                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=4)
+    if weight.splits == 1:
+        return out
+    return out.sum(0).to(out_dtype or x.dtype)      # not on the step's path: see linear_residual_norm
+
+
+def linear_residual_norm(x: torch.Tensor, weight: Weight, residual: torch.Tensor, norm_weight: torch.Tensor,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden = residual + x @ W.T; returns (hidden, rmsnorm(hidden) · norm_weight)."""
+    _check(x, weight)
+    m, n = x.shape[0], weight.n
+    part = torch.empty((weight.splits, m, n), dtype=torch.float32, device=x.device)
     grid = (_cdiv(n, BLOCK_N), weight.splits, _cdiv(m, BLOCK_M))
-    _partial_kernel[grid](x, w, absmax, code, part, m, n, weight.k, weight.k_split,
-                          NF4=weight.nf4, UPCAST=INTERPRET or x.dtype == torch.float32,
-                          BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=4)
-    out = torch.empty((m, n_out), dtype=out_dtype or x.dtype, device=x.device)
-    if epilogue == "residual" and (residual is None or residual.shape != out.shape):
-        raise ValueError(f"the residual must be [{m}, {n_out}]")
-    res = residual if residual is not None else out
-    _finish_kernel[(_cdiv(m * n_out, FINISH_BLOCK),)](part, out, res, m, n, n_out, SPLITS=weight.splits,
-                                                      EPILOGUE=EPILOGUES[epilogue], BLOCK=FINISH_BLOCK,
-                                                      EMULATE=INTERPRET)
+    # SPLITS=2 forces the partial store even for an unsplit weight (the finish kernel adds the residual)
+    _single_kernel[grid](x, *weight.pointers(x), part, m, n, weight.k, weight.k_split,
+                         SPLITS=max(2, weight.splits), NF4=weight.nf4, UPCAST=_upcast(x),
+                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=4)
+    hidden = torch.empty((m, n), dtype=residual.dtype, device=x.device)
+    normed = torch.empty_like(hidden)
+    _finish_kernel[(m,)](part, residual, hidden, norm_weight, normed, m, n, eps, SPLITS=weight.splits,
+                         BLOCK=triton.next_power_of_2(n), EMULATE=INTERPRET, num_warps=8)
+    return hidden, normed
+
+
+def gate_up_silu(x: torch.Tensor, weight: Weight) -> torch.Tensor:
+    """`weight` stacks gate [I, K] over up [I, K]; returns silu(x @ gate.T) · (x @ up.T), [M, I]."""
+    _check(x, weight)
+    m, half = x.shape[0], weight.n // 2
+    out = torch.empty((m, half), dtype=x.dtype, device=x.device)
+    per_group = _cdiv(half, DUAL_N)
+    _dual_kernel[(per_group, _cdiv(m, BLOCK_M))](
+        x, *weight.pointers(x), out, m, weight.k, weight.n, half, per_group,
+        out, out, out, out, 1.0, 0, 0, 0,
+        ROPE=False, NF4=weight.nf4, UPCAST=_upcast(x),
+        BLOCK_M=BLOCK_M, BLOCK_N=DUAL_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=4)
     return out
+
+
+def qkv_rope_store(x: torch.Tensor, weight: Weight, keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor,
+                   inv_freq: torch.Tensor, scaling: float, heads: int) -> torch.Tensor:
+    """`weight` stacks q [H·D, K], k [KVH·D, K], v [KVH·D, K]. Rotates q and k at positions start + row,
+    writes k and v into the cache slots of those positions ([KVH, SLOTS, D] each); returns q [M, H·D]."""
+    _check(x, weight)
+    m = x.shape[0]
+    kv_heads, slots, d = keys.shape
+    if weight.n != (heads + 2 * kv_heads) * d:
+        raise ValueError(f"a qkv weight of {weight.n} rows does not fit {heads}+2·{kv_heads} heads of {d}")
+    q = torch.empty((m, heads * d), dtype=x.dtype, device=x.device)
+    per_group = _cdiv(d // 2, DUAL_N)
+    _dual_kernel[((heads + 2 * kv_heads) * per_group, _cdiv(m, BLOCK_M))](
+        x, *weight.pointers(x), q, m, weight.k, d, d // 2, per_group,
+        keys, values, start, inv_freq, float(scaling), heads, kv_heads, slots,
+        ROPE=True, NF4=weight.nf4, UPCAST=_upcast(x),
+        BLOCK_M=BLOCK_M, BLOCK_N=DUAL_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=4)
+    return q

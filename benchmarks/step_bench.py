@@ -1,0 +1,178 @@
+"""Step-level benchmark of the exact engine on one GPU: exactness, decode and verification times, floors.
+
+    python benchmarks/step_bench.py --out OUT.json [--precisions bf16,nf4] [--kinds videollava,eventgpt]
+
+For each (model, precision): a full-size random-weight model (`--synthetic-weights 7b` geometry) with its
+real prompt length is prefilled once, then
+- exactness: 48 greedy decode steps record every position's logits; the same positions are then verified
+  in windows of k = 1, 2, 4, 8, 16 drafts (the engine's own tokens) and every row's logits are compared bit
+  for bit with the decode step's (and the drafts must all be accepted);
+- times (wall, GPU synchronised, `time.monotonic_ns`, median of `--repeats`): one decode step, one
+  verification of k drafts, and, for bf16, the previous CUDA-graph step (cuBLAS + SDPA) for comparison;
+- floors: bytes one step reads (every weight once + the K/V of the cached positions) at the datasheet
+  bandwidth, and at the bandwidth this script measures itself (a device-to-device copy of 2 GiB, counted
+  as read + write).
+Needs CUDA (and bitsandbytes for nf4). Prints and writes one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workers.engine.core import TokenEngine  # noqa: E402
+from workers.engine.fast import CudaGraphStepModel  # noqa: E402
+from workers.engine.exact import ExactStepModel  # noqa: E402
+from workers.models.synthetic import synthetic_model, synthetic_prefill_inputs  # noqa: E402
+
+DATASHEET_TBS = {"H200": 4.8, "H100": 3.35, "4090": 1.0, "A100": 2.0}
+BUCKETS = (1, 2, 3, 5, 9, 17, 33)
+KS = (1, 2, 4, 8, 16)
+
+
+def datasheet_tbs(name: str) -> float | None:
+    return next((v for k, v in DATASHEET_TBS.items() if k in name), None)
+
+
+def measured_copy_tbs(device) -> float:
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint16, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        torch.cuda.synchronize()
+        t0 = time.monotonic_ns()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        times.append(time.monotonic_ns() - t0)
+    del src, dst
+    return 2 * 2 * n / statistics.median(times[2:]) / 1e3      # bytes read + written per ns → TB/s
+
+
+def median_ms(fn, repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        t0 = time.monotonic_ns()
+        fn()                      # every step ends in .tolist() of its greedy ids: a device sync
+        samples.append(time.monotonic_ns() - t0)
+    return statistics.median(samples) / 1e6
+
+
+def exactness(step, prompt) -> dict:
+    engine = TokenEngine(step)
+    engine.start(prompt)
+    decoded = []
+    for _ in range(48):
+        engine.step()
+        decoded.append(engine.last_output.logits[0].clone())
+    tokens = list(engine.tokens)
+    rows = same = accepted = drafted = 0
+    for k in KS:
+        verify = TokenEngine(step)
+        verify.start(prompt)
+        pos = 0
+        while pos + k < len(tokens) - 1:
+            got, _ = verify.verify(tokens[pos + 1: pos + 1 + k])
+            accepted += got
+            drafted += k
+            for row in range(k + 1):
+                if pos + row < len(decoded):
+                    rows += 1
+                    same += bool(torch.equal(verify.last_output.logits[row], decoded[pos + row]))
+            if got < k:
+                break
+            pos += k + 1
+    return {"rows_compared": rows, "rows_bit_identical": same, "drafts": drafted, "accepted": accepted}
+
+
+def timings(step, prompt, repeats: int) -> dict:
+    engine = TokenEngine(step)
+    engine.start(prompt)
+    for _ in range(5):
+        engine.step()
+    base = step.kv_len
+    out = {"decode_ms": median_ms(lambda: (step.crop(base), step.forward([5])), repeats)}
+    for k in KS:
+        out[f"verify{k}_ms"] = median_ms(lambda: (step.crop(base), step.forward([5] * (k + 1))), repeats)
+    step.crop(base)
+    return out
+
+
+def bench_one(kind: str, precision: str, repeats: int, tbs: float | None, copy_tbs: float, size: str = "7b",
+              device: str = "cuda") -> dict:
+    lm = synthetic_model(kind, size=size, precision=precision, device=device, seed=0)
+    prompt, prompt_len = synthetic_prefill_inputs(lm)
+    max_cache = prompt_len + 200 + 33
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.monotonic_ns()
+    step = ExactStepModel(lm.model, max_cache_len=max_cache, buckets=BUCKETS, use_graphs=device == "cuda")
+    capture_s = (time.monotonic_ns() - t0) / 1e9
+    result = {"kind": kind, "precision": precision, "prompt_len": prompt_len, "capture_s": round(capture_s, 1),
+              "eager_buckets": sorted(step.eager_buckets)}
+    result.update(exactness(step, prompt))
+    result.update(timings(step, prompt, repeats))
+    sizes = step.step_bytes()
+    step_bytes = sizes["weights"] + sizes["kv_per_position"] * (prompt_len + 5)
+    result.update({
+        "weight_bytes": sizes["weights"], "kv_bytes": sizes["kv_per_position"] * (prompt_len + 5),
+        "floor_ms": step_bytes / (tbs * 1e9) if tbs else None,
+        "floor_measured_bw_ms": step_bytes / (copy_tbs * 1e9),
+    })
+    if result["floor_ms"]:
+        result["decode_over_floor"] = result["decode_ms"] / result["floor_ms"]
+    result["verify8_over_decode"] = result["verify8_ms"] / result["decode_ms"]
+    if device == "cuda":
+        result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del step
+    if precision == "bf16" and kind == "videollava":
+        lm2 = synthetic_model(kind, size=size, precision=precision, device=device, seed=0)
+        old = CudaGraphStepModel(lm2.model, max_cache_len=max_cache, buckets=BUCKETS, use_graphs=device == "cuda")
+        old_t = timings(old, prompt, repeats)
+        result["previous_step"] = {"decode_ms": old_t["decode_ms"], "verify8_ms": old_t["verify8_ms"]}
+        old_x = exactness(old, prompt)
+        result["previous_step"].update(old_x)
+        del old, lm2
+    del lm
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--precisions", default="bf16,nf4")
+    parser.add_argument("--kinds", default="videollava,eventgpt")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--size", default="7b", help="7b, or tiny-test for a dry run on the CPU (TRITON_INTERPRET=1)")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and args.size == "7b":
+        print("step_bench needs a CUDA GPU (or --size tiny-test with TRITON_INTERPRET=1)", file=sys.stderr)
+        return 2
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    tbs = datasheet_tbs(name)
+    copy_tbs = measured_copy_tbs(torch.device("cuda")) if device == "cuda" else 1.0
+    report = {"device": name, "datasheet_tbs": tbs, "measured_copy_tbs": copy_tbs, "torch": torch.__version__,
+              "runs": []}
+    for kind in args.kinds.split(","):
+        for precision in args.precisions.split(","):
+            t0 = time.monotonic_ns()
+            run = bench_one(kind, precision, args.repeats, tbs, copy_tbs, args.size, device)
+            run["wall_s"] = round((time.monotonic_ns() - t0) / 1e9, 1)
+            print(json.dumps(run), flush=True)
+            report["runs"].append(run)
+            args.out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
