@@ -19,7 +19,7 @@ from workers.engine import nf4  # noqa: E402
 from workers.engine.kernels import linear as L  # noqa: E402
 
 
-def run(weight, x, block_m, block_n, block_k, warps, stages, splits, probe=0, wa=True):
+def run(weight, x, block_m, block_n, block_k, warps, stages, splits, probe=0, wa=True, fma=False):
     n, k = weight.n, weight.k
     k_blocks = -(-k // block_k)
     k_split = -(-k_blocks // splits) * block_k
@@ -30,8 +30,8 @@ def run(weight, x, block_m, block_n, block_k, warps, stages, splits, probe=0, wa
     def call():
         L._single_kernel[grid](x, *weight.pointers(x), out, x.shape[0], n, k, k_split, SPLITS=max(2, splits),
                                NF4=weight.nf4, UPCAST=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                               num_warps=warps, num_stages=stages, PROBE=probe, WA=wa)
-    ms = triton.testing.do_bench(call, warmup=10, rep=60)
+                               num_warps=warps, num_stages=stages, PROBE=probe, WA=wa, FMA=fma)
+    ms = triton.testing.do_bench(call, warmup=5, rep=25)
     return ms, weight.bytes_read() / ms / 1e6
 
 
@@ -42,19 +42,18 @@ def main():
         dense = L.Weight(n, k, dense=w)
         packed, absmax = nf4.quantize(w.float())
         q = L.Weight(n, k, packed=packed, absmax=absmax, code=nf4.code_tensor("cuda"))
-        for rows in (1, 17):
+        for rows in (1, 9, 17):
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            grid = [("bf16", dense, c) for c in itertools.product((True,), (16, 32), (32, 64, 128), (128, 256), (4, 8), (3, 4), (1, 2, 4))]
-            grid += [("bf16", dense, (False, 16, 64, 128, 4, 3, 2))]
-            grid += [("nf4", q, c) for c in itertools.product((True,), (16,), (32, 64, 128), (128, 256), (4, 8), (2, 3), (1, 4))]
-            for kind, weight, (wa, bm, bn, bk, warps, stages, splits) in grid:
-                if bn * bk > 128 * 128:
+            grid = [("bf16", dense, c) for c in itertools.product((True,), (16,), (16, 32, 64), (128, 256, 512), (4, 8), (3,), (1, 2, 4))]
+            grid += [("nf4", q, c) for c in itertools.product((True,), (16,), (16, 32, 64), (128, 256, 512), (4, 8), (2,), (1, 2, 4))]
+            for kind, weight, (fma, bm, bn, bk, warps, stages, splits) in grid:
+                if bn * bk > 64 * 256:
                     continue
                 try:
-                    ms, gbs = run(weight, x, bm, bn, bk, warps, stages, splits, 0, wa)
+                    ms, gbs = run(weight, x, bm, bn, bk, warps, stages, splits, 0, True, fma)
                 except Exception as exc:  # noqa: BLE001
                     ms, gbs = None, str(exc)[:80]
-                results.append(dict(kind=kind, wa=wa, n=n, k=k, rows=rows, bm=bm, bn=bn, bk=bk, warps=warps,
+                results.append(dict(kind=kind, fma=fma, n=n, k=k, rows=rows, bm=bm, bn=bn, bk=bk, warps=warps,
                                     stages=stages, splits=splits, ms=ms, gbs=gbs))
     copy_src = torch.empty(1 << 30, dtype=torch.uint16, device="cuda")
     copy_dst = torch.empty_like(copy_src)

@@ -8,7 +8,7 @@ real prompt length is prefilled once, then
   in windows of k = 1, 2, 4, 8, 16 drafts (the engine's own tokens) and every row's logits are compared bit
   for bit with the decode step's (and the drafts must all be accepted);
 - times (wall, GPU synchronised, `time.monotonic_ns`, median of `--repeats`): one decode step, one
-  verification of k drafts, and, for bf16, the previous CUDA-graph step (cuBLAS + SDPA) for comparison;
+  verification of k drafts, and the same for the previous CUDA-graph step (cuBLAS or bitsandbytes + SDPA);
 - floors: bytes one step reads (every weight once + the K/V of the cached positions) at the datasheet
   bandwidth, and at the bandwidth this script measures itself (a device-to-device copy of 2 GiB, counted
   as read + write).
@@ -132,11 +132,12 @@ def bench_one(kind: str, precision: str, repeats: int, tbs: float | None, copy_t
     if device == "cuda":
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     del step
-    if precision == "bf16" and kind == "videollava":
+    if True:      # the previous CUDA-graph step (cuBLAS / bitsandbytes + SDPA), for comparison
         lm2 = synthetic_model(kind, size=size, precision=precision, device=device, seed=0)
         old = CudaGraphStepModel(lm2.model, max_cache_len=max_cache, buckets=BUCKETS, use_graphs=device == "cuda")
         old_t = timings(old, prompt, repeats)
-        result["previous_step"] = {"decode_ms": old_t["decode_ms"], "verify8_ms": old_t["verify8_ms"]}
+        result["previous_step"] = {"decode_ms": old_t["decode_ms"], "verify8_ms": old_t["verify8_ms"],
+                                   "verify16_ms": old_t["verify16_ms"]}
         old_x = exactness(old, prompt)
         result["previous_step"].update(old_x)
         del old, lm2

@@ -11,14 +11,17 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import reports
-from .mps import MpsDaemon, MpsError
-from .session import Session, StartupError, WorkerDied, WorkerSpec
+from .reports.stats import median as _median, paired_speedup, percentile as _pct
+from .mps import MpsDaemon, MpsError, unavailable_reason
+from .runner import failed_modes
+from .signals import Interrupted, SignalGuard
+from .session import RequestFailed, Session, StartupError, WorkerDied, WorkerSpec
 
 
 @dataclass
@@ -85,6 +88,15 @@ def run_bench(cfg: BenchConfig) -> int:
     run_info: dict = {}
     failure = None
     plan = [(placement, mps) for placement in cfg.placements for mps in cfg.mps]
+    no_mps = unavailable_reason() if "on" in cfg.mps else None
+    if no_mps:                          # measure what can be measured: MPS off only, and say why
+        _say(f"skipping MPS on: {no_mps}")
+        run_info["skipped"] = [f"MPS on: {no_mps}"]
+        plan = [(placement, mps) for placement, mps in plan if mps != "on"]
+    if not plan:
+        _write(cfg, records, draft_alone, events, run_info, "nothing left to measure (add off to --bench-mps)")
+        return 1
+    guard = SignalGuard().install()
     for placement, mps_setting in plan:
         try:
             events += _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info, placement)
@@ -92,12 +104,21 @@ def run_bench(cfg: BenchConfig) -> int:
             failure = f"placement={placement} mps={mps_setting}: {exc}"
             _say(f"error: {failure}")
             break
-        except KeyboardInterrupt:
-            failure = "interrupted"
+        except (KeyboardInterrupt, Interrupted) as exc:      # SIGINT, SIGTERM, SIGHUP: workers and MPS stopped
+            failure = f"interrupted ({exc.args[0] if isinstance(exc, Interrupted) else 'SIGINT'})"
             break
         finally:
+            guard.raising = False            # writing and stopping are never interrupted
             _write(cfg, records, draft_alone, events, run_info, failure)
-    return 0 if failure is None else 3
+        if guard.signum is not None:         # it arrived while writing: stop here, said so
+            failure = f"interrupted ({signal.Signals(guard.signum).name})"
+            _write(cfg, records, draft_alone, events, run_info, failure)
+            break
+        guard.raising = True
+    guard.restore()
+    if failure is not None:
+        return 128 + guard.signum if guard.signum is not None else 3
+    return 1 if failed_modes(records) else 0          # a mode whose every request failed measured nothing
 
 
 def placement_devices(spec: WorkerSpec, placement: str, user_devices=()) -> dict:
@@ -139,13 +160,18 @@ def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info, pl
                 _say(f"[mps {mps_setting}] {done}/{total} samples×lengths; "
                      f"last baseline {records[first].get('wall_ms', 0):.0f} ms")
         for sample in samples[: min(3, len(samples))]:
-            draft_alone.append(draft_alone_record(session, cfg, sample, mps_setting, placement))
+            try:
+                draft_alone.append(draft_alone_record(session, cfg, sample, mps_setting, placement))
+            except RequestFailed as exc:
+                _say(f"  {sample['sample_id']} draft alone: ERROR {exc}")
         return session.events
     finally:
-        if session is not None:
-            session.close()
-        if daemon is not None:
-            daemon.stop()
+        try:
+            if session is not None:
+                session.close()
+        finally:
+            if daemon is not None:
+                daemon.stop()
 
 
 BASE_OPTIONS = {"event_frames": 5}
@@ -204,21 +230,6 @@ def draft_alone_record(session, cfg: BenchConfig, sample, mps_setting, placement
 
 # --- aggregation -------------------------------------------------------------------------------
 
-def _median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-def _pct(xs, q):
-    xs = sorted(x for x in xs if x is not None)
-    if not xs:
-        return None
-    pos = (len(xs) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def aggregate(records: list[dict], draft_alone: list[dict], events: list[dict]) -> dict:
     ok = [r for r in records if r.get("status") == "ok"]
     spans_by_request: dict[str, list] = {}
@@ -235,12 +246,8 @@ def aggregate(records: list[dict], draft_alone: list[dict], events: list[dict]) 
     for (placement, mps, n, mode, oracle), recs in sorted(configs.items(),
                                                           key=lambda kv: tuple(str(x) for x in kv[0])):
         def paired(ref_mode):
-            ratios = []
-            for r in recs:
-                ref = walls.get((placement, mps, n, ref_mode, None, r["sample_id"]))
-                if ref:
-                    ratios.append(ref / r["wall_ms"])
-            return _median(ratios)
+            reference = {r["sample_id"]: walls.get((placement, mps, n, ref_mode, None, r["sample_id"])) for r in recs}
+            return paired_speedup(reference, {r["sample_id"]: r["wall_ms"] for r in recs})[0]
         verify_by_k: dict[int, list] = {}
         for r in recs:
             for s in spans_by_request.get(r["request_id"], []):
@@ -314,9 +321,11 @@ def aggregate(records: list[dict], draft_alone: list[dict], events: list[dict]) 
 
 def _write(cfg: BenchConfig, records, draft_alone, events, run_info, failure) -> None:
     agg = aggregate(records, draft_alone, events)
+    skipped = run_info.get("skipped", [])
+    run_info = {k: v for k, v in run_info.items() if k != "skipped"}
     synthetic = any(v.get("synthetic") for info in run_info.values() for v in info.values())
     data = {"command": cfg.command, "created": dt.datetime.now().isoformat(timespec="seconds"),
-            "synthetic_weights": synthetic, "failure": failure, "config": {
+            "synthetic_weights": synthetic, "failure": failure, "skipped": skipped, "config": {
                 "samples": cfg.samples, "warmup": cfg.warmup, "max_new_tokens": cfg.max_new_tokens,
                 "alphas": cfg.alphas, "profiles": cfg.profiles, "modes": cfg.modes, "mps": cfg.mps,
                 "ignore_eos": cfg.ignore_eos, "k_max": cfg.k_max, "adaptive": cfg.adaptive,
@@ -358,6 +367,8 @@ def render_markdown(data: dict) -> str:
     lines += ["Every number below was measured in one run of:", "", "```bash", data.get("command", ""), "```", ""]
     if data.get("failure"):
         lines += [f"**The run stopped early:** {data['failure']}", ""]
+    for skipped in data.get("skipped") or []:
+        lines += [f"**Not measured:** {skipped}.", ""]
     for info_key, info in data.get("run_info", {}).items():
         for role, v in info.items():
             lines.append(f"- {info_key} {role}: {v.get('model_id')} on {v.get('device')} "

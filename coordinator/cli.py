@@ -73,8 +73,8 @@ def model_options(f):
         click.option("--target-sm-percent", type=click.IntRange(1, 100), help="MPS SM share of the target"),
         click.option("--startup-timeout", type=float, default=600.0, show_default=True,
                      help="seconds to wait for both workers to be READY"),
-        click.option("--request-timeout", type=float, default=600.0, show_default=True,
-                     help="seconds without an answer before a request fails"),
+        click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0,
+                     show_default=True, help="seconds without an answer from the workers before a request fails"),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -170,6 +170,9 @@ def main():
               help="speculative: hold each verification until this many drafts exist (0: never wait, the "
                    "target decodes a token itself when none are ready)")
 @click.option("--ignore-eos", is_flag=True, help="fixed-length outputs (benchmarks)")
+@click.option("--heartbeat-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="seconds an attached worker may send nothing, not even a heartbeat (sent every second, also "
+                   "while it computes), before it counts as lost")
 @click.option("--quiet", is_flag=True)
 @model_options
 @cluster_options
@@ -188,7 +191,8 @@ def run_command(input_, **kw):
         event_window_ms=kw["event_window_ms"], on_error=kw["on_error"], draft=draft, target=target,
         mps="off" if kw["no_mps"] else kw["mps"], draft_sm_percent=kw["draft_sm_percent"],
         target_sm_percent=kw["target_sm_percent"], startup_timeout_s=kw["startup_timeout"],
-        request_timeout_s=kw["request_timeout"], allow_public_endpoint=kw["allow_public_endpoint"],
+        request_timeout_s=kw["request_timeout"], heartbeat_timeout_s=kw["heartbeat_timeout"],
+        allow_public_endpoint=kw["allow_public_endpoint"],
         allow_vocab_mismatch=kw["allow_vocab_mismatch"], k_max=kw["k_max"], adaptive=not kw["no_adaptive"],
         max_ahead=kw["max_ahead"], ignore_eos=kw["ignore_eos"], quiet=kw["quiet"],
         wait_for_drafts=kw["wait_for_drafts"],

@@ -28,6 +28,15 @@ def gpu_present() -> bool:
     return out.returncode == 0 and "GPU" in out.stdout
 
 
+def unavailable_reason() -> str | None:
+    """Why a private MPS daemon cannot run here (no control binary, no GPU), or None when it can."""
+    if not shutil.which(CONTROL):
+        return f"{CONTROL} is not on PATH (the CUDA MPS tools are not installed)"
+    if not gpu_present():
+        return "no NVIDIA GPU found (nvidia-smi -L lists none)"
+    return None
+
+
 def mps_wanted(setting: str) -> bool:
     """setting: on | off | auto (on where a GPU and the control binary exist)."""
     if setting == "off":
@@ -52,9 +61,15 @@ class MpsDaemon:
         os.makedirs(pipe)
         os.makedirs(log)
         self.env = {"CUDA_MPS_PIPE_DIRECTORY": pipe, "CUDA_MPS_LOG_DIRECTORY": log}
-        out = subprocess.run([CONTROL, "-d"], env={**os.environ, **self.env}, capture_output=True, text=True,
-                             timeout=30)
+        try:
+            out = subprocess.run([CONTROL, "-d"], env={**os.environ, **self.env}, capture_output=True, text=True,
+                                 timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            self.stop()
+            raise MpsError(f"starting the MPS daemon failed ({CONTROL} -d: {exc}); run with --mps off to go "
+                           f"without it") from None
         if out.returncode != 0:
+            self.stop()
             raise MpsError(f"starting the MPS daemon failed ({CONTROL} -d exited {out.returncode}): "
                                f"{(out.stderr or out.stdout).strip()}; run with --mps off to go without it")
         self.running = True

@@ -1,24 +1,29 @@
 """`coordinator run`: samples × modes through one Session, then results.json and the reports.
 
 Owns the run's life cycle: discovery, the MPS daemon, the workers, the per-sample loop with progress,
-the lossless check against the baseline of the same run, and writing every output even when the run
-fails part-way (no lost results). Never imports torch.
+the lossless check against the baseline of the same run, and how the run ends: completed, stopped at the
+first error, a worker lost, interrupted by a signal (SIGTERM, SIGINT, SIGHUP) or an internal error; each
+way leaves every finished record in the outputs (coordinator.outputs), no worker, no MPS daemon and no
+private temporary folder. Never imports torch.
 """
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
 import platform
+import signal
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import reports
 from .mps import MpsDaemon, MpsError, mps_wanted
+from .outputs import RunOutputs
+from .signals import Interrupted, SignalGuard
 from .session import Session, StartupError, WorkerDied, WorkerSpec
 
-EXIT_OK, EXIT_SAMPLE_FAILED, EXIT_WORKER_DIED, EXIT_STARTUP, EXIT_INTERRUPTED = 0, 1, 3, 4, 130
+EXIT_OK, EXIT_SAMPLE_FAILED, EXIT_WORKER_DIED, EXIT_STARTUP, EXIT_INTERNAL = 0, 1, 3, 4, 70
+# a signal ends the run with 128 + its number: 130 for SIGINT (Ctrl-C), 143 for SIGTERM
 
 
 @dataclass
@@ -44,6 +49,7 @@ class RunConfig:
     target_sm_percent: int | None = None
     startup_timeout_s: float = 600.0
     request_timeout_s: float = 600.0
+    heartbeat_timeout_s: float = 30.0
     allow_public_endpoint: bool = False
     allow_vocab_mismatch: bool = False
     k_max: int = 16
@@ -81,29 +87,43 @@ def check_vocab(session: Session, allow: bool) -> str | None:
 
 
 def run(cfg: RunConfig) -> int:
+    guard = SignalGuard().install()     # from the first output file on, a signal ends the run in order
+    try:
+        return _run(cfg, guard)
+    except Interrupted as exc:          # while discovering samples: nothing started, nothing to keep
+        print(f"interrupted by {exc.args[0]} before the run started; nothing was written", file=sys.stderr)
+        return 128 + exc.signum
+    finally:
+        guard.restore()
+
+
+def _run(cfg: RunConfig, guard: "SignalGuard") -> int:
     out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr))
 
     def warn(*a):      # errors and skipped samples are printed even under --quiet
         print(*a, file=sys.stderr)
     samples, bad = discover(cfg)
-    records: list[dict] = [{"sample_id": b["sample_id"], "mode": mode, "status": "error", "error": b["error"]}
-                           for b in bad for mode in cfg.modes]
+    if not samples and not (bad and cfg.on_error == "fail"):
+        raise StartupError(f"no usable samples in {cfg.input}" + (f" ({len(bad)} bad)" if bad else ""))
+    guard.raising = False               # until the try below: noted, acted on there
+    outputs = RunOutputs(out_dir, cfg.command)
     for b in bad:
         warn(f"skipping sample {b['sample_id']}: {b['error']}")
+        for mode in cfg.modes:
+            outputs.add({"sample_id": b["sample_id"], "mode": mode, "status": "error", "error": b["error"]})
     if bad and cfg.on_error == "fail":
-        _write_outputs(out_dir, cfg, records, [], {}, "input error")
+        outputs.finish(ended=f"stopped at the first error (--on-error fail): {len(bad)} bad sample(s)",
+                       failure="input error")
         warn(f"error: {len(bad)} bad sample(s) and --on-error fail")
         return EXIT_SAMPLE_FAILED
-    if not samples:
-        raise StartupError(f"no usable samples in {cfg.input}" + (f" ({len(bad)} bad)" if bad else ""))
     daemon = None
     session = None
-    exit_code = EXIT_OK
-    failure = None
-    run_info: dict = {}
+    ended, failure, exit_code = "completed", None, EXIT_OK
     try:
+        guard.raising = True
+        if guard.signum is not None:
+            raise Interrupted(guard.signum)
         if mps_wanted(cfg.mps):
             daemon = MpsDaemon().start()
             cfg.draft.env.update(daemon.client_env(cfg.draft_sm_percent))
@@ -111,7 +131,8 @@ def run(cfg: RunConfig) -> int:
             say(f"MPS daemon started (pipe {daemon.env['CUDA_MPS_PIPE_DIRECTORY']})")
         specs = [cfg.target] if cfg.modes == ["baseline"] else [cfg.draft, cfg.target]
         session = Session(specs, log_dir=out_dir / "logs", startup_timeout_s=cfg.startup_timeout_s,
-                          request_timeout_s=cfg.request_timeout_s, allow_public_endpoint=cfg.allow_public_endpoint)
+                          request_timeout_s=cfg.request_timeout_s, heartbeat_timeout_s=cfg.heartbeat_timeout_s,
+                          allow_public_endpoint=cfg.allow_public_endpoint, events=outputs.events)
         say(f"starting workers: {', '.join(f'{s.role}={s.backend}' for s in specs)}")
         session.start()
         warning = None
@@ -119,56 +140,60 @@ def run(cfg: RunConfig) -> int:
             warning = check_vocab(session, cfg.allow_vocab_mismatch)
             if warning:
                 print(warning, file=sys.stderr)     # even under --quiet
-        run_info = _run_info(cfg, session, daemon)
+        outputs.run_info = _run_info(cfg, session, daemon)
         if "draft" in session.workers and warning:
-            run_info["vocab_warning"] = warning
-        total = len(samples) * len(cfg.modes)
-        bar = _progress(total, cfg.quiet)
-        stop_all = False
-        for sample in samples:
-            for rec in sample_records(session, cfg, sample):
-                mode = rec["mode"]
-                records.append(rec)
-                bar(f"{sample['sample_id']} {mode}: " + (f"{rec['wall_ms']:.0f} ms" if rec["status"] == "ok"
-                                                          else f"ERROR {rec['error']}"))
-                if rec["status"] != "ok":
-                    warn(f"sample {sample['sample_id']} ({mode}) failed: {rec['error']}")
-                    exit_code = EXIT_SAMPLE_FAILED if cfg.on_error == "fail" else exit_code
-                    if cfg.on_error == "fail":
-                        stop_all = True
-                        break
-            if stop_all:
-                break
+            outputs.run_info["vocab_warning"] = warning
+        stopped = _run_samples(cfg, session, samples, outputs, warn)
+        if stopped:
+            ended, exit_code = f"stopped at the first error (--on-error fail): {stopped}", EXIT_SAMPLE_FAILED
+        elif failed_modes(outputs.records):
+            ended = (f"completed, but every request of mode {', '.join(failed_modes(outputs.records))} failed "
+                     f"(see Failed samples)")
+            exit_code = EXIT_SAMPLE_FAILED
     except WorkerDied as exc:
         failure, exit_code = f"worker died: {exc}", EXIT_WORKER_DIED
+        ended = f"worker lost: {str(exc).splitlines()[0]}"
     except (StartupError, MpsError) as exc:
         failure, exit_code = f"startup failed: {exc}", EXIT_STARTUP
-    except KeyboardInterrupt:
-        failure, exit_code = "interrupted (Ctrl-C)", EXIT_INTERRUPTED
+        ended = failure.splitlines()[0]
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        ended = failure = f"interrupted by {signal.Signals(signum).name}" + (
+            " (Ctrl-C)" if signum == signal.SIGINT else "")
+        exit_code = 128 + signum
+    except Exception as exc:                      # a bug: keep what finished, say so, exit non-zero
+        traceback.print_exc()
+        ended = failure = f"internal error: {type(exc).__name__}: {exc}"
+        exit_code = EXIT_INTERNAL
     finally:
-        events = session.events if session else []
-        if session:
-            session.close()
-        if daemon:
-            daemon.stop()
-            say("MPS daemon stopped")
+        guard.raising = False                     # from here on a signal is noted, never raised
+        _shut_down(session, daemon, say, warn)
+    if guard.signum is not None and exit_code == EXIT_OK:
+        ended += f" ({signal.Signals(guard.signum).name} arrived during shutdown)"
+        exit_code = 128 + guard.signum
     if failure:
         warn(f"error: {failure}")
-    _write_outputs(out_dir, cfg, records, events, run_info, failure)
+    agg = outputs.finish(ended=ended, failure=failure)
     if not cfg.quiet:
-        ok = [r for r in records if r.get("status") == "ok"]
-        if ok:
-            print(reports.format_table(reports.aggregate(records)))
-        print(f"outputs in {out_dir}/ (results.json, summary.md, events.jsonl, trace.json, timeline.png)")
+        if any(r.get("status") == "ok" for r in outputs.records):
+            print(reports.format_table(agg))
+        print(f"outputs in {out_dir}/ (results.json, records.jsonl, summary.md, events.jsonl, trace.json, "
+              f"timeline.png)")
     return exit_code
+
+
+def failed_modes(records: list[dict]) -> list[str]:
+    """Modes with records but not one that succeeded: a run that measured nothing of them must not exit 0."""
+    modes = list(dict.fromkeys(r.get("mode") for r in records))
+    return [str(mode) for mode in modes if not any(r.get("status") == "ok" for r in records if r.get("mode") == mode)]
 
 
 def sample_records(session: Session, cfg: RunConfig, sample: dict):
     """Every mode of cfg on one sample through a started session, yielding each record as it finishes
-    (baseline first, so the others are checked against it). The one entry point for anything that runs
-    samples on a session: `run` here, each pipeline of `--ray` (coordinator.cluster)."""
+    (baseline first, so the others are checked against it). The one way samples run on a session: here,
+    and in each pipeline of `--ray` (coordinator.cluster)."""
     options = dict(event_frames=cfg.event_frames, event_window_ms=cfg.event_window_ms, ignore_eos=cfg.ignore_eos)
-    sampled = float(cfg.target.options.get("temperature") or 0) > 0     # outputs are draws, not equal
+    sampled = float(cfg.target.options.get("temperature") or 0) > 0   # outputs are draws, not equal
     baseline_ids = None
     for mode in cfg.modes:
         question = sample.get("question") or cfg.question or ""
@@ -182,6 +207,37 @@ def sample_records(session: Session, cfg: RunConfig, sample: dict):
                                    if rec["status"] == "ok" and baseline_ids is not None
                                    and mode != "baseline" and not sampled else None)
         yield rec
+
+
+def _run_samples(cfg: RunConfig, session: Session, samples: list, outputs: RunOutputs, warn) -> str | None:
+    """Every (sample, mode) in order; each record goes to the outputs at once. Returns why it stopped
+    early under --on-error fail, else None."""
+    bar = _progress(len(samples) * len(cfg.modes), cfg.quiet)
+    for sample in samples:
+        for rec in sample_records(session, cfg, sample):
+            outputs.add(rec)
+            bar(f"{sample['sample_id']} {rec['mode']}: " + (f"{rec['wall_ms']:.0f} ms" if rec["status"] == "ok"
+                                                             else f"ERROR {rec['error']}"))
+            if rec["status"] != "ok":
+                warn(f"sample {sample['sample_id']} ({rec['mode']}) failed: {rec['error']}")
+                if cfg.on_error == "fail":
+                    return f"sample {sample['sample_id']} ({rec['mode']}) failed: {rec['error']}"
+    return None
+
+
+def _shut_down(session, daemon, say, warn) -> None:
+    """Workers, then the MPS daemon; a failure of one step never skips the next."""
+    if session is not None:
+        try:
+            session.close()
+        except Exception as exc:
+            warn(f"warning: shutting the workers down: {type(exc).__name__}: {exc}")
+    if daemon is not None:
+        try:
+            daemon.stop()
+            say("MPS daemon stopped")
+        except Exception as exc:
+            warn(f"warning: stopping the MPS daemon: {type(exc).__name__}: {exc}")
 
 
 def _progress(total: int, quiet: bool):
@@ -227,27 +283,3 @@ def _run_info(cfg: RunConfig, session: Session, daemon) -> dict:
     if gpu:
         info["gpu_memory_gib_at_ready"] = gpu
     return info
-
-
-def _write_outputs(out_dir: Path, cfg: RunConfig, records: list, events: list, run_info: dict, failure) -> None:
-    agg = reports.aggregate(records) if records else {}
-    results = {"command": cfg.command, "created": dt.datetime.now().isoformat(timespec="seconds"),
-               "run_info": run_info, "failure": failure, "records": records, "aggregate": agg}
-    tmp = out_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=_json_default))
-    os.replace(tmp, out_dir / "results.json")
-    reports.write_events_jsonl(out_dir / "events.jsonl", events)
-    reports.write_trace_json(out_dir / "trace.json", events)
-    try:
-        reports.write_timeline_png(out_dir / "timeline.png", events, records)
-    except Exception as exc:     # a plot must never cost the results
-        print(f"warning: timeline.png not written: {exc}", file=sys.stderr)
-    reports.write_summary_md(out_dir / "summary.md", records, agg, command=cfg.command, run_info=run_info)
-
-
-def _json_default(obj):
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)
-
-

@@ -1,7 +1,9 @@
 """ZeroMQ sockets and endpoints: the one place sockets are made.
 
 The coordinator binds a ROUTER, each worker connects a DEALER whose identity is its name. Every socket
-has LINGER 0 and bounded queues; every receive has a deadline. Default endpoints are ipc:// in a private
+has LINGER 0 (close(linger_ms) lets a last message leave), bounded queues and a bounded message size;
+every receive has a deadline. A Channel may be shared by two threads (a worker's heartbeat thread): every
+socket operation holds its lock. Default endpoints are ipc:// in a private
 0700 temporary directory; tcp is loopback unless the user names another address.
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ import ipaddress
 import itertools
 import os
 import tempfile
+import threading
 import time
 from urllib.parse import urlparse
 
@@ -18,6 +21,8 @@ import zmq
 from .messages import Message, ProtocolError, decode, encode
 
 HWM = 10_000
+MAX_MESSAGE_BYTES = 1 << 30      # a peer sending more is disconnected, not buffered
+POLL_SLICE_MS = 100             # a waiting recv releases the lock this often
 
 
 def private_ipc_dir() -> str:
@@ -57,6 +62,7 @@ def make_socket(ctx: zmq.Context, kind: int, identity: str | None = None) -> zmq
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, HWM)
     sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity.encode())
     if kind == zmq.ROUTER:
@@ -65,7 +71,7 @@ def make_socket(ctx: zmq.Context, kind: int, identity: str | None = None) -> zmq
 
 
 class Channel:
-    """One socket plus stamping, ids and decoding. Not thread-safe (ZeroMQ sockets are not)."""
+    """One socket plus stamping, ids and decoding; its lock makes it safe to share between threads."""
 
     def __init__(self, sock: zmq.Socket, name: str, *, router: bool):
         self.sock = sock
@@ -74,31 +80,41 @@ class Channel:
         self._ids = itertools.count()
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
+        self.lock = threading.Lock()
+        self.last_send = time.monotonic()
 
     def send(self, msg: Message, to: str | None = None) -> Message:
-        msg.src = self.name
-        if to is not None:
-            msg.dst = to
-        if not msg.msg_id:
-            msg.msg_id = f"{self.name}-{next(self._ids)}"
-        msg.sent_ns = time.monotonic_ns()
-        frames = encode(msg)
-        if self.router:
-            self.sock.send_multipart([msg.dst.encode()] + frames, copy=False)
-        else:
-            self.sock.send_multipart(frames, copy=False)
+        with self.lock:
+            msg.src = self.name
+            if to is not None:
+                msg.dst = to
+            if not msg.msg_id:
+                msg.msg_id = f"{self.name}-{next(self._ids)}"
+            msg.sent_ns = time.monotonic_ns()
+            frames = encode(msg)
+            if self.router:
+                self.sock.send_multipart([msg.dst.encode()] + frames, copy=False)
+            else:
+                self.sock.send_multipart(frames, copy=False)
+            self.last_send = time.monotonic()
         return msg
 
     def recv(self, timeout_ms: float) -> tuple[Message | None, str | None]:
         """Wait at most timeout_ms. Returns (message, None), (None, None) on timeout, or
         (None, reason) for a malformed message (the caller answers with ERROR)."""
-        if not self.poller.poll(max(0, int(timeout_ms))):
-            return None, None
-        frames = self.sock.recv_multipart()
+        deadline = time.monotonic() + max(0.0, timeout_ms) / 1e3
+        while True:
+            with self.lock:
+                wait_ms = max(0, min(POLL_SLICE_MS, int((deadline - time.monotonic()) * 1e3)))
+                if self.poller.poll(wait_ms):
+                    frames = self.sock.recv_multipart()
+                    break
+            if time.monotonic() >= deadline:
+                return None, None
         recv_ns = time.monotonic_ns()
         sender = None
         if self.router:
-            sender, frames = frames[0].decode(errors="replace"), frames[1:]
+            sender, frames = frames[0].decode(errors="replace")[:64], frames[1:]
         try:
             msg = decode(frames, recv_ns)
         except ProtocolError as exc:
@@ -107,5 +123,7 @@ class Channel:
             msg.src = sender
         return msg, None
 
-    def close(self) -> None:
-        self.sock.close(0)
+    def close(self, linger_ms: int = 0) -> None:
+        """Close the socket; linger_ms > 0 lets queued messages (a last fatal ERROR) leave first."""
+        with self.lock:
+            self.sock.close(linger_ms)

@@ -57,3 +57,31 @@ def test_bench_runs_both_placements_in_one_run(fake_input, tmp_path):
     for placement in ("same-gpu", "two-gpu"):
         spec = [r for r in rows if r["placement"] == placement and r["mode"] == "speculative"]
         assert spec and spec[0]["matches_baseline"] == "2/2" and spec[0]["speedup_vs_baseline"] is not None
+
+
+def test_bench_without_mps_tools_measures_mps_off_and_says_why(fake_input, tmp_path, monkeypatch):
+    """No nvidia-cuda-mps-control and no GPU (PATH without them): MPS on is skipped with its reason."""
+    import os
+    import shutil
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    os.symlink(shutil.which("sh"), bin_dir / "sh")
+    out = tmp_path / "bench"
+    proc = run_cli("bench", "--input", fake_input, "--draft-backend", "fake", "--target-backend", "fake",
+                   "--samples", "1", "--warmup", "0", "--max-new-tokens", "8", "--alphas", "1", "--oracle-profile", "",
+                   "--no-hf-generate", "--output-dir", out, env={"PATH": str(bin_dir)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "skipping MPS on: nvidia-cuda-mps-control is not on PATH" in proc.stderr
+    data = json.loads((out / "bench.json").read_text())
+    assert {r["mps"] for r in data["records"]} == {"off"} and data["records"]
+    assert "Not measured:** MPS on: nvidia-cuda-mps-control is not on PATH" in (out / "bench.md").read_text()
+
+
+def test_bench_where_every_request_fails_exits_non_zero(fake_input, tmp_path):
+    proc = run_cli("bench", "--input", fake_input, "--draft-backend", "fake", "--target-backend", "fake",
+                   "--samples", "1", "--warmup", "0", "--max-new-tokens", "8", "--alphas", "1", "--oracle-profile", "",
+                   "--no-hf-generate", "--bench-mps", "off", "--modes", "parallel", "--draft-option", "quality=bogus",
+                   "--output-dir", tmp_path / "b", timeout=300)
+    assert proc.returncode == 1, proc.stderr           # baseline measured, parallel failed on every sample
+    assert "fake quality 'bogus'" in proc.stderr and "Traceback" not in proc.stderr

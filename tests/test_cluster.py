@@ -178,7 +178,7 @@ def test_sigterm_leaves_nothing_and_resume_skips_finished_samples(six_samples, t
             proc.wait()
     proc.reader.join(timeout=5)
     err = "".join(proc.err_lines)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 143, err
     assert "interrupted" in err
     assert wait_gone([p.pid for p in family], timeout=20) == []   # workers, actors, raylet, GCS: all gone
     assert not any(d.exists() for d in ipc_dirs) and not any(Path(d).exists() for d in ray_dirs)

@@ -75,3 +75,30 @@ def test_fewer_events_than_frames_is_a_clear_error():
         render_event_images(events, n_frames=5)
     with pytest.raises(InputError, match="last 0.5 ms"):
         render_event_images(events, n_frames=2, window_ms=0.5)
+
+
+def test_coordinates_beyond_the_canvas_bound_are_refused_before_allocating(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from workers.inputs.render import MAX_SIDE
+
+    for xy in ([5, 1_000_000_000], [1_000_000_000, 5], [MAX_SIDE, 0]):
+        events = make_events([[1, 1, 0], [*xy, 1], [2, 2, 1]])
+        with pytest.raises(InputError, match=f"more than the {MAX_SIDE} px a side"):
+            render_event_images(events, 1)
+    assert render_event_images(make_events([[MAX_SIDE - 1, 0, 1]]), 1)[0].shape == (1, MAX_SIDE, 3)
+    # through the CLI, with 2 GiB of address space: a refusal, not an allocation the kernel kills
+    path = tmp_path / "ev.npy"
+    arr = np.zeros(3, dtype=[("x", "<i4"), ("y", "<i4"), ("t", "<i8"), ("p", "<i1")])
+    arr["y"] = [1, 1_000_000_000, 2]
+    arr["t"] = [0, 1, 2]
+    np.save(path, arr)
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 31, 1 << 31)); "
+            "from coordinator.cli import main; sys.argv = ['coordinator'] + sys.argv[1:]; main()")
+    proc = subprocess.run([sys.executable, "-c", code, "render-events", str(path), "--frames", "1", "--out",
+                           str(tmp_path / "img")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "y = 1000000000" in proc.stderr and f"{MAX_SIDE} px a side" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "img").exists()

@@ -5,7 +5,7 @@ import subprocess
 
 import psutil
 
-from tests.conftest import ROOT, load_results, run_cli
+from tests.conftest import ROOT, coordinator_cmd, load_results, run_cli
 
 FAKE = ["--draft-backend", "fake", "--target-backend", "fake"]
 
@@ -65,10 +65,13 @@ def test_no_mps_skips_the_daemon(fake_input, tmp_path):
 
 def test_daemon_that_fails_to_start_is_a_clear_error(fake_input, tmp_path):
     env = make_stubs(tmp_path / "bin", tmp_path / "mps.log", start_rc=1)
-    proc = run_cli("run", "--input", fake_input, *FAKE, "--output-dir", tmp_path / "out", env=env, timeout=60)
+    proc = subprocess.Popen(coordinator_cmd("run", "--input", fake_input, *FAKE, "--output-dir", tmp_path / "out"),
+                            cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _, stderr = proc.communicate(timeout=60)
     assert proc.returncode != 0
-    assert "MPS daemon" in proc.stderr and "--mps off" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "MPS daemon" in stderr and "--mps off" in stderr
+    assert "Traceback" not in stderr
     assert not [p for p in psutil.process_iter(["cmdline"]) if "--parent-pid" in (p.info["cmdline"] or [])
                 and str(proc.pid) in (p.info["cmdline"] or [])]
 

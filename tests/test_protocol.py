@@ -46,12 +46,12 @@ def test_unknown_type_and_version_are_rejected_with_reasons():
 
 
 def test_array_frames_must_match_their_description():
-    msg = m.Verify(tokens=[1])
+    msg = m.Verify(tokens=[1, 2])
     msg.arrays["probs"] = np.zeros((2, 3), np.float32)
     frames = [bytes(f) for f in m.encode(msg)]
     with pytest.raises(m.ProtocolError, match="2 frames|1 arrays described"):
         m.decode(frames + [b"extra"])
-    with pytest.raises(m.ProtocolError, match="elements"):
+    with pytest.raises(m.ProtocolError, match="bytes"):
         m.decode([frames[0], frames[1][:-4]])
     head = msgpack.unpackb(frames[0])
     head["arrays"][0][1] = "|O"                  # object arrays would need pickle: never
@@ -68,3 +68,25 @@ def test_endpoints_stay_on_loopback_unless_allowed():
     assert check_endpoint("tcp://0.0.0.0:5555", allow_public=True)
     with pytest.raises(ValueError):
         check_endpoint("http://127.0.0.1:80")
+
+
+def test_every_malformed_frame_is_a_protocol_error_and_nothing_else():
+    from tests.fuzz_frames import malformed
+
+    cases = malformed()
+    assert len(cases) >= 30 and len({label for label, _ in cases}) == len(cases)
+    for label, frames in cases:
+        with pytest.raises(m.ProtocolError):
+            m.decode(frames)
+            pytest.fail(f"{label}: accepted")
+
+
+def test_field_types_come_from_the_annotations():
+    good = m.Prefill(mode="baseline", max_new_tokens=7, sample={"sample_id": "a"}, options={"k": [1, 2]})
+    assert roundtrip(good).max_new_tokens == 7
+    head = msgpack.unpackb(m.encode(good)[0])
+    head["body"]["max_new_tokens"] = "many"
+    with pytest.raises(m.ProtocolError, match="prefill: field 'max_new_tokens' must be an integer, not str 'many'"):
+        m.decode([msgpack.packb(head)])
+    done = m.Done(spans=[["prefill", 1, 2, {"k": 1}]], received=[["c-1", "prefill", 3]], stats={"text": "hi"})
+    assert roundtrip(done).spans == [["prefill", 1, 2, {"k": 1}]]

@@ -272,3 +272,37 @@ def test_none_fields_do_not_crash(tmp_path):
 def test_reports_does_not_import_torch():
     code = "import sys, coordinator.reports; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_shared_statistics_skip_gaps_and_pair_by_key():
+    from coordinator.reports import stats
+
+    assert stats.median([3, None, float("nan"), "x", True, 1, 2]) == 2
+    assert stats.median([]) is None
+    assert stats.percentile([1, 2, 3, 4, 5], 0.1) == pytest.approx(1.4)
+    speedup, saved, n = stats.paired_speedup({"a": 100.0, "b": 90.0, "c": 50.0}, {"a": 50.0, "b": 30.0, "d": 1.0})
+    assert (speedup, saved, n) == (pytest.approx(2.5), pytest.approx(55.0), 2)
+    assert stats.paired_speedup({"a": 1.0}, {"b": 1.0}) == (None, None, 0)
+
+
+def test_signal_guard_raises_once_then_only_notes():
+    import os
+    import signal as sig
+
+    from coordinator.signals import Interrupted, SignalGuard
+
+    before = sig.getsignal(sig.SIGTERM)
+    guard = SignalGuard().install()
+    try:
+        with pytest.raises(Interrupted) as caught:
+            os.kill(os.getpid(), sig.SIGTERM)
+            for _ in range(1000):           # the handler runs between bytecodes
+                pass
+        assert caught.value.signum == sig.SIGTERM and guard.signum == sig.SIGTERM and not guard.raising
+        os.kill(os.getpid(), sig.SIGINT)    # while shutting down: noted, not raised
+        for _ in range(1000):
+            pass
+        assert guard.signum == sig.SIGTERM
+    finally:
+        guard.restore()
+    assert sig.getsignal(sig.SIGTERM) == before

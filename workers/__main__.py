@@ -1,5 +1,5 @@
 import sys
 
-from workers.worker import main
+from workers.bootstrap import main
 
 sys.exit(main())

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 import sys
 import time
 
 from .. import bench as single
-from ..session import StartupError
+from ..session import RequestFailed, StartupError
+from ..signals import Interrupted
 from .driver import RECORDS, append_jsonl, rewrite_jsonl
 from .pipeline import Pipeline
 from .plan import WorkQueue, choose_pipelines, gpus_per_pipeline, shift_stamps
@@ -49,8 +51,13 @@ class BenchPipeline(Pipeline):
 
     def run_sample(self, item: dict) -> dict:
         if item["kind"] == "draft-alone":
-            return self._run(lambda session: {"draft_alone": single.draft_alone_record(
-                session, self.cfg, item["sample"], self.mps, self.placement)})
+            def alone(session):
+                try:
+                    return {"draft_alone": single.draft_alone_record(session, self.cfg, item["sample"], self.mps,
+                                                                     self.placement)}
+                except RequestFailed as exc:      # reported, not measured (as without --ray)
+                    return {"draft_alone_error": f"{item['sample']['sample_id']} draft alone: {exc}"}
+            return self._run(alone)
         return self._run(lambda session: {"records": list(single.sample_records(
             session, self.cfg, item["sample"], item["n"], self.mps, self.placement))})
 
@@ -81,8 +88,9 @@ def run_bench_on_ray(cfg, *, address: str, pipelines: int | None) -> int:
         failure, code = f"every pipeline died: {exc}", 3
     except (StartupError, ConnectionError, ValueError) as exc:
         failure, code = f"startup failed: {exc}", 4
-    except KeyboardInterrupt:
-        failure, code = "interrupted (Ctrl-C or SIGTERM): every pipeline stopped", 130
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        failure, code = f"interrupted by {signal.Signals(signum).name}: every pipeline stopped", 128 + signum
     if failure:
         say(f"error: {failure}")
     write(cfg, records, draft_alone, events, run_info, ray_info, failure)
@@ -141,6 +149,8 @@ def _one_configuration(cluster, cfg, samples, placement, mps, pipelines, cpus, g
         results[item] = value
         records.extend(value["records"])
         events.extend(shift_stamps(e, off) for e in value["events"])
+        if "draft_alone_error" in value:
+            say(f"  ERROR {value['draft_alone_error']}")
         if "draft_alone" in value:
             draft_alone.append(dict(value["draft_alone"], pipeline=slot.index, node=slot.info.get("node")))
 

@@ -14,6 +14,7 @@ import platform
 import sys
 import time
 
+from ..signals import Interrupted
 from .plan import WorkQueue, choose_pipelines, gpus_per_pipeline
 from .pool import AllPipelinesDied, PipelinePool
 from .ray_cluster import RayCluster
@@ -107,7 +108,7 @@ def collect_on_ray(*, address: str, pipelines: int | None, settings: dict, plan_
 
     failure = None
     try:
-        with RayCluster(address, quiet=quiet) as cluster:
+        with RayCluster(address) as cluster:
             cpus, gpus = cluster.resources()
             device = settings.get("device") or ("cuda" if gpus else "cpu")
             precision = settings.get("precision") or ("nf4" if device.startswith("cuda") else "fp32")
@@ -129,8 +130,9 @@ def collect_on_ray(*, address: str, pipelines: int | None, settings: dict, plan_
                 info["samples_per_pipeline"] = {str(s.index): s.done for s in pool.slots}
     except AllPipelinesDied as exc:
         failure = f"every pipeline died: {exc}"
-    except KeyboardInterrupt:
-        failure = "interrupted (Ctrl-C or SIGTERM): every pipeline stopped; run again with the same --out to resume"
+    except (Interrupted, KeyboardInterrupt) as exc:
+        name = exc.args[0] if isinstance(exc, Interrupted) else "SIGINT"
+        failure = f"interrupted by {name}: every pipeline stopped; run again with the same --out to resume"
     finally:
         if plan:
             flush(force=True)

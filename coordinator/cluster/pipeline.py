@@ -48,7 +48,7 @@ class Pipeline:
         with self._lock:
             self._open(specs, mps_wanted(cfg.mps), cfg.draft_sm_percent, cfg.target_sm_percent,
                        startup_timeout_s=cfg.startup_timeout_s, request_timeout_s=cfg.request_timeout_s,
-                       allow_public_endpoint=cfg.allow_public_endpoint)
+                       heartbeat_timeout_s=cfg.heartbeat_timeout_s, allow_public_endpoint=cfg.allow_public_endpoint)
             try:
                 warning = check_vocab(self.session, cfg.allow_vocab_mismatch) if "draft" in self.session.workers \
                     else None

@@ -2,34 +2,33 @@
 
 `local` starts a private Ray on this machine (its session files in a temporary folder that is removed at
 the end, no dashboard) and shuts it down afterwards; `auto` or `HOST:PORT` joins an existing cluster and
-only disconnects. SIGTERM is turned into KeyboardInterrupt while Ray is up, so Ctrl-C and SIGTERM take the
-same path: every pipeline is asked to stop (its workers and MPS daemon end), then killed.
+only disconnects. While Ray is up, SIGTERM, SIGINT (Ctrl-C) and SIGHUP end the command through
+coordinator.signals (Interrupted, once; Ray's own SIGTERM handler is replaced after it starts); on the way out
+every pipeline is asked to stop (its workers and MPS daemon end), then killed, and further signals are only
+noted (`guard.signum`).
 """
 from __future__ import annotations
 
 import os
 import shutil
-import signal
-import sys
 import tempfile
 
+from ..signals import SignalGuard
 from . import import_ray
 
 STOP_TIMEOUT_S = 20.0
 
 
 class RayCluster:
-    def __init__(self, address: str, *, quiet: bool = False):
+    def __init__(self, address: str):
         self.address = address
-        self.quiet = quiet
         self.ray = import_ray()
         self.temp_dir: str | None = None
         self.actors: list = []
-        self._old_sigterm = None
+        self.guard: SignalGuard | None = None
 
     def __enter__(self) -> "RayCluster":
         ray = self.ray
-        self._old_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)   # while Ray starts
         common = dict(include_dashboard=False, log_to_driver=False, configure_logging=True,
                       logging_level="ERROR")
         try:
@@ -39,14 +38,13 @@ class RayCluster:
                 ray.init(num_cpus=os.cpu_count() or 1, _temp_dir=self.temp_dir, **common)
             else:
                 ray.init(address=self.address, **common)
-        except KeyboardInterrupt:
+        except BaseException as exc:
             self.__exit__(None, None, None)
-            raise
-        except Exception as exc:
-            self.__exit__(None, None, None)
+            if not isinstance(exc, Exception):
+                raise
             where = "start a local Ray" if self.address == "local" else f"join the Ray cluster at {self.address}"
             raise ConnectionError(f"--ray {self.address}: could not {where}: {exc}") from None
-        signal.signal(signal.SIGTERM, _sigterm_to_interrupt)     # again: Ray's core installs its own handler
+        self.guard = SignalGuard().install()       # after ray.init: Ray's core installs its own SIGTERM handler
         return self
 
     def resources(self) -> tuple[float, float]:
@@ -77,24 +75,15 @@ class RayCluster:
         self.actors = []
 
     def __exit__(self, *exc) -> None:
+        if self.guard is not None:
+            self.guard.raising = False              # stopping is never interrupted; a signal is only noted
         try:
-            # a second Ctrl-C while stopping must not leave processes behind: finish the stop first
-            old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            try:
-                self.stop_actors()
-                if self.ray.is_initialized():
-                    self.ray.shutdown()
-            finally:
-                signal.signal(signal.SIGINT, old_int)
+            self.stop_actors()
+            if self.ray.is_initialized():
+                self.ray.shutdown()
         finally:
             if self.temp_dir:
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
                 self.temp_dir = None
-            if self._old_sigterm is not None:
-                signal.signal(signal.SIGTERM, self._old_sigterm)
-                self._old_sigterm = None
-
-
-def _sigterm_to_interrupt(signum, frame):
-    print("coordinator: SIGTERM: stopping every pipeline", file=sys.stderr)
-    raise KeyboardInterrupt
+            if self.guard is not None:
+                self.guard.restore()

@@ -10,6 +10,7 @@ import numpy as np
 from .errors import InputError
 from .events import Events
 
+MAX_SIDE = 8192                          # pixels: larger coordinates are not a camera's, and would allocate GBs
 BLUE = np.array([0, 0, 255], np.uint8)  # polarity 0
 RED = np.array([255, 0, 0], np.uint8)   # any other polarity
 
@@ -32,7 +33,8 @@ def render_event_images(events: Events, n_frames: int = 5, window_ms: float | No
 
     window_ms keeps only the events of the last window_ms milliseconds of the stream first. Each image is
     uint8 H x W x 3 RGB, its size set by that chunk's largest coordinates. Raises InputError when there are
-    fewer events than frames.
+    fewer events than frames or a coordinate would make an image over MAX_SIDE pixels a side (checked before
+    anything is allocated).
     """
     if n_frames < 1:
         raise InputError(f"--event-frames must be at least 1 (got {n_frames}).")
@@ -47,6 +49,11 @@ def render_event_images(events: Events, n_frames: int = 5, window_ms: float | No
         window = f" in the last {window_ms} ms" if window_ms is not None else ""
         raise InputError(f"only {n_events} events{window}, fewer than the {n_frames} event frames asked for; "
                          "use a longer clip or window, or fewer event frames.")
+    width, height = int(events.x.max()) + 1, int(events.y.max()) + 1
+    if width > MAX_SIDE or height > MAX_SIDE:
+        raise InputError(f"event coordinates reach x = {width - 1}, y = {height - 1}: the image would be "
+                         f"{width}x{height} pixels, more than the {MAX_SIDE} px a side this renderer draws. These are "
+                         "not pixel coordinates of an event camera; check the file's x and y columns.")
     chunk = n_events // n_frames
     bounds = [i * chunk for i in range(n_frames)] + [n_events]
     return [_paint(events.x[a:b], events.y[a:b], events.p[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]

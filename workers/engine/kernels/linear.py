@@ -8,6 +8,9 @@ that only masks loads and stores (`do_not_specialize`, so M = 1 runs the same co
 MMA computes each output row from its own input row, so a row's arithmetic is the same whatever rows run
 beside it. No atomics: split partials go to a workspace and `_finish_kernel` adds them in split order.
 
+`PROBE` and `FMA` are measurement switches for `benchmarks/kernel_probe.py` (a variant without the codebook
+lookup or the absmax, and one with float32 FMAs instead of MMAs); the step never sets them.
+
 Kernels (one layer = qkv · attention · o · gate/up · down):
 - `_single_kernel`: one weight, optional split-K; writes the output (no split) or split partials.
 - `_dual_kernel`: two row sets of one stacked weight per program, no split, so the epilogue sees both:
@@ -61,11 +64,43 @@ def _mma(acc, w, x, UPCAST: tl.constexpr, WA: tl.constexpr):
 
 
 @triton.jit
+def _fma_rows(acc, w, x_ptr, cols, cols_ok, rm, M, K, BLOCK_M: tl.constexpr, STRIDE: tl.constexpr, OFFSET: tl.constexpr):
+    """acc[i, :] += W_tile @ x[rm[i], cols·STRIDE + OFFSET] for each real row, with float32 FMAs and one
+    reduction per row; rows beyond M are skipped, so M = 1 pays for one row. A row's sum has the same
+    order whatever M is: the same compiled code runs for every row."""
+    row0 = tl.min(rm, 0)
+    for i in tl.static_range(BLOCK_M):
+        if row0 + i < M:
+            xv = tl.load(x_ptr + (row0 + i) * K + cols * STRIDE + OFFSET, mask=cols_ok, other=0.0).to(tl.float32)
+            part = tl.sum(w * xv[None, :], axis=1)
+            acc += tl.where((tl.arange(0, BLOCK_M) == i)[:, None], part[None, :], 0.0)
+    return acc
+
+
+@triton.jit
 def _accumulate(acc, x_ptr, w_ptr, absmax_ptr, code_ptr, rm, rows, row_ok, k0, M, K,
                 NF4: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, WA: tl.constexpr,
-                PROBE: tl.constexpr = 0):
-    """acc += x[rm, k0:k0+BLOCK_K] @ W[rows, k0:k0+BLOCK_K].T (transposed when WA)"""
+                PROBE: tl.constexpr = 0, FMA: tl.constexpr = False, BLOCK_M: tl.constexpr = 16):
+    """acc += x[rm, k0:k0+BLOCK_K] @ W[rows, k0:k0+BLOCK_K].T (transposed when WA, never with FMA)"""
     m_ok = rm < M
+    if FMA:
+        if NF4:
+            rj = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            j_ok = rj < K // 2
+            wmask = row_ok[:, None] & j_ok[None, :]
+            packed = tl.load(w_ptr + rows[:, None] * (K // 2) + rj[None, :], mask=wmask, other=0).to(tl.int32)
+            scale = tl.load(absmax_ptr + rows[:, None] * (K // 64) + (rj // 32)[None, :], mask=wmask, other=0.0)
+            dtype = x_ptr.dtype.element_ty
+            w_high = cast(tl.load(code_ptr + (packed >> 4)) * scale, dtype, UPCAST).to(tl.float32)
+            acc = _fma_rows(acc, w_high, x_ptr, rj, j_ok, rm, M, K, BLOCK_M, 2, 0)
+            w_low = cast(tl.load(code_ptr + (packed & 15)) * scale, dtype, UPCAST).to(tl.float32)
+            acc = _fma_rows(acc, w_low, x_ptr, rj, j_ok, rm, M, K, BLOCK_M, 2, 1)
+        else:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K
+            w = tl.load(w_ptr + rows[:, None] * K + rk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = _fma_rows(acc, w.to(tl.float32), x_ptr, rk, k_ok, rm, M, K, BLOCK_M, 1, 0)
+        return acc
     if NF4:
         rj = k0 // 2 + tl.arange(0, BLOCK_K // 2)              # byte j holds columns 2j (high) and 2j+1
         j_ok = rj < K // 2
@@ -99,22 +134,22 @@ def _accumulate(acc, x_ptr, w_ptr, absmax_ptr, code_ptr, rm, rows, row_ok, k0, M
 def _single_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, K_SPLIT,
                    SPLITS: tl.constexpr, NF4: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WA: tl.constexpr = True,
-                   PROBE: tl.constexpr = 0):
+                   PROBE: tl.constexpr = 0, FMA: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = rn < N
-    if WA:
+    if WA and not FMA:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_begin = pid_s * K_SPLIT
     for k0 in range(k_begin, k_begin + K_SPLIT, BLOCK_K):
         acc = _accumulate(acc, x_ptr, w_ptr, absmax_ptr, code_ptr, rm, rn, col_ok, k0, M, K, NF4, UPCAST, BLOCK_K,
-                          WA, PROBE)
-    if WA:
+                          WA, PROBE, FMA, BLOCK_M)
+    if WA and not FMA:
         acc = tl.trans(acc)
     mask = (rm < M)[:, None] & col_ok[None, :]
     if SPLITS == 1:
@@ -127,7 +162,8 @@ def _single_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, K_SPLIT
 def _dual_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, K, GROUP, HALF, PER_GROUP,
                  k_cache_ptr, v_cache_ptr, start_ptr, inv_freq_ptr, scaling, Q_HEADS, KV_HEADS, SLOTS,
                  ROPE: tl.constexpr, NF4: tl.constexpr, UPCAST: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WA: tl.constexpr = True):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WA: tl.constexpr = True,
+                 FMA: tl.constexpr = False):
     """Rows a = g·GROUP + p·BLOCK_N + i and b = a + HALF of group g (a head, or the whole gate/up stack)."""
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -137,16 +173,18 @@ def _dual_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, K, GROUP, HALF,
     rows_b = rows_a + HALF
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ok = offset < HALF
-    if WA:
+    if WA and not FMA:
         acc_a = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         acc_b = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        acc_a = _accumulate(acc_a, x_ptr, w_ptr, absmax_ptr, code_ptr, rm, rows_a, ok, k0, M, K, NF4, UPCAST, BLOCK_K, WA)
-        acc_b = _accumulate(acc_b, x_ptr, w_ptr, absmax_ptr, code_ptr, rm, rows_b, ok, k0, M, K, NF4, UPCAST, BLOCK_K, WA)
-    if WA:
+        acc_a = _accumulate(acc_a, x_ptr, w_ptr, absmax_ptr, code_ptr, rm, rows_a, ok, k0, M, K, NF4, UPCAST, BLOCK_K,
+                            WA, 0, FMA, BLOCK_M)
+        acc_b = _accumulate(acc_b, x_ptr, w_ptr, absmax_ptr, code_ptr, rm, rows_b, ok, k0, M, K, NF4, UPCAST, BLOCK_K,
+                            WA, 0, FMA, BLOCK_M)
+    if WA and not FMA:
         acc_a = tl.trans(acc_a)
         acc_b = tl.trans(acc_b)
     m_ok = rm < M
@@ -242,6 +280,12 @@ def _check(x: torch.Tensor, weight: Weight) -> None:
         raise ValueError(f"expected a contiguous [M, {weight.k}] input; got {tuple(x.shape)}")
 
 
+def _stages(weight: Weight) -> int:
+    # measured on an H200 (benchmarks/kernel_probe.py): dense tiles stream best 4 deep; NF4 tiles, which
+    # are dequantized in registers, best 2 deep
+    return 2 if weight.nf4 else 4
+
+
 def _upcast(x: torch.Tensor) -> bool:
     return INTERPRET or x.dtype == torch.float32
 
@@ -257,7 +301,7 @@ def linear(x: torch.Tensor, weight: Weight, *, out_dtype: torch.dtype | None = N
     grid = (_cdiv(weight.n, BLOCK_N), weight.splits, _cdiv(m, BLOCK_M))
     _single_kernel[grid](x, *weight.pointers(x), out, m, weight.n, weight.k, weight.k_split,
                          SPLITS=weight.splits, NF4=weight.nf4, UPCAST=_upcast(x),
-                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=4)
+                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=_stages(weight))
     if weight.splits == 1:
         return out
     return out.sum(0).to(out_dtype or x.dtype)      # not on the step's path: see linear_residual_norm
@@ -273,7 +317,7 @@ def linear_residual_norm(x: torch.Tensor, weight: Weight, residual: torch.Tensor
     # SPLITS=2 forces the partial store even for an unsplit weight (the finish kernel adds the residual)
     _single_kernel[grid](x, *weight.pointers(x), part, m, n, weight.k, weight.k_split,
                          SPLITS=max(2, weight.splits), NF4=weight.nf4, UPCAST=_upcast(x),
-                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=4)
+                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=_stages(weight))
     hidden = torch.empty((m, n), dtype=residual.dtype, device=x.device)
     normed = torch.empty_like(hidden)
     _finish_kernel[(m,)](part, residual, hidden, norm_weight, normed, m, n, eps, SPLITS=weight.splits,
@@ -291,7 +335,7 @@ def gate_up_silu(x: torch.Tensor, weight: Weight) -> torch.Tensor:
         x, *weight.pointers(x), out, m, weight.k, weight.n, half, per_group,
         out, out, out, out, 1.0, 0, 0, 0,
         ROPE=False, NF4=weight.nf4, UPCAST=_upcast(x),
-        BLOCK_M=BLOCK_M, BLOCK_N=DUAL_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=4)
+        BLOCK_M=BLOCK_M, BLOCK_N=DUAL_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=_stages(weight))
     return out
 
 
@@ -310,5 +354,5 @@ def qkv_rope_store(x: torch.Tensor, weight: Weight, keys: torch.Tensor, values: 
         x, *weight.pointers(x), q, m, weight.k, d, d // 2, per_group,
         keys, values, start, inv_freq, float(scaling), heads, kv_heads, slots,
         ROPE=True, NF4=weight.nf4, UPCAST=_upcast(x),
-        BLOCK_M=BLOCK_M, BLOCK_N=DUAL_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=4)
+        BLOCK_M=BLOCK_M, BLOCK_N=DUAL_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=_stages(weight))
     return q
