@@ -139,7 +139,8 @@ def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info, pl
                         placement_devices(cfg.target, placement, cfg.user_devices), cfg.target.endpoint, {})
     try:
         if mps_setting == "on":
-            daemon = MpsDaemon().start()
+            daemon = MpsDaemon()
+            daemon.start()
             draft.env.update(daemon.client_env(cfg.draft_sm_percent))
             target.env.update(daemon.client_env(cfg.target_sm_percent))
         session = Session([draft, target], log_dir=cfg.output_dir / f"logs-{placement}-mps-{mps_setting}",

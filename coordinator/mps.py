@@ -61,6 +61,7 @@ class MpsDaemon:
         os.makedirs(pipe)
         os.makedirs(log)
         self.env = {"CUDA_MPS_PIPE_DIRECTORY": pipe, "CUDA_MPS_LOG_DIRECTORY": log}
+        self.running = True             # from here on stop() sends quit, whatever interrupts the start
         try:
             out = subprocess.run([CONTROL, "-d"], env={**os.environ, **self.env}, capture_output=True, text=True,
                                  timeout=30)
@@ -72,7 +73,6 @@ class MpsDaemon:
             self.stop()
             raise MpsError(f"starting the MPS daemon failed ({CONTROL} -d exited {out.returncode}): "
                                f"{(out.stderr or out.stdout).strip()}; run with --mps off to go without it")
-        self.running = True
         return self
 
     def client_env(self, sm_percent: int | None = None) -> dict[str, str]:

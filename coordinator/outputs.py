@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from . import reports
@@ -28,7 +29,8 @@ def json_default(obj):
 
 
 class RunOutputs:
-    def __init__(self, out_dir: Path, command: str, *, results_every_s: float = RESULTS_EVERY_S, events=None):
+    def __init__(self, out_dir: Path, command: str, *, results_every_s: float = RESULTS_EVERY_S,
+                 defer_signals=nullcontext, events=None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.command = command
@@ -39,13 +41,17 @@ class RunOutputs:
         self.records_file = (self.out_dir / "records.jsonl").open("w", encoding="utf-8")
         self.events = events if events is not None else EventFiles(self.out_dir)   # --ray brings its own
         self.finished = False
+        self.defer_signals = defer_signals       # a signal guard's deferred(): add() is never torn
 
     def add(self, record: dict) -> None:
-        self.records.append(record)
-        self.records_file.write(json.dumps(record, default=json_default) + "\n")
-        self.records_file.flush()
-        if time.monotonic() - self._results_at >= self.results_every_s:
-            self.write_results(ended="running", failure=None)
+        """Keep a finished record: in memory and, at once, as a line of records.jsonl. A signal arriving
+        meanwhile waits until both hold it, so results.json and records.jsonl never disagree."""
+        with self.defer_signals():
+            self.records.append(record)
+            self.records_file.write(json.dumps(record, default=json_default) + "\n")
+            self.records_file.flush()
+            if time.monotonic() - self._results_at >= self.results_every_s:
+                self.write_results(ended="running", failure=None)
 
     def write_results(self, *, ended: str, failure: str | None) -> dict:
         agg = reports.aggregate(self.records) if self.records else {}
@@ -53,7 +59,8 @@ class RunOutputs:
                    "ended": ended, "failure": failure, "run_info": self.run_info, "records": self.records,
                    "aggregate": agg}
         tmp = self.out_dir / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1, default=json_default))
+        with open(tmp, "w") as handle:      # streamed: no string of the whole run is built in memory
+            json.dump(results, handle, indent=1, default=json_default)
         os.replace(tmp, self.out_dir / "results.json")
         self._results_at = time.monotonic()
         return agg

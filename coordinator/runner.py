@@ -107,7 +107,7 @@ def _run(cfg: RunConfig, guard: "SignalGuard") -> int:
     if not samples and not (bad and cfg.on_error == "fail"):
         raise StartupError(f"no usable samples in {cfg.input}" + (f" ({len(bad)} bad)" if bad else ""))
     guard.raising = False               # until the try below: noted, acted on there
-    outputs = RunOutputs(out_dir, cfg.command)
+    outputs = RunOutputs(out_dir, cfg.command, defer_signals=guard.deferred)
     for b in bad:
         warn(f"skipping sample {b['sample_id']}: {b['error']}")
         for mode in cfg.modes:
@@ -125,7 +125,8 @@ def _run(cfg: RunConfig, guard: "SignalGuard") -> int:
         if guard.signum is not None:
             raise Interrupted(guard.signum)
         if mps_wanted(cfg.mps):
-            daemon = MpsDaemon().start()
+            daemon = MpsDaemon()                  # assigned first: a signal during start still stops it
+            daemon.start()
             cfg.draft.env.update(daemon.client_env(cfg.draft_sm_percent))
             cfg.target.env.update(daemon.client_env(cfg.target_sm_percent))
             say(f"MPS daemon started (pipe {daemon.env['CUDA_MPS_PIPE_DIRECTORY']})")
@@ -278,8 +279,10 @@ def _run_info(cfg: RunConfig, session: Session, daemon) -> dict:
                  for r, h in session.workers.items()}
     if any(precision.values()):
         info["precision"] = precision
-    gpu = {r: round(h.ready.memory["peak_gpu_bytes"] / 2**30, 2) for r, h in session.workers.items()
-           if (h.ready.memory or {}).get("peak_gpu_bytes")}
+    # each worker's GPU memory once loaded (weights, KV cache, graphs) and the peak while loading
+    gpu = {r: {k: round(h.ready.memory[key] / 2**30, 2) for k, key in
+               (("allocated", "gpu_allocated_bytes"), ("load_peak", "load_peak_gpu_bytes")) if h.ready.memory.get(key)}
+           for r, h in session.workers.items() if (h.ready.memory or {}).get("gpu_allocated_bytes")}
     if gpu:
-        info["gpu_memory_gib_at_ready"] = gpu
+        info["gpu_memory_gib"] = gpu
     return info

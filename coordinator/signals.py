@@ -7,6 +7,7 @@ signal is only noted. Never imports torch.
 from __future__ import annotations
 
 import signal
+from contextlib import contextmanager
 
 
 class Interrupted(BaseException):
@@ -34,6 +35,18 @@ class SignalGuard:
         if self.raising:
             self.raising = False
             raise Interrupted(signum)
+
+    @contextmanager
+    def deferred(self):
+        """A few lines no signal may cut in two: one arriving meanwhile is raised right after them."""
+        was, self.raising = self.raising, False
+        try:
+            yield
+        finally:
+            self.raising = was
+            if was and self.signum is not None:
+                self.raising = False
+                raise Interrupted(self.signum)
 
     def install(self) -> "SignalGuard":
         self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}

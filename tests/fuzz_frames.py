@@ -45,6 +45,8 @@ def malformed() -> list[tuple[str, list[bytes]]]:
         ("header is an integer", [_pack(5)]),
         ("header with integer keys", [msgpack.packb({1: 2})]),
         ("invalid utf-8 in a string", [b"\x81\xa1v\xa2\xff\xfe"]),
+        ("nested 100,000 levels deep", [b"\x91" * 100_000 + b"\x00"]),
+        ("a map claiming 4 billion entries", [b"\xdf\xff\xff\xff\xff"]),
         ("msgpack extension type", [_pack({"v": 1, "type": msgpack.ExtType(5, b"x"), "body": {}})]),
         # the header's own fields
         ("no version", [_pack({"type": "stop", "body": {}})]),

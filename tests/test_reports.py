@@ -294,6 +294,15 @@ def test_signal_guard_raises_once_then_only_notes():
     before = sig.getsignal(sig.SIGTERM)
     guard = SignalGuard().install()
     try:
+        done = []
+        with pytest.raises(Interrupted):
+            with guard.deferred():          # a record being written is never cut in two
+                os.kill(os.getpid(), sig.SIGHUP)
+                for _ in range(1000):
+                    pass
+                done.append(1)
+        assert done == [1] and guard.signum == sig.SIGHUP
+        guard.signum, guard.raising = None, True
         with pytest.raises(Interrupted) as caught:
             os.kill(os.getpid(), sig.SIGTERM)
             for _ in range(1000):           # the handler runs between bytecodes

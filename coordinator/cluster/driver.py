@@ -115,7 +115,9 @@ def _run_on_ray(cfg: RunConfig, address: str, pipelines: int | None, resume: str
     if not samples and not (bad and cfg.on_error == "fail"):
         raise StartupError(f"no usable samples in {cfg.input}" + (f" ({len(bad)} bad)" if bad else ""))
     kept, kept_events, finished = previous_results(out_dir, cfg.modes) if resume else ([], [], set())
-    outputs = RunOutputs(out_dir, cfg.command, events=PipelineEvents(out_dir))
+    def deferred():                  # the guard in charge: RayCluster's while Ray is up, else this command's
+        return (cluster.guard or guard).deferred()
+    outputs = RunOutputs(out_dir, cfg.command, defer_signals=deferred, events=PipelineEvents(out_dir))
     for record in kept:                      # first, so a later --resume may trust them again
         outputs.add(record)
     outputs.events.add(kept_events)

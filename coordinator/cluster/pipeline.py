@@ -63,7 +63,8 @@ class Pipeline:
         from coordinator.session import Session
         try:
             if mps_on:
-                self.daemon = MpsDaemon().start()
+                self.daemon = MpsDaemon()            # assigned first: a failure during start still stops it
+                self.daemon.start()
                 for spec in specs:
                     spec.env.update(self.daemon.client_env(draft_sm_percent if spec.role == "draft"
                                                            else target_sm_percent))
