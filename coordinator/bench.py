@@ -2,8 +2,10 @@
 oracle setting the draft's acceptance, with and without MPS, and the contention between the two workers.
 
 Owns the benchmark plan (warm-up, hf-generate, baseline, oracle sweep, draft alone), the aggregation
-into per-configuration medians and paired speedups, and bench.json / bench.md / plots. Speedups are ratios
-of walls measured in this run on the same sample; nothing is computed from constants. Never imports torch.
+into per-configuration medians and paired speedups, and writing bench.json / bench.md / plots (presentation in
+coordinator.bench_report, the ceiling and floor columns in coordinator.bench_model). Speedups are ratios of
+walls measured in this run on the same sample; nothing is computed from constants. Never imports torch.
+Longer than 300 lines because the plan and the aggregation over what the plan recorded read best side by side.
 """
 from __future__ import annotations
 
@@ -12,16 +14,19 @@ import json
 import os
 import platform
 import signal
+import statistics
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import reports
-from .reports.stats import median as _median, paired_speedup, percentile as _pct
+from . import bench_model, reports
+from .bench_report import plot_speedup, render_markdown
 from .mps import MpsDaemon, MpsError, unavailable_reason
+from .reports.stats import median as _median, paired_speedup, percentile as _pct
 from .runner import failed_modes
-from .signals import Interrupted, SignalGuard
 from .session import RequestFailed, Session, StartupError, WorkerDied, WorkerSpec
+from .signals import Interrupted, SignalGuard
 
 
 @dataclass
@@ -50,6 +55,9 @@ class BenchConfig:
     target_sm_percent: int | None = None
     placements: list = field(default_factory=lambda: ["same-gpu"])
     user_devices: tuple = ()             # roles whose device the user named: placements leave them alone
+    measure_bandwidth: bool = True       # each device's read bandwidth, measured before the workers start
+    bandwidth_gbs: float | None = None   # the floor's bandwidth when the card is not in the datasheet table
+    ceiling_trials: int = 400            # event-simulation trials per two-GPU prediction
     command: str = ""
 
 
@@ -88,6 +96,7 @@ def run_bench(cfg: BenchConfig) -> int:
     run_info: dict = {}
     failure = None
     plan = [(placement, mps) for placement in cfg.placements for mps in cfg.mps]
+    probes: dict = {}                       # device -> its measured read bandwidth, once per run
     no_mps = unavailable_reason() if "on" in cfg.mps else None
     if no_mps:                          # measure what can be measured: MPS off only, and say why
         _say(f"skipping MPS on: {no_mps}")
@@ -99,7 +108,7 @@ def run_bench(cfg: BenchConfig) -> int:
     guard = SignalGuard().install()
     for placement, mps_setting in plan:
         try:
-            events += _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info, placement)
+            _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, events, run_info, placement, probes)
         except (WorkerDied, StartupError, MpsError) as exc:
             failure = f"placement={placement} mps={mps_setting}: {exc}"
             _say(f"error: {failure}")
@@ -130,13 +139,41 @@ def placement_devices(spec: WorkerSpec, placement: str, user_devices=()) -> dict
     return options
 
 
-def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info, placement) -> list[dict]:
+def _tagged(events: list[dict], placement: str, mps: str) -> list[dict]:
+    return [dict(e, placement=placement, mps=mps) for e in events]
+
+
+def _probe_key(spec: WorkerSpec) -> tuple:
+    return (spec.backend == "fake", spec.options.get("device") or "")
+
+
+def _probe(spec: WorkerSpec, probes: dict) -> None:
+    """The best read bandwidth of the worker's device, measured once per run by `python -m workers.bandwidth`
+    (its own process: the coordinator never imports torch)."""
+    key = _probe_key(spec)
+    if key in probes:
+        return
+    cmd = [sys.executable, "-m", "workers.bandwidth"] + (["--numpy"] if key[0] else [])
+    cmd += ["--device", key[1]] if key[1] else []
+    _say(f"measuring the read bandwidth of {key[1] or 'the default device'}")
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        probes[key] = json.loads(done.stdout.strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, ValueError, IndexError, OSError) as exc:
+        probes[key] = {"method": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, events, run_info, placement, probes) -> None:
     daemon = None
     session = None
     draft = WorkerSpec(cfg.draft.role, cfg.draft.backend, placement_devices(cfg.draft, placement, cfg.user_devices),
                        cfg.draft.endpoint, {})
     target = WorkerSpec(cfg.target.role, cfg.target.backend,
                         placement_devices(cfg.target, placement, cfg.user_devices), cfg.target.endpoint, {})
+    if cfg.measure_bandwidth:     # before the workers start: nothing else on the device while it measures
+        for spec in (draft, target):
+            if not spec.endpoint:
+                _probe(spec, probes)
     try:
         if mps_setting == "on":
             daemon = MpsDaemon()
@@ -149,7 +186,9 @@ def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info, pl
         session.start()
         run_info[f"{placement}_mps_{mps_setting}"] = {
             r: {"model_id": h.ready.model_id, "device": h.ready.device, "synthetic": h.ready.synthetic,
-                "info": h.ready.info, "memory_at_ready": h.ready.memory} for r, h in session.workers.items()}
+                "info": dict(h.ready.info, **({"bandwidth": probes[_probe_key(h.spec)]}
+                                              if _probe_key(h.spec) in probes else {})),
+                "memory_at_ready": h.ready.memory} for r, h in session.workers.items()}
         warm_up(session, cfg, samples[0], mps_setting, placement)
         total = len(cfg.max_new_tokens) * len(samples)
         done = 0
@@ -165,11 +204,11 @@ def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, run_info, pl
                 draft_alone.append(draft_alone_record(session, cfg, sample, mps_setting, placement))
             except RequestFailed as exc:
                 _say(f"  {sample['sample_id']} draft alone: ERROR {exc}")
-        return session.events
     finally:
         try:
             if session is not None:
                 session.close()
+                events += _tagged(session.events, placement, mps_setting)   # a failed session's spans count too
         finally:
             if daemon is not None:
                 daemon.stop()
@@ -231,8 +270,14 @@ def draft_alone_record(session, cfg: BenchConfig, sample, mps_setting, placement
 
 # --- aggregation -------------------------------------------------------------------------------
 
-def aggregate(records: list[dict], draft_alone: list[dict], events: list[dict]) -> dict:
+def aggregate(records: list[dict], draft_alone: list[dict], events: list[dict], run_info: dict | None = None, *,
+              k_max: int = 16, bandwidth_gbs: float | None = None, ceiling_trials: int = 400) -> dict:
     ok = [r for r in records if r.get("status") == "ok"]
+    best_base: dict[tuple, float] = {}           # the faster baseline of the run (any placement or MPS)
+    for r in ok:
+        if r["mode"] == "baseline":
+            key = (r["max_new_tokens"], r["sample_id"])
+            best_base[key] = min(best_base.get(key, float("inf")), r["wall_ms"])
     spans_by_request: dict[str, list] = {}
     for e in events:
         if e.get("kind") == "span":
@@ -275,6 +320,8 @@ def aggregate(records: list[dict], draft_alone: list[dict], events: list[dict]) 
             "wall_ms_median": _median(walls_ms), "wall_ms_p10": _pct(walls_ms, 0.1), "wall_ms_p90": _pct(walls_ms, 0.9),
             "speedup_vs_baseline": paired("baseline") if mode != "baseline" else 1.0,
             "speedup_vs_hf_generate": paired("hf-generate") if mode != "hf-generate" else 1.0,
+            "speedup_vs_best_baseline": _median([best_base[(n, r["sample_id"])] / r["wall_ms"] for r in recs
+                                                 if (n, r["sample_id"]) in best_base]),
             "target_prefill_ms": _median([(r.get("target") or {}).get("prefill_ms") for r in recs]),
             "target_ms_per_token": _median([(r.get("target") or {}).get("ms_per_token") for r in recs]),
             "target_decode_step_ms": _median(decode_steps),
@@ -317,20 +364,25 @@ def aggregate(records: list[dict], draft_alone: list[dict], events: list[dict]) 
             "ideal_free_draft_tokens": _median(ideal),
             "free_vs_ideal": (_median(free) / _median(ideal)) if free and ideal and _median(ideal) else None,
         }
-    return {"rows": rows, "contention": contention}
+    costs = bench_model.add_ceiling(rows, records, events, draft_alone, k_max=k_max, trials=ceiling_trials)
+    answer = statistics.mean(r["max_new_tokens"] for r in ok) / 2 if ok else 0.0
+    floor = bench_model.floor_rows(run_info or {}, rows, costs, records, answer_positions=answer,
+                                   bandwidth_gbs=bandwidth_gbs)
+    return {"rows": rows, "contention": contention, "costs_alone": costs, "floor": floor}
 
 
 def _write(cfg: BenchConfig, records, draft_alone, events, run_info, failure) -> None:
-    agg = aggregate(records, draft_alone, events)
     skipped = run_info.get("skipped", [])
     run_info = {k: v for k, v in run_info.items() if k != "skipped"}
+    agg = aggregate(records, draft_alone, events, run_info, k_max=cfg.k_max, bandwidth_gbs=cfg.bandwidth_gbs,
+                    ceiling_trials=cfg.ceiling_trials)
     synthetic = any(v.get("synthetic") for info in run_info.values() for v in info.values())
     data = {"command": cfg.command, "created": dt.datetime.now().isoformat(timespec="seconds"),
             "synthetic_weights": synthetic, "failure": failure, "skipped": skipped, "config": {
                 "samples": cfg.samples, "warmup": cfg.warmup, "max_new_tokens": cfg.max_new_tokens,
                 "alphas": cfg.alphas, "profiles": cfg.profiles, "modes": cfg.modes, "mps": cfg.mps,
                 "ignore_eos": cfg.ignore_eos, "k_max": cfg.k_max, "adaptive": cfg.adaptive,
-                "wait_for_drafts": cfg.wait_for_drafts,
+                "wait_for_drafts": cfg.wait_for_drafts, "bandwidth_gbs": cfg.bandwidth_gbs,
                 "placements": cfg.placements},
             "host": {"python": platform.python_version(), "node": platform.node()},
             "run_info": run_info, "aggregate": agg, "draft_alone": draft_alone, "records": records}
@@ -349,90 +401,3 @@ def _write(cfg: BenchConfig, records, draft_alone, events, run_info, failure) ->
                                                                             if r.get("request_id") == rid])
     except Exception as exc:       # plots never cost the numbers
         _say(f"warning: plots not written: {exc}")
-
-
-def _f(x, digits=1, suffix=""):
-    if x is None:
-        return "—"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}{suffix}"
-    return f"{x}{suffix}"
-
-
-def render_markdown(data: dict) -> str:
-    rows = data["aggregate"]["rows"]
-    lines = ["# eventspec benchmark", ""]
-    if data.get("synthetic_weights"):
-        lines += ["**Random full-size weights (`--synthetic-weights`): timings are real, the text is meaningless; "
-                  "acceptance is set by the benchmark oracle.**", ""]
-    lines += ["Every number below was measured in one run of:", "", "```bash", data.get("command", ""), "```", ""]
-    if data.get("failure"):
-        lines += [f"**The run stopped early:** {data['failure']}", ""]
-    for skipped in data.get("skipped") or []:
-        lines += [f"**Not measured:** {skipped}.", ""]
-    for info_key, info in data.get("run_info", {}).items():
-        for role, v in info.items():
-            lines.append(f"- {info_key} {role}: {v.get('model_id')} on {v.get('device')} "
-                         f"({(v.get('info') or {}).get('cuda_device') or ''}, {(v.get('info') or {}).get('precision')}, "
-                         f"step model {(v.get('info') or {}).get('step_model')}, torch {(v.get('info') or {}).get('torch')})")
-    lines += ["", "## End to end (medians over samples; speedups are paired per sample in this run)", "",
-              "| placement | MPS | new tokens | mode | oracle | n | wall ms | p10–p90 | vs baseline | vs hf-generate | "
-              "accept | mean len | free drafts | lossless |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.get('placement') or '—'} | {r['mps']} | {r['max_new_tokens']} | {r['mode']} | {r['oracle'] or '—'} | {r['n']} | "
-                     f"{_f(r['wall_ms_median'])} | {_f(r['wall_ms_p10'])}–{_f(r['wall_ms_p90'])} | "
-                     f"{_f(r['speedup_vs_baseline'], 2, '×')} | {_f(r['speedup_vs_hf_generate'], 2, '×')} | "
-                     f"{_f(r['acceptance_rate'] * 100 if r['acceptance_rate'] is not None else None, 0, '%')} | "
-                     f"{_f(r['mean_acceptance_length'], 2)} | {_f(r['free_draft_tokens'], 0)} | "
-                     f"{r['matches_baseline'] or '—'} |")
-    lines += ["", "## Per-model costs", "",
-              "| placement | MPS | new tokens | mode | oracle | target prefill ms | target decode step ms | "
-              "target ms/token | draft prefill ms | draft step ms | verify ms by k |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        vk = ", ".join(f"{k}: {_f(v, 2)}" for k, v in list(r["verify_ms_by_k"].items())[:8]) or "—"
-        lines.append(f"| {r.get('placement') or '—'} | {r['mps']} | {r['max_new_tokens']} | {r['mode']} | {r['oracle'] or '—'} | "
-                     f"{_f(r['target_prefill_ms'])} | {_f(r['target_decode_step_ms'], 2)} | "
-                     f"{_f(r['target_ms_per_token'], 2)} | {_f(r['draft_prefill_ms'])} | {_f(r['draft_step_ms'], 2)} | {vk} |")
-    lines += ["", "## Contention between the workers", "",
-              "| placement, MPS | target prefill alone ms | beside the draft ms | slowdown | draft step alone ms | "
-              "beside target prefill ms | overlap window ms | free drafts | ideal (window ÷ step alone) | free ÷ ideal |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for mps, c in data["aggregate"]["contention"].items():
-        lines.append(f"| {mps} | {_f(c['target_prefill_ms_alone'])} | {_f(c['target_prefill_ms_beside_draft'])} | "
-                     f"{_f(c['target_prefill_slowdown'], 3, '×')} | {_f(c['draft_step_ms_alone'], 2)} | "
-                     f"{_f(c['draft_step_ms_beside_target_prefill'], 2)} | {_f(c['overlap_window_ms'])} | "
-                     f"{_f(c['free_draft_tokens'], 0)} | {_f(c['ideal_free_draft_tokens'], 1)} | "
-                     f"{_f(c['free_vs_ideal'], 2)} |")
-    lines += ["", "Definitions: wall = PREFILL sent → last token at the coordinator, input loading included; "
-              "acceptance = accepted / drafted; mean len = 1 + accepted / verify rounds; the oracle replaces the "
-              "draft's token ids with the baseline's answer (right with probability α per position, or per the "
-              "seed's per-position profile) while the draft model runs every forward pass.", ""]
-    return "\n".join(lines)
-
-
-def plot_speedup(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: dict[tuple, list] = {}
-    for r in rows:
-        if r["oracle"] and r["oracle"].startswith("alpha=") and r["speedup_vs_baseline"] is not None:
-            alpha = float(r["oracle"].split("=", 1)[1])
-            series.setdefault((r["mode"], r.get("placement"), r["mps"], r["max_new_tokens"]), []).append(
-                (alpha, r["speedup_vs_baseline"]))
-    for (mode, placement, mps, n), pts in sorted(series.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                label=f"{mode}, {placement or ''} MPS {mps}, {n} tok")
-    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("oracle acceptance α (per position)")
-    ax.set_ylabel("speedup vs baseline (paired, same run)")
-    ax.set_title("eventspec: speedup vs draft acceptance")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -169,6 +169,12 @@ def main():
 @click.option("--wait-for-drafts", type=click.IntRange(0, 64), default=0, show_default=True,
               help="speculative: hold each verification until this many drafts exist (0: never wait, the "
                    "target decodes a token itself when none are ready)")
+@click.option("--pipeline", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="the draft runs ahead along its own guess and the target verifies whatever exists (auto: on when "
+                   "the workers report different devices)")
+@click.option("--draft-policy", type=click.Choice(["auto", "always"]), default="auto", show_default=True,
+              help="auto: on a GPU, draft only when the costs measured so far say drafting pays, else the target "
+                   "runs alone and the record says why; always: draft every parallel/speculative request")
 @click.option("--ignore-eos", is_flag=True, help="fixed-length outputs (benchmarks)")
 @click.option("--heartbeat-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
               help="seconds an attached worker may send nothing, not even a heartbeat (sent every second, also "
@@ -195,7 +201,7 @@ def run_command(input_, **kw):
         allow_public_endpoint=kw["allow_public_endpoint"],
         allow_vocab_mismatch=kw["allow_vocab_mismatch"], k_max=kw["k_max"], adaptive=not kw["no_adaptive"],
         max_ahead=kw["max_ahead"], ignore_eos=kw["ignore_eos"], quiet=kw["quiet"],
-        wait_for_drafts=kw["wait_for_drafts"],
+        wait_for_drafts=kw["wait_for_drafts"], pipeline=kw["pipeline"], draft_policy=kw["draft_policy"],
         command=shlex.join(["coordinator"] + sys.argv[1:]))
     from workers.inputs.errors import InputError
     try:
@@ -241,6 +247,12 @@ def _floats(text: str, flag: str) -> list[float]:
 @click.option("--k-max", type=click.IntRange(0, 64), default=16, show_default=True)
 @click.option("--no-adaptive", is_flag=True)
 @click.option("--wait-for-drafts", type=click.IntRange(0, 64), default=0, show_default=True)
+@click.option("--bandwidth-gbs", type=click.FloatRange(min=0, min_open=True),
+              help="memory bandwidth (GB/s) for the floor columns when the card is not in the datasheet table")
+@click.option("--measure-bandwidth/--no-measure-bandwidth", default=True, show_default=True,
+              help="measure each device's read bandwidth (python -m workers.bandwidth) before the workers start")
+@click.option("--demo-profile", type=click.Choice(["small", "dsec"]), default="small", show_default=True,
+              help="without --input: generated data of this profile (dsec: DSEC-size clips, see make-demo)")
 @click.option("--placement", "placements", default="same-gpu", show_default=True,
               help="same-gpu and/or two-gpu, comma-separated, measured in this order in one run; two-gpu puts "
                    "the draft on cuda:1 and the target on cuda:0 unless --draft-device/--target-device say otherwise")
@@ -264,10 +276,14 @@ def bench_command(input_, **kw):
     user_devices = tuple(role for role in ("draft", "target") if kw.get(f"{role}_device") or kw.get("device"))
     out = Path(kw["output_dir"] or Path("runs") / dt.datetime.now().strftime("bench-%Y%m%d-%H%M%S"))
     if not input_:
-        from workers.inputs.demo import make_demo
         input_ = str(out / "data" / "dataset")
         if not Path(input_).exists():
-            make_demo(out / "data")
+            if kw["demo_profile"] == "dsec":
+                from workers.inputs.dsec_demo import make_dsec_demo
+                make_dsec_demo(out / "data")
+            else:
+                from workers.inputs.demo import make_demo
+                make_demo(out / "data")
     mps_list = [x.strip() for x in kw["mps_list"].split(",") if x.strip()]
     if kw["no_mps"] or kw["mps"] == "off":
         mps_list = ["off"]
@@ -286,7 +302,8 @@ def bench_command(input_, **kw):
         k_max=kw["k_max"], adaptive=not kw["no_adaptive"], seed=kw["seed"], wait_for_drafts=kw["wait_for_drafts"],
         startup_timeout_s=kw["startup_timeout"], request_timeout_s=kw["request_timeout"],
         draft_sm_percent=kw["draft_sm_percent"], target_sm_percent=kw["target_sm_percent"],
-        placements=placements, user_devices=user_devices, command=shlex.join(["coordinator"] + sys.argv[1:]))
+        placements=placements, user_devices=user_devices, measure_bandwidth=kw["measure_bandwidth"],
+        bandwidth_gbs=kw["bandwidth_gbs"], command=shlex.join(["coordinator"] + sys.argv[1:]))
     try:
         if kw["ray_address"]:
             from .cluster import RayMissing
@@ -329,6 +346,8 @@ def _register_optional() -> None:
         pass
     from .adapter_commands import adapter_group
     main.add_command(adapter_group)
+    from .ceiling_command import ceiling_command
+    main.add_command(ceiling_command)
 
 
 _register_optional()

@@ -39,8 +39,19 @@ def render_events_command(events_file: Path, n_frames: int, window_ms: float | N
 @click.option("--clips", "n_clips", type=click.IntRange(min=1), default=4, show_default=True,
               help="Clips in the research-dataset layout (spread over two sequences).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def make_demo_command(out_dir: Path, n_clips: int, seed: int) -> None:
+@click.option("--profile", type=click.Choice(["small", "dsec"]), default="small", show_default=True,
+              help="small: tiny clips for tests and the demo; dsec: DSEC-size clips for benchmarks (640x480 "
+                   "events at 0.3-3 M events/s, 1 s, 20 fps 1440x1080 mp4; research-dataset layout only)")
+def make_demo_command(out_dir: Path, n_clips: int, seed: int, profile: str) -> None:
     """Write synthetic demo data to OUT_DIR: a research-dataset layout and raw DSEC sequences."""
+    if profile == "dsec":
+        from workers.inputs.dsec_demo import make_dsec_demo
+        written = make_dsec_demo(out_dir, n_clips=n_clips, seed=seed)
+        for clip in written["clips"]:
+            click.echo(f"{clip['id']}: {clip['events']} events ({clip['rate_per_s'] / 1e6:.2f} M/s), "
+                       f"{clip['frames']} frames {written['video_size'][0]}x{written['video_size'][1]}")
+        click.echo(f"research dataset: {written['dataset']}  (index {written['index']})")
+        return
     written = make_demo(out_dir, n_clips=n_clips, seed=seed)
     click.echo(f"research dataset: {written['dataset']}  ({len(written['clips'])} clips, "
                f"{written['n_events']} events, index {written['index']})")

@@ -53,7 +53,7 @@ def measure_request(state: RequestState, dones: dict, start_ns: int, end_ns: int
             "load_ms": total("draft", "load_inputs"),
             "prefill_ms": total("draft", "prefill"),
             "decode_ms": draft_decode_ms,
-            "tokens": steps + 1,
+            "tokens": steps + 1 if total("draft", "prefill") is not None else 0,   # 0: it stood aside
             "ms_per_token": draft_decode_ms / steps if steps else None,
             "rebase_ms": total("draft", "rebase"),
             "prompt_len": dones["draft"].stats.get("prompt_len"),
@@ -76,6 +76,7 @@ def measure_request(state: RequestState, dones: dict, start_ns: int, end_ns: int
         "mean_acceptance_length": (1 + state.accepted / state.rounds if state.rounds else None) if spec else None,
         "verify_ms": (total("target", "verify") or 0.0) if spec else None,
         "verify_rounds_detail": state.per_round if spec else None,
+        "draft_alpha_estimate": state.alpha_estimate if spec else None,
     })
     return rec
 

@@ -57,6 +57,8 @@ class RunConfig:
     max_ahead: int = 32
     ignore_eos: bool = False
     wait_for_drafts: int = 0
+    pipeline: str = "auto"
+    draft_policy: str = "auto"
     command: str = ""
     quiet: bool = False
 
@@ -200,7 +202,8 @@ def sample_records(session: Session, cfg: RunConfig, sample: dict):
         question = sample.get("question") or cfg.question or ""
         rec = session.run_request(sample, mode, question=question, max_new_tokens=cfg.max_new_tokens,
                                   options=options, k_max=cfg.k_max, adaptive=cfg.adaptive,
-                                  max_ahead=cfg.max_ahead, wait_for_drafts=cfg.wait_for_drafts)
+                                  max_ahead=cfg.max_ahead, wait_for_drafts=cfg.wait_for_drafts,
+                                  pipeline=cfg.pipeline, draft_policy=cfg.draft_policy)
         rec["sequence"] = sample.get("sequence")
         if rec["status"] == "ok" and mode == "baseline":
             baseline_ids = rec["output_ids"]

@@ -1,26 +1,60 @@
 """The coordinator's decision logic for one request, as a pure state machine over token ids.
 
 Owns what to verify and when, when to rebase the draft, and when the answer is complete, for the modes
-baseline / parallel / speculative. Events in (prefill_done, draft, verify_result, decode_result), actions
-out (verify, rebase, decode, stop_draft, finish). Never touches sockets or clocks, so it is tested in
-milliseconds; coordinator.session executes the actions.
+baseline / parallel / speculative. Events in (prefill_done, draft, verify_result, decode_result), typed
+actions out (Verify, Rebase, Decode, StopDraft, Finish). Pipelined (the draft on its own device): the draft
+runs up to `max_ahead` beyond the committed prefix and the target verifies whatever drafts exist whenever
+it is free, so no verification waits on the draft and the draft never waits on a verification. A draft
+that stands aside (coordinator.costs decided drafting cannot pay) leaves the target decoding alone from the
+start. Never touches sockets or clocks, so it is tested in milliseconds; coordinator.session maps the
+actions to messages.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Union
 
 from workers.engine.core import common_prefix_len   # pure, no torch
 
 MODES = ("baseline", "parallel", "speculative", "hf-generate")
 
 
-@dataclass
-class Action:
-    kind: str                 # verify | rebase | decode | stop_draft | finish
-    start_pos: int = 0
-    tokens: list = field(default_factory=list)
-    epoch: int = 0
-    count: int = 0
+@dataclass(frozen=True)
+class Verify:
+    """The target checks `tokens` (drafts of branch `epoch`) at answer positions start_pos, ..."""
+
+    start_pos: int
+    tokens: list
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Rebase:
+    """Tell the draft the committed prefix, its branch epoch and how far beyond it may draft (0 pauses)."""
+
+    epoch: int
+    committed: list
+    max_ahead: int
+
+
+@dataclass(frozen=True)
+class Decode:
+    """The target decodes up to `count` tokens alone (fewer at EOS)."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class StopDraft:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    pass
+
+
+Action = Union[Verify, Rebase, Decode, StopDraft, Finish]
 
 
 def next_k(k: int, drafted: int, accepted: int, k_min: int, k_max: int) -> int:
@@ -43,6 +77,12 @@ class RequestState:
     adaptive: bool = True
     probe_every: int = 8              # while paused (k = 0), try one draft every this many rounds
     lookahead_margin: int = 2
+    # pipelined: the draft has its own device, so drafting ahead costs the target nothing: let it run up to
+    # max_ahead beyond the committed prefix, and never pause it for being starved
+    pipelined: bool = False
+    max_ahead: int = 32
+    k_start: int | None = None        # first window (coordinator.costs' best k), else k_max
+    stood_aside: str | None = None    # why the draft does not draft this request: the target runs alone
     # speculative: hold a verification until this many drafts exist (classic synchronous windows) as
     # long as the draft can still deliver; 0 = never wait (the target decodes a token itself instead)
     wait_for_drafts: int = 0
@@ -51,10 +91,12 @@ class RequestState:
     # large as the target): pause it so it stops taking the target's memory bandwidth
     starved_rounds_to_pause: int = 3
     _starved: int = 0
-    # on one GPU a verification beside a running draft costs about two lone decode steps (measured on
-    # an H100, BENCHMARKS.md), so drafting pays only when rounds commit more than that: pause the draft
-    # when the last `judge_rounds` drafted rounds committed fewer than `min_mean_len` tokens each
-    min_mean_len: float = 2.5
+    # drafting pays only when a round commits more tokens than it costs in target steps: pause the draft
+    # when the last `judge_rounds` drafted rounds committed fewer than `min_mean_len` tokens each. The
+    # session sets it from measured costs (coordinator.costs); unmeasured, the defaults: on one GPU a
+    # verification beside a running draft cost about two lone decode steps (H100, BENCHMARKS.md); on its
+    # own device only the verification's extra cost over a decode step counts
+    min_mean_len: float | None = None
     judge_rounds: int = 3
     max_probe_every: int = 64
     committed: list = field(default_factory=list)
@@ -73,11 +115,17 @@ class RequestState:
     _paused_rounds: int = 0
     k_history: list = field(default_factory=list)
     _judged: list = field(default_factory=list)
+    hits: int = 0                     # committed positions the draft had proposed right, in a row
+    misses: int = 0                   # ... and the first wrong one after them
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}")
-        self._k = self.k_max
+        self._k = self.k_max if self.k_start is None else max(0, min(self.k_max, self.k_start))
+        if self.min_mean_len is None:
+            self.min_mean_len = 1.5 if self.pipelined else 2.5
+        if self.k_max == 0:
+            self.adaptive = False       # nothing to adapt: no drafts are ever verified
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -104,18 +152,24 @@ class RequestState:
 
     # --- events ----------------------------------------------------------------------------
 
+    @property
+    def drafting(self) -> bool:
+        return self.mode in ("parallel", "speculative") and self.stood_aside is None
+
     def on_prefill_done(self, first_token: int) -> list[Action]:
         self.prefill_done = True
         self.committed = [int(first_token)]
-        self.free_draft_tokens = len(self.draft_seq)
+        self._judge(0)
+        # drafts that were ready when the target's prefill ended; position 0 is the target's own token
+        self.free_draft_tokens = max(0, len(self.draft_seq) - 1) if self.drafting else None
         self.target_busy = False
         if self._complete():
             return self._finish()
-        if self.mode in ("baseline", "hf-generate"):
+        if not self.drafting:
             return self._decode_rest()
         if self.mode == "parallel":
-            cands = self._candidates()[: self.max_new_tokens - 1]
-            actions = [Action("stop_draft")]
+            cands = self._candidates()[: min(self.k_max, self.max_new_tokens - 1)]
+            actions: list[Action] = [StopDraft("parallel mode: drafting is over")]
             if not cands:
                 return actions + self._decode_rest()
             return actions + self._verify(cands)
@@ -151,11 +205,10 @@ class RequestState:
         self.accepted += accepted
         self.rounds += 1
         self.per_round.append((len(sent), accepted))
+        # judge the draft on every newly committed position it had proposed, sent or not: a draft whose
+        # first token after a rebase is already wrong never gets anything verified
+        proposed, agree = self._judge(n_prev)
         if self.adaptive:
-            # judge the draft on every newly committed position it had proposed, sent or not: a draft
-            # whose first token after a rebase is already wrong never gets anything verified
-            proposed = self.draft_seq[n_prev: len(self.committed)] if self.draft_seq[:n_prev] == self.committed[:n_prev] else []
-            agree = common_prefix_len(proposed, self.committed[n_prev:])
             self._k = next_k(self._k, len(proposed), agree, self.k_min, self.k_max)
             self._starved = self._starved + 1 if (self._k and not sent and not proposed) else 0
             if sent:
@@ -163,7 +216,8 @@ class RequestState:
             recent = self._judged[-self.judge_rounds:]
             unprofitable = (len(sent) > 0 and len(recent) >= self.judge_rounds
                             and sum(recent) / len(recent) < self.min_mean_len)
-            if self._k and (self._starved >= self.starved_rounds_to_pause or unprofitable):
+            starved = self._starved >= self.starved_rounds_to_pause and not self.pipelined
+            if self._k and (starved or unprofitable):
                 self._k, self._starved = 0, 0
                 self._judged = self._judged[-1:]       # a probe is judged with its own round
             self.k_history.append(self._k)
@@ -179,8 +233,10 @@ class RequestState:
 
     def on_decode_result(self, tokens: list[int]) -> list[Action]:
         self.target_busy = False
+        n_prev = len(self.committed)
         self.committed += [int(t) for t in tokens]
-        if self.mode != "speculative" or self._complete():
+        self._judge(n_prev)
+        if self.mode != "speculative" or not self.drafting or self._complete():
             return self._finish()
         # a paused draft's stretch of plain decoding is over: probe the draft again
         self._probe()
@@ -188,24 +244,49 @@ class RequestState:
         return self._reconcile() + self._maybe_verify()
 
     def _probe(self) -> None:
-        """Resume a paused draft with a short window; back off while probes keep failing."""
-        self._k, self._paused_rounds = 2, 0
+        """Resume a paused draft with a short window (never beyond k_max); back off while probes fail."""
+        self._k, self._paused_rounds = min(2, self.k_max), 0
         self.probe_every = min(self.max_probe_every, self.probe_every * 2)
 
     # --- helpers ---------------------------------------------------------------------------
 
+    def _judge(self, n_prev: int) -> tuple[list[int], int]:
+        """The draft's proposals for the positions committed since n_prev (its branch must have agreed up
+        to n_prev), and how many of them agree in a row. Counts per-position hits and misses: the
+        acceptance estimate hits / (hits + misses) that coordinator.costs plans with."""
+        if self.draft_seq[:n_prev] != self.committed[:n_prev]:
+            return [], 0
+        proposed = self.draft_seq[n_prev: len(self.committed)]
+        agree = common_prefix_len(proposed, self.committed[n_prev:])
+        self.hits += agree
+        self.misses += agree < len(proposed)
+        return proposed, agree
+
+    @property
+    def alpha_estimate(self) -> float | None:
+        judged = self.hits + self.misses
+        return self.hits / judged if judged else None
+
     def _finish(self) -> list[Action]:
         self.finished = True
-        return [Action("finish")]
+        return [Finish()]
 
     def _decode_rest(self) -> list[Action]:
         self.target_busy = True
-        return [Action("decode", count=self.max_new_tokens - len(self.committed))]
+        return [Decode(self.max_new_tokens - len(self.committed))]
 
     def _verify(self, cands: list[int]) -> list[Action]:
         self.target_busy = True
         self._in_flight = list(cands)
-        return [Action("verify", start_pos=len(self.committed), tokens=list(cands))]
+        return [Verify(start_pos=len(self.committed), tokens=list(cands), epoch=self.epoch)]
+
+    def lookahead(self) -> int:
+        """How far beyond the committed prefix the draft may run now (0: paused)."""
+        if self._k == 0:
+            return 0
+        if self.pipelined or not self.adaptive:
+            return max(self.max_ahead, self._k)
+        return self._k + self.lookahead_margin
 
     def _reconcile(self) -> list[Action]:
         """Tell the draft the committed prefix; a new epoch when its tokens no longer extend it."""
@@ -213,18 +294,18 @@ class RequestState:
         if self.draft_seq[:n] != self.committed:
             self.epoch += 1
             self.draft_seq = list(self.committed)
-        ahead = self._k + self.lookahead_margin if self._k else 0
-        return [Action("rebase", epoch=self.epoch, tokens=list(self.committed), count=ahead)]
+        return [Rebase(epoch=self.epoch, committed=list(self.committed), max_ahead=self.lookahead())]
 
     def _maybe_verify(self, force: bool = False) -> list[Action]:
         if self.target_busy or self.finished:
             return []
         room = self.max_new_tokens - len(self.committed) - 1
-        if self._k == 0 and self.adaptive:
-            # paused: let the target decode alone until the next probe, with no round trip per token
+        if self._k == 0:
+            # paused (or k_max 0): the target decodes alone until the next probe, no round trip per token
             self.target_busy = True
-            count = min(max(1, self.probe_every - self._paused_rounds), self.max_new_tokens - len(self.committed))
-            return [Action("decode", count=count)]
+            left = self.max_new_tokens - len(self.committed)
+            count = min(max(1, self.probe_every - self._paused_rounds), left) if self.adaptive else left
+            return [Decode(count)]
         cands = self._candidates()[: max(0, min(self._k, room))]
         want = min(self.wait_for_drafts, self._k, max(0, room))
         if not force and len(cands) < want and self._draft_can_deliver():

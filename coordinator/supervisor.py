@@ -185,6 +185,10 @@ class Supervisor:
         event = {"kind": "message", "type": msg.type, "src": msg.src, "dst": msg.dst or "coordinator",
                  "request_id": msg.request_id, "msg_id": msg.msg_id, "sent_ns": msg.sent_ns,
                  "recv_ns": msg.recv_ns or None, **self.context}
+        if isinstance(msg, (m.Draft, m.Verify)):      # which answer positions: the pipeline is visible in the log
+            event.update(start_pos=msg.start_pos, n_tokens=len(msg.tokens))
+        elif isinstance(msg, m.Rebase):
+            event.update(epoch=msg.epoch, committed_len=len(msg.committed), max_ahead=msg.max_ahead)
         if msg.src == "coordinator":
             self._sent[msg.msg_id] = event
         self.events.append(event)

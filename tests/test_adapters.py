@@ -18,7 +18,7 @@ from coordinator.adapter_commands import adapter_group
 from workers.adapters.data import DataError, TrainValData, assign_splits, read_index, read_split
 from workers.adapters.evaluate import chained_acceptance, window_acceptance
 from workers.adapters.live import LiveAdapter, load_live_adapter, oracle_adapter
-from workers.engine.core import StepOutput, TokenEngine
+from workers.engine.core import ModelChoice, StepOutput, TokenEngine
 from workers.engine.hf import HFStepModel
 
 MAX_NEW = 12
@@ -157,6 +157,15 @@ def test_adapter_beats_raw_draft_on_held_out_sequences(setup, token_ckpt):
     assert result["adapter"]["top5"] >= result["adapter"]["top1"]
     for name in ("adapter.safetensors", "config.json", "metrics.json", "curves.png"):
         assert (token_ckpt / name).is_file()
+    # the checkpoint names the sequences it saw, so `run --adapter` can flag them
+    from coordinator.session import adapter_seen_split
+    seen = json.loads((token_ckpt / "config.json").read_text())["extra"]["sequences"]
+    index = read_index(setup["data"])["records"]
+    for split in ("train", "val"):
+        assert sorted({e["sequence"] for e in index if e["split"] == split}) == seen[split]
+        assert adapter_seen_split({"sequences": seen}, seen[split][0]) == split
+    test_seq = next(e["sequence"] for e in index if e["split"] == "test")
+    assert adapter_seen_split({"sequences": seen}, test_seq) is None
     metrics = json.loads((token_ckpt / "metrics.json").read_text())
     assert metrics["selected_epoch"] == max(metrics["history"], key=lambda h: (h["val_acceptance_rate"],
                                                                              -h["val_loss"]))["epoch"]
@@ -246,17 +255,23 @@ def test_oracle_adapter_gets_every_draft_accepted(setup, models):
 def test_live_adapter_history_follows_rebases():
     seen = []
     live = LiveAdapter(lambda lv, pos: seen.append((pos, list(lv.draft_tokens))) or 100 + pos)
-    assert live(0, 7, StepOutput(greedy=[7]), 0) == 100
-    assert live(1, 8, StepOutput(greedy=[8]), 0) == 101
-    assert live(2, 9, StepOutput(greedy=[9]), 0) == 102
+
+    def emit(position, token, greedy, row):
+        out = StepOutput(greedy=greedy)
+        proposed, q = live.propose(list(range(position)), ModelChoice(token, None, out, row))
+        assert q is None                      # greedy: no distribution travels
+        return proposed
+    assert emit(0, 7, [7], 0) == 100
+    assert emit(1, 8, [8], 0) == 101
+    assert emit(2, 9, [9], 0) == 102
     # a rebase that kept position 0 and fed three tokens: rows cover positions 1..3
-    assert live(3, 33, StepOutput(greedy=[11, 22, 33]), 2) == 103
+    assert emit(3, 33, [11, 22, 33], 2) == 103
     assert seen[-1] == (3, [7, 11, 22, 33])
     # re-emission of position 2 truncates the later history
-    live(2, 44, StepOutput(greedy=[44]), 0)
+    emit(2, 44, [44], 0)
     assert live.draft_tokens == [7, 11, 44]
     with pytest.raises(RuntimeError, match="skipped"):
-        live(5, 1, StepOutput(greedy=[1]), 0)
+        emit(5, 1, [1], 0)
 
 
 @pytest.mark.parametrize("kind", ["token", "hidden"])
@@ -366,6 +381,7 @@ def test_coordinator_run_with_the_adapter_on_held_out_samples(setup, token_ckpt,
         assert proc.returncode == 0, proc.stderr
         recs = json.loads((out / "results.json").read_text())["records"]
         assert recs and all(r["status"] == "ok" for r in recs)
+        assert all(r.get("adapter_seen_split") is None for r in recs)       # held out: nothing to flag
         drafted = sum(r["drafted_tokens"] for r in recs)
         return sum(r["accepted_tokens"] for r in recs) / max(1, drafted), drafted
     live_rate, drafted = run(tmp_path / "with", "--adapter", str(token_ckpt))

@@ -53,6 +53,9 @@ def test_lossless_in_every_mode_on_tiny_checkpoints(tiny, tmp_path, draft):
     assert all(r["target"]["prompt_len"] > 8 * 17 for r in recs)          # 8 frames × 17 tokens + text
     assert all(r["draft"]["prompt_len"] > 5 + 17 for r in recs if r["draft"])
     assert info["memory_at_ready"]["target"]["rss_bytes"] > 0
+    for role in ("draft", "target"):                  # the bench's floor: what one step reads, from READY
+        step = info["worker_info"][role]["step_bytes"]
+        assert step["weight_bytes"] > 0 and step["kv_bytes_per_position"] > 0, step
 
 
 def test_broken_checkpoint_fails_at_startup_naming_the_tensor(tiny, tmp_path):
@@ -144,15 +147,17 @@ def test_a_cuda_device_on_a_machine_without_one_is_a_clear_error(tiny, tmp_path)
 
 
 def test_sampling_runs_through_the_pipeline_with_rejection_sampling(tiny, tmp_path):
-    """--temperature > 0: the draft sends q for every drafted token, the target accepts with min(1, p/q).
+    """--temperature > 0: the draft sends q for every drafted token, the target accepts with min(1, p/q),
+    here with the draft pipelined (it runs ahead and its q rows are matched by branch epoch and position).
     (The distribution itself is tested statistically in tests/test_engine.py.)"""
     proc = _run(tiny, "shared", tmp_path / "out", "--temperature", "0.7", "--seed", "3", "--mode", "all",
-                "--wait-for-drafts", "3")
+                "--wait-for-drafts", "3", "--pipeline", "on")
     assert proc.returncode == 0, proc.stderr
     recs = load_results(tmp_path / "out")["records"]
     assert all(r["status"] == "ok" for r in recs)
     assert all(r["matches_baseline"] is None for r in recs)          # draws, not a greedy answer
     spec = [r for r in recs if r["mode"] == "speculative"]
+    assert all(r["pipelined"] is True for r in spec)
     assert sum(r["drafted_tokens"] for r in spec) > 0
     assert sum(r["accepted_tokens"] for r in spec) > 0
     events = [json.loads(line) for line in (tmp_path / "out" / "events.jsonl").read_text().splitlines()]

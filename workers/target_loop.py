@@ -16,8 +16,10 @@ class TargetLoop:
 
     def _serve_target(self, prefill: m.Prefill) -> None:
         first, prompt_len, info = self._prefill(prefill)
-        self.send(m.PrefillDone(first_token=first, prompt_len=prompt_len, info=info))
         engine = self.backend.engine
+        if prefill.mode != "hf-generate":
+            self.answer_ids = engine.tokens          # the engine's list: every verify and step extends it
+        self.send(m.PrefillDone(first_token=first, prompt_len=prompt_len, info=info))
         while True:
             msg = self.recv(HEARTBEAT_S * 1000)
             if msg is None:
@@ -42,6 +44,7 @@ class TargetLoop:
                                          next_token=nxt))
             elif isinstance(msg, m.Decode):
                 if prefill.mode == "hf-generate":
+                    self.answer_ids = self.generated[: 1 + msg.max_tokens]
                     self.send(m.DecodeResult(tokens=self.generated[1: 1 + msg.max_tokens]))
                 else:
                     self.send(m.DecodeResult(tokens=self._decode_alone(msg.max_tokens, self._eos(prefill))))

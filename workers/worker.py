@@ -1,8 +1,9 @@
 """One worker process's loops: one model, one role (draft or target), one DEALER socket to the coordinator.
 
 Owns the request life cycle on the model side and the compute spans (GPU synchronised before each end
-stamp). The draft streams tokens as soon as they exist and checks its socket between steps; the target
-prefills, verifies and decodes when told. Never decides what to verify or when: the coordinator does.
+stamp). The draft streams tokens as soon as they exist and checks its socket between steps, following the
+pure state machine coordinator.drafting.DraftState, with one draft strategy per request (workers.proposers);
+the target prefills, verifies and decodes when told. Never decides what to verify or when: the coordinator does.
 Any failure on a request is answered with ERROR; nothing a request carries may kill the process.
 """
 from __future__ import annotations
@@ -48,8 +49,9 @@ class Worker(DraftLoop, TargetLoop):
         self.received: list = []
         self.stats: dict = {}
         self.request_max_new = 0
-        self.oracle = None
+        self.proposer = None
         self.generated: list[int] = []
+        self.answer_ids: list[int] = []      # target: the committed answer of this request
         self.draft_probs: dict = {}
 
     @contextmanager
@@ -80,6 +82,11 @@ class Worker(DraftLoop, TargetLoop):
         self.heartbeats.start()         # also while loading and computing
         try:
             info = self.backend.load()
+            try:                  # the bench's floor column; never a reason for a worker not to start
+                step_bytes = self.backend.step_bytes()
+            except Exception as exc:
+                step_bytes = {"error": f"{type(exc).__name__}: {exc}"}
+            info["info"] = dict(info.get("info") or {}, step_bytes=step_bytes)
         except Exception as exc:
             self.send(m.Error(reason=f"{self.name}: loading backend {self.backend_name!r} failed: {exc}",
                               fatal=True))
@@ -140,8 +147,9 @@ class Worker(DraftLoop, TargetLoop):
 
     def _finish(self, shutdown: bool) -> bool:
         self.stats["memory"] = self.backend.memory()
-        if self.role == "target" and self.backend.engine is not None and self.request_max_new:
-            answer = self.backend.engine.tokens[: self.request_max_new]
+        if self.role == "target" and self.request_max_new:
+            # the text, decoded once from this request's committed ids (never a previous request's engine state)
+            answer = self.answer_ids[: self.request_max_new]
             if self.backend.eos_id in answer:
                 answer = answer[: answer.index(self.backend.eos_id)]
             self.stats["text"] = self.backend.decode_text(answer)
@@ -157,18 +165,21 @@ class Worker(DraftLoop, TargetLoop):
         opts = dict(prefill.options, max_new_tokens=prefill.max_new_tokens)
         with self.span("load_inputs"):
             prepared = self.backend.prepare(prefill.sample, prefill.question, opts)
-        self.oracle = None
-        if self.role == "draft" and opts.get("oracle"):
-            spec = opts["oracle"]
-            self.oracle = Oracle(spec["answer"], alpha=spec.get("alpha"), profile=spec.get("profile"),
-                                 seed=int(spec.get("seed", 0)), key=prefill.sample.get("sample_id", ""),
-                                 vocab_size=self.backend.vocab_size, eos_id=self.backend.eos_id)
-            self.backend.engine.override = self.oracle
+        if self.role == "draft":
+            # one draft strategy per request: the benchmark oracle when asked, else the backend's own
+            if opts.get("oracle"):
+                self.proposer = Oracle.from_options(opts["oracle"], key=prefill.sample.get("sample_id", ""),
+                                                    vocab_size=self.backend.vocab_size, eos_id=self.backend.eos_id)
+            else:
+                self.proposer = self.backend.proposer(prefill.sample, opts)
+            self.proposer.reset()
+            self.backend.engine.proposer = self.proposer
         if prefill.mode == "hf-generate":
             with self.span("hf_generate") as attrs:
                 tokens = self.backend.hf_generate(prepared, prefill.max_new_tokens, self._eos(prefill))
                 attrs["tokens"] = len(tokens)
             self.generated = tokens
+            self.answer_ids = tokens[:1]
             return tokens[0], 0, prepared.info
         with self.span("prefill") as attrs:
             first, prompt_len = self.backend.prefill(prepared)

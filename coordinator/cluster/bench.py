@@ -148,7 +148,7 @@ def _one_configuration(cluster, cfg, samples, placement, mps, pipelines, cpus, g
         append_jsonl(cfg.output_dir / RECORDS, value["records"])
         results[item] = value
         records.extend(value["records"])
-        events.extend(shift_stamps(e, off) for e in value["events"])
+        events.extend(shift_stamps(e, off) for e in single._tagged(value["events"], placement, mps))
         if "draft_alone_error" in value:
             say(f"  ERROR {value['draft_alone_error']}")
         if "draft_alone" in value:

@@ -1,16 +1,17 @@
-"""A trained adapter inside the draft's decoding loop, as `TokenEngine.override`.
+"""A trained adapter inside the draft's decoding loop, as a `workers.proposers.Proposer`.
 
-The engine calls `override(position, model_token, out, row)` whenever the draft emits the token for answer
-position `position`; `out` is that forward pass, `row` the output row of `position`, so rows 0..row cover
-positions position-row .. position (a rebase feeds several tokens, start/step one). The adapter keeps, per
+The engine calls `propose(prefix, model)` whenever the draft emits the token for answer position
+`position = len(prefix)`; `model.out` is that forward pass, `model.row` the output row of `position`, so rows
+0..row cover positions position-row .. position (a rebase feeds several tokens, start/step one). The adapter keeps, per
 request, what the draft offered at every position (greedy token, hidden state) indexed by position, and
 cuts it back whenever an earlier position is emitted again (a rebase after a rejection). It returns its
 prediction for `position`, which the engine then feeds to the draft: when the adapter is right the draft's
 cache holds the target's tokens, exactly as in teacher-forced collection.
 
-Greedy verification only: with temperature > 0 the draft's probabilities would not describe the tokens the
-adapter emits, and rejection sampling would no longer be lossless, so `attach` refuses a sampling engine.
-Never loads the draft model or touches sockets.
+Greedy verification only: `attach` refuses a sampling engine (the adapters were trained to match the
+target's greedy answer). Its token is a deterministic function of the prefix, so were it ever asked under
+sampling its q would be one-hot, which keeps rejection sampling lossless. Never loads the draft model or
+touches sockets.
 """
 from __future__ import annotations
 
@@ -18,16 +19,19 @@ from typing import Callable, Sequence
 
 import torch
 
+from workers.proposers import Proposer, one_hot
 
-class LiveAdapter:
-    """Per-request history + a predictor. Use `attach(engine)` (sets engine.override), `reset()` per request."""
+
+class LiveAdapter(Proposer):
+    """Per-request history + a predictor. `attach(engine)` checks the engine (and makes the adapter its
+    proposer); `reset()` per request."""
 
     def __init__(self, predict: Callable[["LiveAdapter", int], int | None], *, needs_hidden: bool = False,
                  max_len: int | None = None):
         self._predict = predict
         self.needs_hidden = needs_hidden
         self.max_len = max_len
-        self.engine = None
+        self.prefix: list[int] = []
         self.reset()
 
     def reset(self) -> None:
@@ -38,17 +42,16 @@ class LiveAdapter:
     def attach(self, engine) -> "LiveAdapter":
         if getattr(engine, "sampler", None) is not None:
             raise ValueError("draft adapters need greedy verification (temperature 0); the draft engine samples")
-        self.engine = engine
-        engine.override = self
+        engine.proposer = self
         return self
 
     def answer_prefix(self, position: int) -> list[int]:
-        """The answer tokens before `position` as the engine holds them now (committed or drafted)."""
-        if self.engine is None:
-            raise RuntimeError("this adapter reads the answer so far from its engine: call attach(engine) first")
-        return list(self.engine.tokens[:position])
+        """The answer tokens before `position` (committed or drafted), as given to the last propose()."""
+        return self.prefix[:position]
 
-    def __call__(self, position: int, model_token: int, out, row: int) -> int:
+    def propose(self, prefix: Sequence[int], model) -> tuple[int, object]:
+        position, model_token, out, row = len(prefix), int(model.token), model.out, model.row
+        self.prefix = list(prefix)
         if position == 0:
             self.reset()                      # a new request (start): nothing earlier can be reused
         first = max(0, position - row)       # rows before answer position 0 (prompt rows) are not kept
@@ -67,7 +70,8 @@ class LiveAdapter:
         token = None
         if self.max_len is None or position < self.max_len:
             token = self._predict(self, position)
-        return int(model_token) if token is None else int(token)
+        token = int(model_token) if token is None else int(token)
+        return token, one_hot(token, model.q)
 
 
 def oracle_adapter(answer: Sequence[int]) -> LiveAdapter:

@@ -151,6 +151,9 @@ def train(data_dir, kind: str, out, *, epochs: int = 20, lr: float = 3e-4, batch
     model.load_state_dict(best_state)
     cfg.extra = {"data": str(data_dir), "draft_model": info.get("draft_model"), "target_model": info.get("target_model"),
                  "max_new_tokens": max_new, "event_frames": info.get("event_frames"), "eos_id": eos,
+                 # `coordinator run --adapter` flags samples of these sequences: not held-out numbers
+                 "sequences": {"train": sorted({r.sequence for r in train_recs}),
+                               "val": sorted({r.sequence for r in val_recs})},
                  "train": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "patience": patience,
                            "weight_decay": weight_decay, "warmup_steps": warmup, "k": k,
                            "selected_epoch": best[1], "selection": "val chained acceptance_rate, then val loss"}}

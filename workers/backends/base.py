@@ -6,6 +6,7 @@ worker (workers.worker) does the messaging and the timing spans.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -61,13 +62,30 @@ class Backend(ABC):
     def sync(self) -> None:
         """Wait for the device so a timing span ends when the work does."""
 
+    def proposer(self, sample: dict, options: dict):
+        """This backend's own draft strategy for a request (workers.proposers): the raw model unless an
+        adapter (EventGPT) or a scripted quality (fake) says otherwise."""
+        from workers.proposers import ModelDraft
+        return ModelDraft()
+
     def reset(self) -> None:
         if self.engine is not None:
-            self.engine.override = None
+            self.engine.proposer = None
+
+    def step_bytes(self) -> dict | None:
+        """What one decode step reads (workers.step_bytes.describe_step_bytes), for the bench's floor."""
+        return None
 
     def memory(self) -> dict:
         import psutil
         return {"rss_bytes": psutil.Process(os.getpid()).memory_info().rss, "peak_gpu_bytes": None}
+
+
+def sampling_seed(seed: int, role: str) -> int:
+    """The sampler's seed of one role, derived from --seed: draft and target draw independent streams (the
+    same stream in both would correlate the draft's samples with the target's acceptance draws)."""
+    digest = hashlib.blake2b(f"{int(seed)}:{role}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 BACKENDS: dict[str, str] = {

@@ -20,14 +20,12 @@ class EventGPTBackend(HFBackend):
             from workers.adapters.live import load_live_adapter
             self.adapter = load_live_adapter(ckpt, draft_lm=self.lm, device=self.device)
             self.adapter.attach(self.engine)      # refuses temperature > 0: adapters assume greedy verification
-            ready["info"]["adapter"] = {"path": str(ckpt), "kind": self.adapter.config.kind}
+            ready["info"]["adapter"] = {"path": str(ckpt), "kind": self.adapter.config.kind,
+                                        "sequences": self.adapter.config.extra.get("sequences")}
         return ready
 
-    def reset(self) -> None:
-        super().reset()
-        if self.adapter is not None:
-            self.adapter.reset()
-            self.adapter.attach(self.engine)
+    def proposer(self, sample: dict, options: dict):
+        return self.adapter if self.adapter is not None else super().proposer(sample, options)
 
     def _load_checkpoint(self, path: str):
         from workers.models.loading import load_eventgpt

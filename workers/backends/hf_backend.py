@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from workers.backends.base import Backend, Prepared
+from workers.backends.base import Backend, Prepared, sampling_seed
 from workers.engine.core import TokenEngine
 from workers.engine.hf import HFStepModel
 
@@ -75,7 +75,7 @@ class HFBackend(Backend):
         temperature = float(opts.get("temperature") or 0.0)
         if temperature > 0:
             from workers.engine.sampling import Sampler
-            sampler = Sampler(temperature, seed)
+            sampler = Sampler(temperature, sampling_seed(seed, self.role))
         self.engine = TokenEngine(self.step_model, sampler)
         self.engine.feed_limit = int(self.lm.model.get_input_embeddings().num_embeddings)
         tok = self.lm.tokenizer
@@ -153,6 +153,10 @@ class HFBackend(Backend):
         info["prompt_len"] = prompt_len
         info["max_new_tokens"] = int(options.get("max_new_tokens") or 0)
         return Prepared(prompt=kwargs, info=info)
+
+    def step_bytes(self) -> dict | None:
+        from workers.step_bytes import describe_step_bytes
+        return describe_step_bytes(self.lm.model, self.step_model)
 
     def sync(self) -> None:
         if self.device.startswith("cuda"):

@@ -30,6 +30,16 @@ class StepOutput:
     hidden: Any = None         # [n, hidden] last-layer states where asked for (adapters)
 
 
+@dataclass
+class ModelChoice:
+    """What the model chose for one answer position: the input of a proposer (workers.proposers)."""
+
+    token: int                 # the model's own token (greedy, or sampled from q)
+    q: Any                     # the distribution `token` was drawn from; None when greedy
+    out: StepOutput            # the forward pass that produced it
+    row: int                   # its row in `out`
+
+
 def greedy_accept(drafts: Sequence[int], target_choices: Sequence[int]) -> tuple[int, int]:
     """Longest prefix of `drafts` equal to the target's choices, and the token that follows it.
 
@@ -71,9 +81,9 @@ class TokenEngine:
         self.sampler = sampler      # workers.engine.sampling.Sampler for temperature > 0, else None
         self.seq = AnswerState()
         self.last_probs = None
-        # override(position, model_token) -> token: lets a benchmark oracle or an adapter replace the
-        # token ids the draft emits while the model still runs every forward pass
-        self.override = None
+        # a workers.proposers.Proposer: chooses the emitted token and its q from the model's choice (raw
+        # draft, benchmark oracle, adapters, fake script) while the model still runs every forward pass
+        self.proposer = None
         # ids this model can embed; a committed id beyond it (the target's <video>, padding rows) is fed
         # as 0 (<unk>) so a draft with a smaller vocabulary follows the target instead of crashing
         self.feed_limit: int | None = None
@@ -99,8 +109,9 @@ class TokenEngine:
 
     def _emit(self, out: StepOutput, row: int) -> int:
         token = self._choose(out, row)
-        if self.override is not None:
-            token = int(self.override(len(self.seq.tokens), token, out, row))
+        if self.proposer is not None:
+            token, self.last_probs = self.proposer.propose(self.seq.tokens, ModelChoice(token, self.last_probs, out, row))
+            token = int(token)
         return token
 
     def start(self, prompt: Any) -> int:

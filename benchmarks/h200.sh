@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The H200 runs of issues 10 and 11: a bf16 target beside an nf4 draft, random full-size weights
+# (--synthetic-weights 7b), DSEC-size inputs with mp4 decoding included, 10 samples, one GPU and two.
+#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|all]
+# two-gpu needs two GPUs of one host. Needs PyAV (writing and reading the mp4 clips), Triton (the exact
+# step) and bitsandbytes (nf4). Each part is one `coordinator bench` run; bench.json/bench.md are written
+# after every (placement, MPS) session, so a run cut short keeps what it finished. MPS=on,off adds the MPS
+# setting to the one-GPU run (twice as long).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/h200}
+WHAT=${2:-all}
+PY=${PYTHON:-python3}
+DATA=${DATA:-$OUT/data}
+if [[ ! -f "$DATA/dataset/EventGPT_Instruction_Subset.json" ]]; then
+    "$PY" -m coordinator make-demo "$DATA" --profile dsec --clips 10   # rates 0.3..3 M events/s
+fi
+bench() {
+    "$PY" -m coordinator bench --input "$DATA/dataset" --synthetic-weights 7b --target-precision bf16 \
+        --draft-precision nf4 --samples 10 --warmup 1 "$@"
+}
+sweep=(--max-new-tokens 200 --alphas 0,0.5,0.7,0.9,1 --oracle-profile seed --no-hf-generate)
+if [[ $WHAT == same-gpu || $WHAT == all ]]; then
+    bench "${sweep[@]}" --placement same-gpu --bench-mps "${MPS:-off}" --output-dir "$OUT/same-gpu-200"
+fi
+if [[ $WHAT == two-gpu || $WHAT == all ]]; then
+    bench "${sweep[@]}" --placement two-gpu --bench-mps off --output-dir "$OUT/two-gpu-200"
+fi
+if [[ $WHAT == seed50 || $WHAT == all ]]; then     # the seed profile's goals are at 50 tokens; hf-generate too
+    bench --max-new-tokens 50 --alphas 0 --oracle-profile seed --placement same-gpu,two-gpu --bench-mps off \
+        --output-dir "$OUT/seed-50"
+fi

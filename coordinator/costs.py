@@ -1,0 +1,165 @@
+"""Whether drafting can pay for the next request, from costs measured earlier in this session.
+
+The model (../shared/DOMAIN.md, "the two levers"). With per-token acceptance α, a window of k drafts
+commits E(α, k) = 1 + α + … + α^k tokens per verification. On one device the draft's k steps and the
+verification share it: a round costs k·D + V(k). Pipelined (the draft on its own device) the draft drafts
+the next window while the target verifies this one: a round costs max(V(k), (k+1)·D), plus one draft
+step after a rejection (the draft must also pass the target's own token, so c = D/T ≥ 1 cannot pay). Drafting pays when the best window's time per committed token beats the target's own
+step T by a margin, counting the drafts ready when the target's prefill ends (the window) and what the
+draft's prefill costs the target's (the slowdown). `plan` is pure; `CostTracker` keeps the medians of the
+spans of recent requests it reads from. Nothing here is a constant measured elsewhere: with a cost or the
+acceptance unmeasured, the answer is "draft, to measure it". Never imports torch, touches sockets or clocks.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass
+class Costs:
+    target_step_ms: float | None = None       # T: a decode step of the target alone
+    draft_step_ms: float | None = None        # D: a draft step while drafting
+    verify_base_ms: float | None = None       # V(k) = verify_base_ms + verify_per_draft_ms * k
+    verify_per_draft_ms: float = 0.0
+    prefill_slowdown_ms: float = 0.0          # target prefill beside the draft minus alone (>= 0)
+    free_drafts: float = 0.0                  # drafts ready when the target's prefill ends
+
+    def verify_ms(self, k: int) -> float:
+        return self.verify_base_ms + self.verify_per_draft_ms * k
+
+
+@dataclass(frozen=True)
+class Plan:
+    draft: bool
+    reason: str
+    k: int | None = None                      # the best window, where the model knows it
+    predicted_speedup: float | None = None    # decode phase (after the prefill), target alone = 1
+    min_mean_len: float | None = None         # a round of window k pays only when it commits more tokens
+
+
+def expected_committed(alpha: float, k: int) -> float:
+    """Tokens one verification of k drafts commits: the accepted prefix plus the target's own token."""
+    return float(k + 1) if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+def round_ms(costs: Costs, k: int, alpha: float, pipelined: bool) -> float:
+    verify, step = costs.verify_ms(k), costs.draft_step_ms
+    if pipelined:
+        # to keep ahead the draft must make the next window and the position of the target's own token
+        # while the target verifies (so a draft as costly as the target cannot run ahead of it), and it
+        # redoes one step after a rejection
+        return max(verify, (k + 1) * step) + (1.0 - alpha ** k) * step
+    return k * step + verify
+
+
+def plan(costs: Costs, alpha: float | None, *, mode: str, pipelined: bool, k_max: int, max_new_tokens: int,
+         margin: float = 0.02) -> Plan:
+    """Draft or let the target run alone. Drafting must save more than `margin` of the target's decode time."""
+    missing = [name for name, value in (("acceptance", alpha), ("target step", costs.target_step_ms),
+                                        ("draft step", costs.draft_step_ms), ("verification", costs.verify_base_ms))
+               if value is None]
+    if missing:
+        return Plan(True, f"drafting to measure what is not measured yet: {', '.join(missing)}")
+    if k_max < 1:
+        return Plan(False, "--k-max 0: no drafts are ever verified")
+    T, n = costs.target_step_ms, max(1, max_new_tokens - 1)
+    alone_ms = n * T
+    free = int(min(costs.free_drafts, k_max, n))
+    window_saved = (T * (expected_committed(alpha, free) - 1.0) - (costs.verify_ms(free) - T)) if free else 0.0
+    saved = window_saved - costs.prefill_slowdown_ms
+    k_best, per_token, min_len = None, T, None
+    if mode == "speculative":
+        k_best = min(range(1, k_max + 1), key=lambda k: round_ms(costs, k, alpha, pipelined) / expected_committed(alpha, k))
+        per_token = round_ms(costs, k_best, alpha, pipelined) / expected_committed(alpha, k_best)
+        min_len = round_ms(costs, k_best, alpha, pipelined) / T
+        saved += n * max(0.0, T - per_token)     # a window that cannot pay is paused inside the request
+    speedup = alone_ms / max(1e-9, alone_ms - saved)
+    where = "pipelined on its own device" if pipelined else "sharing the target's device"
+    facts = (f"acceptance {alpha:.2f}, target step {T:.2f} ms, draft step {costs.draft_step_ms:.2f} ms, "
+             f"verify {costs.verify_ms(k_best or max(1, free)):.2f} ms, {costs.free_drafts:.1f} free drafts, "
+             f"prefill slowdown {costs.prefill_slowdown_ms:.1f} ms")
+    if saved <= margin * alone_ms:
+        return Plan(False, f"drafting cannot pay ({where}): predicted {speedup:.3f}x ({facts})", k_best, speedup,
+                    min_len)
+    return Plan(True, f"drafting pays ({where}): predicted {speedup:.3f}x ({facts})", k_best, speedup, min_len)
+
+
+def _median(xs) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+class CostTracker:
+    """Running measurements of one session: the last `keep` spans of each kind, acceptance per draft strategy.
+
+    A strategy the plan stood aside is drafted again after `reprobe_after` requests (doubling each time the
+    re-measured acceptance still cannot pay), so a changed acceptance is noticed."""
+
+    def __init__(self, keep: int = 64, reprobe_after: int = 8):
+        self.target_step = deque(maxlen=keep)
+        self.draft_step = deque(maxlen=keep)
+        self.verify = deque(maxlen=keep)               # (k, ms)
+        self.prefill_alone = deque(maxlen=8)
+        self.prefill_beside = deque(maxlen=8)
+        self.free = deque(maxlen=8)
+        self.acceptance: dict[str, deque] = {}          # key -> (hits, judged proposals) per request
+        self.reprobe_after = reprobe_after
+        self._aside: dict[str, list[int]] = {}          # key -> [requests stood aside in a row, re-probe limit]
+
+    def observe(self, *, key: str, drafting: bool, spans: dict, free_drafts=None, hits: int = 0, misses: int = 0):
+        """One finished request: `spans` maps role -> [name, start_ns, end_ns, attrs] lists; hits and misses
+        are the draft's proposals judged against the committed answer (coordinator.spec)."""
+        def ms(role, name):
+            return [(e - s) / 1e6 for n, s, e, _ in spans.get(role, []) if n == name]
+        if drafting:
+            self.draft_step.extend(ms("draft", "draft_step"))
+            self.verify.extend((int(a.get("k", 0)), (e - s) / 1e6)
+                               for n, s, e, a in spans.get("target", []) if n == "verify")
+            self.prefill_beside.extend(ms("target", "prefill"))
+            if free_drafts is not None:
+                self.free.append(free_drafts)
+            if hits + misses:
+                self.acceptance.setdefault(key, deque(maxlen=4)).append((hits, hits + misses))
+        else:
+            self.target_step.extend(ms("target", "decode"))
+            self.prefill_alone.extend(ms("target", "prefill"))
+
+    def alpha(self, key: str) -> float | None:
+        rounds = self.acceptance.get(key)
+        if not rounds:
+            return None
+        return sum(a for a, _ in rounds) / sum(d for _, d in rounds)
+
+    def costs(self) -> Costs:
+        c = Costs(target_step_ms=_median(list(self.target_step)), draft_step_ms=_median(list(self.draft_step)),
+                  free_drafts=_median(list(self.free)) or 0.0)
+        if self.verify:
+            ks = [k for k, _ in self.verify]
+            if len(set(ks)) > 1:                       # least squares V(k) = a + b k
+                mean_k = statistics.fmean(ks)
+                mean_v = statistics.fmean(v for _, v in self.verify)
+                var = sum((k - mean_k) ** 2 for k in ks)
+                slope = max(0.0, sum((k - mean_k) * (v - mean_v) for k, v in self.verify) / var)
+                c.verify_base_ms, c.verify_per_draft_ms = mean_v - slope * mean_k, slope
+            else:
+                c.verify_base_ms = _median([v for _, v in self.verify])
+        alone, beside = _median(list(self.prefill_alone)), _median(list(self.prefill_beside))
+        if alone is not None and beside is not None:
+            c.prefill_slowdown_ms = max(0.0, beside - alone)
+        return c
+
+    def decide(self, key: str, *, mode: str, pipelined: bool, k_max: int, max_new_tokens: int) -> Plan:
+        decision = plan(self.costs(), self.alpha(key), mode=mode, pipelined=pipelined, k_max=k_max,
+                        max_new_tokens=max_new_tokens)
+        aside = self._aside.setdefault(key, [0, self.reprobe_after])
+        if decision.draft:
+            aside[:] = [0, self.reprobe_after]
+            return decision
+        aside[0] += 1
+        if aside[0] > aside[1]:                         # re-measure: acceptance may have changed
+            aside[0], aside[1] = 0, aside[1] * 2
+            return Plan(True, f"re-measuring acceptance after {aside[1] // 2} requests without drafting; "
+                              f"last plan: {decision.reason}", decision.k, decision.predicted_speedup,
+                        decision.min_mean_len)
+        return decision

@@ -1,0 +1,215 @@
+"""Pipelined speculation and the cost model, in simulated time: the coordinator's state machine
+(coordinator.spec) and the draft's (coordinator.drafting) run together against a target whose answer is
+known, with step costs as parameters. Milliseconds, no processes, no clocks."""
+import random
+
+import pytest
+
+from coordinator.costs import Costs, CostTracker, expected_committed, plan
+from coordinator.drafting import DraftState
+from coordinator.spec import Decode, Finish, Rebase, RequestState, StopDraft, Verify
+from workers.engine.core import greedy_accept
+
+EOS = 2
+
+
+def simulate(target, right, *, pipelined, T=1.0, D=0.3, verify=lambda k: 1.0 + 0.02 * k, k_max=8, max_new=80,
+             prefill_t=20.0, prefill_d=8.0, max_ahead=24, mode="speculative", adaptive=True):
+    """Returns (state, stats). The draft proposes target[p] where right(p), another token elsewhere."""
+    st = RequestState(mode=mode, max_new_tokens=max_new, eos_id=EOS, k_max=k_max, pipelined=pipelined,
+                      max_ahead=max_ahead, adaptive=adaptive)
+    ds = DraftState(max_total=max_new, max_ahead=max_ahead, eos_id=EOS)
+    tokens, inbox = [], []
+    stats = {"rollbacks": 0, "target_idle": 0, "divergences": 0, "draft_steps": 0}
+    target_job, target_at = ("prefill",), prefill_t
+    draft_job, draft_at = "prefill", prefill_d
+    end = None
+
+    def propose(p):
+        return target[p] if right(p) else target[p] + 1
+
+    def execute(actions, now):
+        nonlocal target_job, target_at, end
+        for a in actions:
+            if isinstance(a, Verify):
+                target_job, target_at = ("verify", a), now + verify(len(a.tokens))
+            elif isinstance(a, Decode):
+                target_job, target_at = ("decode", a.count), now + a.count * T
+            elif isinstance(a, Rebase):
+                inbox.append(a)
+            elif isinstance(a, Finish):
+                end = now
+            else:
+                assert isinstance(a, StopDraft)
+        if draft_job is None:
+            draft_next(now)
+
+    def deliver(send, now):
+        if send is not None:
+            execute(st.on_draft(send.epoch, send.start_pos, tokens[send.start_pos:send.end_pos]), now)
+
+    def draft_next(now):
+        nonlocal draft_job, draft_at, tokens
+        draft_job = None
+        while inbox:
+            a = inbox.pop(0)
+            todo = ds.on_rebase(a.epoch, a.committed, a.max_ahead)
+            if todo is not None and tokens[:len(todo)] != todo:
+                stats["rollbacks"] += 1                       # one forward over the new branch's tail
+                tokens = list(todo) + [propose(len(todo))]
+                draft_job, draft_at = "rebase", now + D
+                return
+            if todo is not None:
+                deliver(ds.flush(tokens), now)
+        if ds.can_step(tokens):
+            draft_job, draft_at = "step", now + D
+
+    while not st.finished:
+        assert target_job is not None, "the target was left waiting"
+        if draft_job is not None and draft_at <= target_at:
+            now, job = draft_at, draft_job
+            if job == "prefill":
+                tokens = [propose(0)]
+                deliver(ds.flush(tokens), now)
+            elif job == "step":
+                tokens.append(propose(len(tokens)))
+                stats["draft_steps"] += 1
+                deliver(ds.after_step(tokens), now)
+            else:
+                deliver(ds.flush(tokens), now)
+            if draft_job == job and draft_at == now:
+                draft_next(now)
+            continue
+        now, job = target_at, target_job
+        target_job = None
+        if job[0] == "prefill":
+            execute(st.on_prefill_done(target[0]), now)
+        elif job[0] == "verify":
+            a = job[1]
+            accepted, nxt = greedy_accept(a.tokens, target[a.start_pos: a.start_pos + len(a.tokens) + 1])
+            actions = st.on_verify_result(accepted, nxt)
+            stats["divergences"] += tokens[:len(st.committed)] != st.committed   # the draft's branch is wrong
+            execute(actions, now)
+        else:
+            have = len(st.committed)
+            actions = st.on_decode_result(target[have: have + job[1]])
+            stats["divergences"] += tokens[:len(st.committed)] != st.committed
+            execute(actions, now)
+        if target_job is None and not st.finished:
+            stats["target_idle"] += 1
+    stats["wall"] = end
+    return st, stats
+
+
+def answer(n=200, seed=0):
+    rng = random.Random(seed)
+    return [rng.randrange(3, 1000) for _ in range(n)]
+
+
+TARGET = answer()
+BASELINE_WALL = 20.0 + 79 * 1.0            # prefill + 79 decode steps of 1.0
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+@pytest.mark.parametrize("quality", ["perfect", "wrong", "alpha0.7", "prefix5"])
+def test_speculation_is_lossless_and_the_target_never_waits(pipelined, quality):
+    noise = random.Random(4)
+    draws = [noise.random() < 0.7 for _ in range(400)]
+    right = {"perfect": lambda p: True, "wrong": lambda p: False, "alpha0.7": lambda p: draws[p],
+             "prefix5": lambda p: p < 5}[quality]
+    st, stats = simulate(TARGET, right, pipelined=pipelined)
+    assert st.output == TARGET[:80]
+    assert stats["target_idle"] == 0                    # every result is answered with the next job at once
+    # the draft redoes work only where the committed answer left its branch (+ position 0, the target's own)
+    assert stats["rollbacks"] <= stats["divergences"] + 1
+
+
+def test_pipelined_draft_drafts_during_verification_and_never_rolls_back_when_right():
+    st, stats = simulate(TARGET, lambda p: True, pipelined=True, D=0.3)
+    assert stats["rollbacks"] == 0 and stats["divergences"] == 0
+    # the drafts of each window were made while the previous window was verified (V / D ~ 3.9 per round)
+    assert st.accepted / st.rounds >= 3
+    assert BASELINE_WALL / stats["wall"] > 1.5        # simulated time, not wall time
+
+
+def test_pipelined_rolls_back_only_where_a_verification_rejects():
+    wrong_at = {10, 11, 30, 55}
+    st, stats = simulate(TARGET, lambda p: p not in wrong_at, pipelined=True, D=0.3, adaptive=False)
+    assert st.output == TARGET[:80]
+    # one rollback per wrong drafted position at most (a wrong token may also be replaced before it is sent)
+    assert 2 <= stats["rollbacks"] <= len(wrong_at)
+
+
+def test_a_hopeless_pipelined_draft_pauses_instead_of_paying_verification():
+    st, stats = simulate(TARGET, lambda p: False, pipelined=True, D=0.3)
+    assert 0 in st.k_history
+    assert stats["wall"] < BASELINE_WALL * 1.03        # alpha = 0: within 3% of the target alone
+
+
+# ------------------------------------------------------------------------------------ cost model
+def costs(D, T=7.0, verify_per_draft=0.1, free=0.0, slowdown=0.0):
+    return Costs(target_step_ms=T, draft_step_ms=D, verify_base_ms=1.2 * T, verify_per_draft_ms=verify_per_draft,
+                 free_drafts=free, prefill_slowdown_ms=slowdown)
+
+
+def test_expected_committed():
+    assert expected_committed(1.0, 4) == 5 and expected_committed(0.0, 4) == 1
+    assert abs(expected_committed(0.5, 2) - 1.75) < 1e-12
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9, 1.0])
+def test_a_draft_as_costly_as_the_target_pays_only_its_head_start(alpha, pipelined):
+    """c = 1: once the target decodes, the draft cannot run ahead of it (DOMAIN.md, the two levers)."""
+    decision = plan(costs(D=7.0), alpha, mode="speculative", pipelined=pipelined, k_max=16, max_new_tokens=200)
+    assert not decision.draft and "cannot pay" in decision.reason
+    head_start = plan(costs(D=7.0, free=5), alpha, mode="speculative", pipelined=True, k_max=16, max_new_tokens=50)
+    assert head_start.draft == (alpha >= 0.9)
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+@pytest.mark.parametrize("mode", ["parallel", "speculative"])
+def test_nothing_accepted_never_pays(pipelined, mode):
+    decision = plan(costs(D=2.0, free=5), 0.0, mode=mode, pipelined=pipelined, k_max=16, max_new_tokens=200)
+    assert not decision.draft
+
+
+def test_a_cheap_right_draft_pays_more_pipelined():
+    one = plan(costs(D=2.5), 0.9, mode="speculative", pipelined=False, k_max=16, max_new_tokens=200)
+    two = plan(costs(D=2.5), 0.9, mode="speculative", pipelined=True, k_max=16, max_new_tokens=200)
+    assert one.draft and two.draft and two.predicted_speedup > one.predicted_speedup > 1.2
+    assert 2 <= one.k <= 16 and 2 <= two.k <= 16
+
+
+def test_parallel_pays_only_when_free_drafts_outweigh_the_prefill_slowdown():
+    assert plan(costs(D=7.0, free=5), 0.9, mode="parallel", pipelined=True, k_max=16, max_new_tokens=50).draft
+    assert not plan(costs(D=7.0, free=0, slowdown=15.0), 0.9, mode="parallel", pipelined=False, k_max=16,
+                    max_new_tokens=50).draft
+
+
+def test_unmeasured_costs_mean_draft_to_measure():
+    decision = plan(Costs(), None, mode="speculative", pipelined=False, k_max=16, max_new_tokens=50)
+    assert decision.draft and "acceptance" in decision.reason and "target step" in decision.reason
+
+
+def spans(name, ms_list, **attrs):
+    out, t = [], 0
+    for ms in ms_list:
+        out.append([name, t, t + int(ms * 1e6), dict(attrs)])
+        t += int(ms * 1e6) + 1
+    return out
+
+
+def test_tracker_reads_medians_fits_verification_and_reprobes():
+    tr = CostTracker(reprobe_after=2)
+    tr.observe(key="a", drafting=False, spans={"target": spans("prefill", [70]) + spans("decode", [7, 7, 8])})
+    tr.observe(key="a", drafting=True, free_drafts=0, hits=0, misses=10, spans={
+        "target": spans("prefill", [90]) + spans("verify", [8.0], k=2) + spans("verify", [9.0], k=12),
+        "draft": spans("draft_step", [7, 7, 7])})
+    c = tr.costs()
+    assert c.target_step_ms == 7 and c.draft_step_ms == 7 and c.prefill_slowdown_ms == 20
+    assert abs(c.verify_ms(2) - 8.0) < 1e-6 and abs(c.verify_per_draft_ms - 0.1) < 1e-6
+    assert tr.alpha("a") == 0.0 and tr.alpha("b") is None
+    kw = dict(mode="speculative", pipelined=False, k_max=8, max_new_tokens=50)
+    assert tr.decide("b", **kw).draft                              # another strategy: acceptance unknown
+    assert [tr.decide("a", **kw).draft for _ in range(7)] == [False, False, True, False, False, False, False]
