@@ -22,7 +22,7 @@ setup() {
     if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
         "$VENV/bin/pip" install -q "torch==2.13.0" || "$VENV/bin/pip" install -q torch
     fi
-    "$VENV/bin/pip" install -q -e ".[models,test]"
+    "$VENV/bin/pip" install -q -e ".[models,test,cluster]"     # cluster: Ray, for --ray and its tests
     touch "$stamp"
 }
 

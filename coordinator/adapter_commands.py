@@ -47,12 +47,39 @@ def adapter_group():
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="share of sequences for val")
 @click.option("--test-fraction", type=float, default=0.1, show_default=True, help="share of sequences for test")
 @click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--ray", "ray_address", metavar="local|auto|HOST:PORT",
+              help="collect with many pipelines on Ray (needs eventspec[cluster]); the same --out resumes")
+@click.option("--pipelines", type=click.IntRange(1), help="with --ray: how many (default: one per GPU, or one "
+              "per 2 CPUs on a CPU-only cluster)")
 def collect_command(input_, draft_model, target_model, out, clip_path, max_new_tokens, samples, precision, device,
-                    seed, question_set, dataset_split, split_by, event_frames, val_fraction, test_fraction, quiet):
+                    seed, question_set, dataset_split, split_by, event_frames, val_fraction, test_fraction, quiet,
+                    ray_address, pipelines):
     """Target greedy answers + the draft teacher-forced on them, split by DSEC sequence."""
-    from workers.adapters.collect import collect
     from workers.adapters.data import DataError
     from workers.inputs.errors import InputError
+
+    if pipelines and not ray_address:
+        raise click.UsageError("--pipelines needs --ray local|auto|HOST:PORT")
+    if ray_address:
+        from .cluster import RayMissing
+        from .cluster.collect import collect_on_ray
+        plan_args = dict(input_dir=input_, draft_model=draft_model, target_model=target_model, out_dir=out,
+                         clip_path=clip_path, max_new_tokens=max_new_tokens, samples=samples, seed=seed,
+                         question_set=question_set, event_frames=event_frames, val_fraction=val_fraction,
+                         test_fraction=test_fraction, split=dataset_split, split_by=split_by,
+                         warn=lambda text: click.echo(text, err=True))
+        settings = dict(draft_model=draft_model, target_model=target_model, clip_path=clip_path, precision=precision,
+                        device=device, event_frames=event_frames, max_new_tokens=max_new_tokens)
+        try:
+            summary = collect_on_ray(address=ray_address, pipelines=pipelines, settings=settings, plan_args=plan_args,
+                                     quiet=quiet)
+        except (RayMissing, InputError, DataError, ConnectionError, ValueError) as exc:
+            _fail(exc)
+        _echo_summary(summary)
+        if summary.get("failure"):
+            raise click.ClickException(summary["failure"])
+        return
+    from workers.adapters.collect import collect
     from workers.models.loading import CheckpointError
 
     device = device or _default_device()
@@ -65,11 +92,21 @@ def collect_command(input_, draft_model, target_model, out, clip_path, max_new_t
                           warn=lambda text: click.echo(text, err=True))
     except (InputError, DataError, CheckpointError, ValueError) as exc:
         _fail(exc)
+    _echo_summary(summary)
+
+
+def _echo_summary(summary: dict) -> None:
+    if "records" not in summary:
+        return
     click.echo(f"{summary['out']}: records {summary['records']}, positions {summary['positions']}, "
                f"{summary['new_records']} new, {summary['bad_samples']} unusable samples")
     for split_name, seqs in summary["sequences"].items():
         click.echo(f"  {split_name}: {len(seqs)} sequences, {summary['records'][split_name]} records"
                    + ("  <- empty" if not summary["records"][split_name] else ""))
+    tp = (summary.get("ray") or {}).get("throughput") or {}
+    if tp.get("items_per_s"):
+        click.echo(f"  {tp['items']} sample(s) on {summary['ray']['pipelines']} pipeline(s): "
+                   f"{tp['items_per_s']:.3f} samples/s (first dispatch to last result)")
 
 
 @adapter_group.command("train")

@@ -189,57 +189,21 @@ def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, events, run_
                 "info": dict(h.ready.info, **({"bandwidth": probes[_probe_key(h.spec)]}
                                               if _probe_key(h.spec) in probes else {})),
                 "memory_at_ready": h.ready.memory} for r, h in session.workers.items()}
-        base_opts = {"ignore_eos": cfg.ignore_eos, "event_frames": 5}
-        oracles = oracle_settings(cfg)
-
-        def one(sample, mode, n, oracle=None, keep=True, baseline=None):
-            opts = dict(base_opts)
-            if oracle is not None:
-                opts["oracle"] = {k: v for k, v in oracle.items() if k != "label"}
-            rec = session.run_request(sample, mode, question=sample.get("question") or "", max_new_tokens=n,
-                                      options=opts, k_max=cfg.k_max, adaptive=cfg.adaptive,
-                                      wait_for_drafts=cfg.wait_for_drafts)
-            rec.update(mps=mps_setting, max_new_tokens=n, oracle=oracle["label"] if oracle else None,
-                       alpha=oracle.get("alpha") if oracle else None, placement=placement)
-            if baseline is not None and rec["status"] == "ok" and baseline.get("status") == "ok":
-                rec["matches_baseline"] = rec["output_ids"] == baseline["output_ids"]
-            if rec["status"] != "ok":
-                _say(f"  {sample['sample_id']} {mode} {rec.get('oracle') or ''}: ERROR {rec['error']}")
-            if keep:
-                records.append(rec)
-            return rec
-
-        for w in range(cfg.warmup):          # graph capture, allocator, caches: not measured
-            n = min(cfg.max_new_tokens)
-            base = one(samples[0], "baseline", n, keep=False)
-            answer = base.get("committed_ids") or []
-            for mode in cfg.modes:
-                one(samples[0], mode, n, dict(oracles[-1], seed=cfg.seed, answer=answer), keep=False)
-            if cfg.hf_generate:
-                one(samples[0], "hf-generate", n, keep=False)
+        warm_up(session, cfg, samples[0], mps_setting, placement)
         total = len(cfg.max_new_tokens) * len(samples)
         done = 0
         for n in cfg.max_new_tokens:
             for sample in samples:
-                base = one(sample, "baseline", n)
-                if cfg.hf_generate:
-                    one(sample, "hf-generate", n, baseline=base)
-                answer = base.get("committed_ids") or []
-                for oracle in oracles:
-                    for mode in cfg.modes:
-                        one(sample, mode, n, dict(oracle, seed=cfg.seed, answer=answer), baseline=base)
+                first = len(records)
+                records.extend(sample_records(session, cfg, sample, n, mps_setting, placement))   # as they finish
                 done += 1
-                _say(f"[mps {mps_setting}] {done}/{total} samples×lengths; last baseline {base.get('wall_ms', 0):.0f} ms")
+                _say(f"[mps {mps_setting}] {done}/{total} samples×lengths; "
+                     f"last baseline {records[first].get('wall_ms', 0):.0f} ms")
         for sample in samples[: min(3, len(samples))]:
             try:
-                rec = session.run_draft_alone(sample, question=sample.get("question") or "",
-                                              steps=cfg.draft_alone_steps, options=base_opts)
+                draft_alone.append(draft_alone_record(session, cfg, sample, mps_setting, placement))
             except RequestFailed as exc:
                 _say(f"  {sample['sample_id']} draft alone: ERROR {exc}")
-                continue
-            rec["mps"] = mps_setting
-            rec["placement"] = placement
-            draft_alone.append(rec)
     finally:
         try:
             if session is not None:
@@ -248,6 +212,60 @@ def _bench_one_mps(cfg, mps_setting, samples, records, draft_alone, events, run_
         finally:
             if daemon is not None:
                 daemon.stop()
+
+
+BASE_OPTIONS = {"event_frames": 5}
+
+
+def _one(session, cfg: BenchConfig, sample, mode, n, mps_setting, placement, oracle=None, baseline=None) -> dict:
+    opts = dict(BASE_OPTIONS, ignore_eos=cfg.ignore_eos)
+    if oracle is not None:
+        opts["oracle"] = {k: v for k, v in oracle.items() if k != "label"}
+    rec = session.run_request(sample, mode, question=sample.get("question") or "", max_new_tokens=n,
+                              options=opts, k_max=cfg.k_max, adaptive=cfg.adaptive,
+                              wait_for_drafts=cfg.wait_for_drafts)
+    rec.update(mps=mps_setting, max_new_tokens=n, oracle=oracle["label"] if oracle else None,
+               alpha=oracle.get("alpha") if oracle else None, placement=placement)
+    if baseline is not None and rec["status"] == "ok" and baseline.get("status") == "ok":
+        rec["matches_baseline"] = rec["output_ids"] == baseline["output_ids"]
+    if rec["status"] != "ok":
+        _say(f"  {sample['sample_id']} {mode} {rec.get('oracle') or ''}: ERROR {rec['error']}")
+    return rec
+
+
+def warm_up(session, cfg: BenchConfig, sample, mps_setting, placement) -> None:
+    """Graph capture, allocator, caches: requests that are not measured."""
+    oracles = oracle_settings(cfg)
+    for _ in range(cfg.warmup):
+        n = min(cfg.max_new_tokens)
+        base = _one(session, cfg, sample, "baseline", n, mps_setting, placement)
+        answer = base.get("committed_ids") or []
+        for mode in cfg.modes:
+            _one(session, cfg, sample, mode, n, mps_setting, placement, dict(oracles[-1], seed=cfg.seed, answer=answer))
+        if cfg.hf_generate:
+            _one(session, cfg, sample, "hf-generate", n, mps_setting, placement)
+
+
+def sample_records(session, cfg: BenchConfig, sample, n, mps_setting, placement):
+    """Every measured request of one (sample, length) on a started session, baseline first, yielded as each
+    finishes: the unit of work of `bench` here and of each pipeline of `bench --ray` (coordinator.cluster)."""
+    base = _one(session, cfg, sample, "baseline", n, mps_setting, placement)
+    yield base
+    if cfg.hf_generate:
+        yield _one(session, cfg, sample, "hf-generate", n, mps_setting, placement, baseline=base)
+    answer = base.get("committed_ids") or []
+    for oracle in oracle_settings(cfg):
+        for mode in cfg.modes:
+            yield _one(session, cfg, sample, mode, n, mps_setting, placement, dict(oracle, seed=cfg.seed, answer=answer),
+                       baseline=base)
+
+
+def draft_alone_record(session, cfg: BenchConfig, sample, mps_setting, placement) -> dict:
+    rec = session.run_draft_alone(sample, question=sample.get("question") or "", steps=cfg.draft_alone_steps,
+                                  options=dict(BASE_OPTIONS, ignore_eos=cfg.ignore_eos))
+    rec["mps"] = mps_setting
+    rec["placement"] = placement
+    return rec
 
 
 # --- aggregation -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
 import click
 
@@ -80,6 +81,37 @@ def model_options(f):
     return f
 
 
+def cluster_options(f):
+    """--ray / --pipelines / --resume: many pipelines at once on Ray (coordinator.cluster)."""
+    opts = [
+        click.option("--ray", "ray_address", metavar="local|auto|HOST:PORT",
+                     help="run pipelines as Ray actors: local starts a private Ray on this machine (shut down at "
+                          "the end), auto or HOST:PORT joins a running cluster (needs eventspec[cluster])"),
+        click.option("--pipelines", type=click.IntRange(1),
+                     help="with --ray: how many pipelines (default: one per GPU, two GPUs each for two-gpu "
+                          "placements; on a CPU-only cluster one per 2 CPUs)"),
+        click.option("--resume", type=click.Path(file_okay=False),
+                     help="with --ray: continue the run in this output folder, skipping finished samples"),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def check_cluster_flags(kw: dict) -> None:
+    if not kw.get("ray_address"):
+        for flag in ("pipelines", "resume"):
+            if kw.get(flag):
+                raise click.UsageError(f"--{flag} needs --ray local|auto|HOST:PORT")
+        return
+    for role in ("draft", "target"):
+        if kw.get(f"{role}_endpoint"):
+            raise click.UsageError(f"--{role}-endpoint cannot be used with --ray: each pipeline starts its own "
+                                   "workers")
+    if kw.get("resume") and kw.get("output_dir") and Path(kw["output_dir"]).resolve() != Path(kw["resume"]).resolve():
+        raise click.UsageError("--resume DIR writes into DIR: leave out --output-dir or give the same folder")
+
+
 def build_specs(kw: dict) -> tuple[WorkerSpec, WorkerSpec]:
     specs = []
     for role in ("draft", "target"):
@@ -151,8 +183,10 @@ def main():
                    "while it computes), before it counts as lost")
 @click.option("--quiet", is_flag=True)
 @model_options
+@cluster_options
 def run_command(input_, **kw):
     """Run samples through baseline / parallel / speculative decoding and write the reports."""
+    check_cluster_flags(kw)
     draft, target = build_specs(kw)
     if kw["ignore_eos"]:
         for spec in (draft, target):
@@ -174,7 +208,15 @@ def run_command(input_, **kw):
         command=shlex.join(["coordinator"] + sys.argv[1:]))
     from workers.inputs.errors import InputError
     try:
-        code = run(cfg)
+        if kw["ray_address"]:
+            from .cluster import RayMissing
+            from .cluster.driver import run_on_ray
+            try:
+                code = run_on_ray(cfg, address=kw["ray_address"], pipelines=kw["pipelines"], resume=kw["resume"])
+            except RayMissing as exc:
+                raise click.ClickException(str(exc))
+        else:
+            code = run(cfg)
     except (StartupError, InputError, ValueError) as exc:
         raise click.ClickException(str(exc))
     sys.exit(code)
@@ -218,13 +260,17 @@ def _floats(text: str, flag: str) -> list[float]:
               help="same-gpu and/or two-gpu, comma-separated, measured in this order in one run; two-gpu puts "
                    "the draft on cuda:1 and the target on cuda:0 unless --draft-device/--target-device say otherwise")
 @model_options
+@cluster_options
 def bench_command(input_, **kw):
     """Measure hf-generate, baseline, parallel and speculative on the same samples in one run, with an
     oracle sweep of draft acceptance, MPS on and off; writes bench.json, bench.md and plots."""
     import datetime as dt
-    from pathlib import Path
 
     from .bench import BenchConfig, run_bench
+
+    check_cluster_flags(kw)
+    if kw["resume"]:
+        raise click.UsageError("--resume is for `coordinator run --ray`; a bench is measured in one go")
 
     placements = [x.strip() for x in kw["placements"].split(",") if x.strip()]
     if not placements or set(placements) - {"same-gpu", "two-gpu"}:
@@ -262,7 +308,15 @@ def bench_command(input_, **kw):
         placements=placements, user_devices=user_devices, measure_bandwidth=kw["measure_bandwidth"],
         bandwidth_gbs=kw["bandwidth_gbs"], command=shlex.join(["coordinator"] + sys.argv[1:]))
     try:
-        code = run_bench(cfg)
+        if kw["ray_address"]:
+            from .cluster import RayMissing
+            from .cluster.bench import run_bench_on_ray
+            try:
+                code = run_bench_on_ray(cfg, address=kw["ray_address"], pipelines=kw["pipelines"])
+            except RayMissing as exc:
+                raise click.ClickException(str(exc))
+        else:
+            code = run_bench(cfg)
     except (StartupError, ValueError) as exc:
         raise click.ClickException(str(exc))
     click.echo((out / "bench.md").read_text())

@@ -30,7 +30,7 @@ def json_default(obj):
 
 class RunOutputs:
     def __init__(self, out_dir: Path, command: str, *, results_every_s: float = RESULTS_EVERY_S,
-                 defer_signals=nullcontext):
+                 defer_signals=nullcontext, events=None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.command = command
@@ -39,7 +39,7 @@ class RunOutputs:
         self.results_every_s = results_every_s
         self._results_at = time.monotonic()
         self.records_file = (self.out_dir / "records.jsonl").open("w", encoding="utf-8")
-        self.events = EventFiles(self.out_dir)
+        self.events = events if events is not None else EventFiles(self.out_dir)   # --ray brings its own
         self.finished = False
         self.defer_signals = defer_signals       # a signal guard's deferred(): add() is never torn
 

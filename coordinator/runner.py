@@ -217,33 +217,41 @@ def _warm_up(session: Session, cfg: RunConfig, sample: dict, say) -> None:
         session.event_sink = sink
 
 
+def sample_records(session: Session, cfg: RunConfig, sample: dict):
+    """Every mode of cfg on one sample through a started session, yielding each record as it finishes
+    (baseline first, so the others are checked against it). The one way samples run on a session: here,
+    and in each pipeline of `--ray` (coordinator.cluster)."""
+    options = dict(event_frames=cfg.event_frames, event_window_ms=cfg.event_window_ms, ignore_eos=cfg.ignore_eos)
+    sampled = float(cfg.target.options.get("temperature") or 0) > 0   # outputs are draws, not equal
+    baseline_ids = None
+    for mode in cfg.modes:
+        question = sample.get("question") or cfg.question or ""
+        rec = session.run_request(sample, mode, question=question, max_new_tokens=cfg.max_new_tokens,
+                                  options=options, k_max=cfg.k_max, adaptive=cfg.adaptive,
+                                  max_ahead=cfg.max_ahead, wait_for_drafts=cfg.wait_for_drafts,
+                                  pipeline=cfg.pipeline, draft_policy=cfg.draft_policy)
+        rec["sequence"] = sample.get("sequence")
+        if rec["status"] == "ok" and mode == "baseline":
+            baseline_ids = rec["output_ids"]
+        rec["matches_baseline"] = (rec["output_ids"] == baseline_ids
+                                   if rec["status"] == "ok" and baseline_ids is not None
+                                   and mode != "baseline" and not sampled else None)
+        yield rec
+
+
 def _run_samples(cfg: RunConfig, session: Session, samples: list, outputs: RunOutputs, warn) -> str | None:
     """Every (sample, mode) in order; each record goes to the outputs at once. Returns why it stopped
     early under --on-error fail, else None."""
-    options = dict(event_frames=cfg.event_frames, event_window_ms=cfg.event_window_ms, ignore_eos=cfg.ignore_eos)
     bar = _progress(len(samples) * len(cfg.modes), cfg.quiet)
-    sampled = float(cfg.target.options.get("temperature") or 0) > 0   # outputs are draws, not equal
     for sample in samples:
-        baseline_ids = None
-        for mode in cfg.modes:
-            question = sample.get("question") or cfg.question or ""
-            rec = session.run_request(sample, mode, question=question, max_new_tokens=cfg.max_new_tokens,
-                                      options=options, k_max=cfg.k_max, adaptive=cfg.adaptive,
-                                      max_ahead=cfg.max_ahead, wait_for_drafts=cfg.wait_for_drafts,
-                                      pipeline=cfg.pipeline, draft_policy=cfg.draft_policy)
-            rec["sequence"] = sample.get("sequence")
-            if rec["status"] == "ok" and mode == "baseline":
-                baseline_ids = rec["output_ids"]
-            rec["matches_baseline"] = (rec["output_ids"] == baseline_ids
-                                       if rec["status"] == "ok" and baseline_ids is not None
-                                       and mode != "baseline" and not sampled else None)
+        for rec in sample_records(session, cfg, sample):
             outputs.add(rec)
-            bar(f"{sample['sample_id']} {mode}: " + (f"{rec['wall_ms']:.0f} ms" if rec["status"] == "ok"
-                                                      else f"ERROR {rec['error']}"))
+            bar(f"{sample['sample_id']} {rec['mode']}: " + (f"{rec['wall_ms']:.0f} ms" if rec["status"] == "ok"
+                                                             else f"ERROR {rec['error']}"))
             if rec["status"] != "ok":
-                warn(f"sample {sample['sample_id']} ({mode}) failed: {rec['error']}")
+                warn(f"sample {sample['sample_id']} ({rec['mode']}) failed: {rec['error']}")
                 if cfg.on_error == "fail":
-                    return f"sample {sample['sample_id']} ({mode}) failed: {rec['error']}"
+                    return f"sample {sample['sample_id']} ({rec['mode']}) failed: {rec['error']}"
     return None
 
 

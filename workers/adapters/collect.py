@@ -12,6 +12,7 @@ written at sample boundaries). Never trains or evaluates anything.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -65,29 +66,82 @@ def teacher_force(draft_step_model, prompt, answer: list[int]):
     return np.asarray(greedy, dtype=np.int32), torch.cat(hidden).float().cpu().numpy()
 
 
+class ModelPair:
+    """Both models loaded in this process, and one sample's records from them. Used by `collect` here and by
+    each pipeline of `adapter collect --ray` (coordinator.cluster.collect)."""
+
+    def __init__(self, draft_model, target_model, *, clip_path=None, precision="fp32", device="cpu"):
+        from workers.engine.core import TokenEngine
+        from workers.engine.hf import HFStepModel
+        from workers.models.loading import load_eventgpt, load_videollava
+
+        self.draft = load_eventgpt(draft_model, clip_path=clip_path, precision=precision, device=device)
+        self.target = load_videollava(target_model, precision=precision, device=device)
+        self.draft_vocab = int(self.draft.model.config.vocab_size)
+        target_config = getattr(self.target.model.config, "text_config", self.target.model.config)
+        tokenizer = self.target.tokenizer
+        self.eos_id = int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 2)
+        self.config = {"draft_vocab_size": self.draft_vocab, "target_vocab_size": int(target_config.vocab_size),
+                       "draft_hidden_size": int(self.draft.model.config.hidden_size),
+                       "target_hidden_size": int(target_config.hidden_size), "eos_id": self.eos_id}
+        self.target_engine = TokenEngine(HFStepModel(self.target.model))
+        self.draft_step = HFStepModel(self.draft.model, want_hidden=True)
+
+    def write_target_head(self, out: Path) -> None:
+        """target_head.safetensors, once (atomic: a partial file never has the final name)."""
+        if (out / TARGET_HEAD).is_file():
+            return
+        from safetensors.torch import save_file
+
+        from workers.models.loading import embed_tokens, lm_head_weight
+        tmp = out / f"{TARGET_HEAD}.{os.getpid()}.tmp"
+        save_file({"lm_head": lm_head_weight(self.target).detach().cpu().contiguous(),
+                   "embed_tokens": embed_tokens(self.target).weight.detach().cpu().contiguous()}, str(tmp))
+        tmp.replace(out / TARGET_HEAD)
+
+    def collect_sample(self, sample: dict, questions: list[tuple[int, str]], split_name: str, *,
+                       event_frames: int, max_new_tokens: int) -> tuple[list[dict], int]:
+        """(records, answers cut at an id the draft cannot read) for one sample and its (index, question)
+        pairs. Raises InputError when the sample's inputs cannot be loaded."""
+        from workers.inputs import load_sample_inputs
+        from workers.models.loading import eventgpt_prefill_inputs, videollava_prefill_inputs
+
+        frames = load_sample_inputs(sample, "target")["video_frames"]
+        events = load_sample_inputs(sample, "draft", event_frames=event_frames)["event_images"]
+        records, truncated = [], 0
+        for q_i, question in questions:
+            target_prompt, _ = videollava_prefill_inputs(self.target, frames, question)
+            answer = target_answer(self.target_engine, target_prompt, max_new_tokens, self.eos_id)
+            if any(t >= self.draft_vocab for t in answer):   # ids the draft cannot read (e.g. <video>): cut there
+                answer = answer[: next(i for i, t in enumerate(answer) if t >= self.draft_vocab)]
+                truncated += 1
+            if answer:
+                draft_prompt, _ = eventgpt_prefill_inputs(self.draft, events, question)
+                greedy, hidden = teacher_force(self.draft_step, draft_prompt, answer)
+                records.append({
+                    "key": record_key(sample["sample_id"], q_i), "sample_id": sample["sample_id"],
+                    "sequence": sample["sequence"], "question": question, "split": split_name,
+                    "target": np.asarray(answer, dtype=np.int32), "draft": greedy, "hidden": hidden})
+        return records, truncated
+
+
 def _new_index(config: dict, split_of: dict[str, str]) -> dict:
     return {"format": FORMAT, "version": VERSION, "config": config, "splits": split_of, "records": [],
             "shards": {s: 0 for s in SPLITS}, "bad": []}
 
 
-def collect(input_dir, draft_model, target_model, out_dir, *, clip_path=None, max_new_tokens: int = 50,
-            samples: int | None = None, precision: str = "fp32", device: str = "cpu", seed: int = 0,
-            question_set: str = "dataset", event_frames: int = 5, val_fraction: float = 0.1,
-            test_fraction: float = 0.1, split: str | None = None, split_by: str = "sequence",
-            progress: bool = True, warn=None) -> dict:
-    """Write (or extend) the data folder `out_dir`; returns a summary dict.
+def plan_collection(input_dir, draft_model, target_model, out_dir, *, clip_path=None, max_new_tokens: int = 50,
+                    samples: int | None = None, precision: str = "fp32", seed: int = 0,
+                    question_set: str = "dataset", event_frames: int = 5, val_fraction: float = 0.1,
+                    test_fraction: float = 0.1, split: str | None = None, split_by: str = "sequence",
+                    warn=None) -> dict:
+    """What is left to collect into `out_dir` (created, or resumed after checking its settings): the index,
+    the split of every sequence, the unusable samples, and the to-do list as {sample_id: [(sample, q_i, q)]}.
 
     split_by "sequence": a seeded shuffle of the sequences (`assign_splits`); "dataset": each sample's split
     label from the dataset index (train / val / test, one label per sequence), e.g. make-demo's. `warn` (a
     callable) hears about empty splits before anything is collected."""
-    import torch
-    from tqdm import tqdm
-
-    from workers.engine.core import TokenEngine
-    from workers.engine.hf import HFStepModel
-    from workers.inputs import InputError, discover_samples, load_sample_inputs
-    from workers.models.loading import (embed_tokens, eventgpt_prefill_inputs, lm_head_weight, load_eventgpt,
-                                        load_videollava, videollava_prefill_inputs)
+    from workers.inputs import discover_samples
 
     if split_by not in SPLIT_BY:
         raise DataError(f"--split-by must be one of {', '.join(SPLIT_BY)}, not {split_by!r}")
@@ -95,7 +149,6 @@ def collect(input_dir, draft_model, target_model, out_dir, *, clip_path=None, ma
         raise DataError(f"--question-set must be one of {', '.join(QUESTION_SETS)}, not {question_set!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
 
     # splits come from every sequence of the input, before --samples cuts it, so they do not depend on it
     found, bad = discover_samples(input_dir, split=split)
@@ -113,10 +166,9 @@ def collect(input_dir, draft_model, target_model, out_dir, *, clip_path=None, ma
     chosen = found[:samples] if samples else found
 
     config = {"input": str(input_dir), "draft_model": str(draft_model), "target_model": str(target_model),
-              "split_by": split_by,
               "clip_path": str(clip_path) if clip_path else None, "max_new_tokens": max_new_tokens,
               "precision": precision, "question_set": question_set, "event_frames": event_frames, "seed": seed,
-              "val_fraction": val_fraction, "test_fraction": test_fraction}
+              "val_fraction": val_fraction, "test_fraction": test_fraction, "split_by": split_by}
     if (out / INDEX).is_file():
         index = read_index(out)
         _check_resumable(out, index, config, split_of)
@@ -124,68 +176,68 @@ def collect(input_dir, draft_model, target_model, out_dir, *, clip_path=None, ma
         index = _new_index(config, split_of)
 
     done = {r["key"] for r in index["records"]}
-    todo = [(s, q_i, q) for s in chosen for q_i, q in enumerate(_questions(s, question_set))
-            if record_key(s["sample_id"], q_i) not in done]
+    by_sample: dict[str, list] = {}
+    for s in chosen:
+        for q_i, q in enumerate(_questions(s, question_set)):
+            if record_key(s["sample_id"], q_i) not in done:
+                by_sample.setdefault(s["sample_id"], []).append((s, q_i, q))
+    return {"out": out, "index": index, "split_of": split_of, "bad": bad, "by_sample": by_sample}
 
-    draft = load_eventgpt(draft_model, clip_path=clip_path, precision=precision, device=device)
-    target = load_videollava(target_model, precision=precision, device=device)
-    draft_vocab = int(draft.model.config.vocab_size)
-    target_config = getattr(target.model.config, "text_config", target.model.config)
-    eos_id = int(target.tokenizer.eos_token_id if target.tokenizer.eos_token_id is not None else 2)
-    index["config"].update({
-        "draft_vocab_size": draft_vocab, "target_vocab_size": int(target_config.vocab_size),
-        "draft_hidden_size": int(draft.model.config.hidden_size),
-        "target_hidden_size": int(target_config.hidden_size), "eos_id": eos_id})
-    if not (out / TARGET_HEAD).is_file():
-        from safetensors.torch import save_file
-        tmp = out / (TARGET_HEAD + ".tmp")
-        save_file({"lm_head": lm_head_weight(target).detach().cpu().contiguous(),
-                   "embed_tokens": embed_tokens(target).weight.detach().cpu().contiguous()}, str(tmp))
-        tmp.replace(out / TARGET_HEAD)
+
+def summarize(plan: dict, new_records: int, truncated: int) -> dict:
+    index, split_of = plan["index"], plan["split_of"]
+    counts = {s: sum(1 for r in index["records"] if r["split"] == s) for s in SPLITS}
+    positions = {s: sum(r["n"] for r in index["records"] if r["split"] == s) for s in SPLITS}
+    return {"out": str(plan["out"]), "records": counts, "positions": positions, "new_records": new_records,
+            "bad_samples": len(index["bad"]) + len(plan["bad"]), "truncated_answers": truncated,
+            "sequences": {s: sorted(q for q, v in split_of.items() if v == s) for s in SPLITS}}
+
+
+def collect(input_dir, draft_model, target_model, out_dir, *, clip_path=None, max_new_tokens: int = 50,
+            samples: int | None = None, precision: str = "fp32", device: str = "cpu", seed: int = 0,
+            question_set: str = "dataset", event_frames: int = 5, val_fraction: float = 0.1,
+            test_fraction: float = 0.1, split: str | None = None, split_by: str = "sequence",
+            progress: bool = True, warn=None) -> dict:
+    """Write (or extend) the data folder `out_dir`; returns a summary dict (see plan_collection)."""
+    import torch
+    from tqdm import tqdm
+
+    from workers.inputs import InputError
+
+    plan = plan_collection(input_dir, draft_model, target_model, out_dir, clip_path=clip_path,
+                           max_new_tokens=max_new_tokens, samples=samples, precision=precision, seed=seed,
+                           question_set=question_set, event_frames=event_frames, val_fraction=val_fraction,
+                           test_fraction=test_fraction, split=split, split_by=split_by, warn=warn)
+    torch.manual_seed(seed)
+    out, index, split_of, by_sample = plan["out"], plan["index"], plan["split_of"], plan["by_sample"]
+    todo = [item for items in by_sample.values() for item in items]
+
+    pair = ModelPair(draft_model, target_model, clip_path=clip_path, precision=precision, device=device)
+    index["config"].update(pair.config)
+    pair.write_target_head(out)
     write_index(out, index)
 
-    target_engine = TokenEngine(HFStepModel(target.model))
-    draft_step = HFStepModel(draft.model, want_hidden=True)
     pending: dict[str, list[dict]] = {s: [] for s in SPLITS}
     bar = tqdm(total=len(todo), unit="answer", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     truncated = 0
-    by_sample: dict[str, list] = {}
-    for item in todo:
-        by_sample.setdefault(item[0]["sample_id"], []).append(item)
     for sample_items in by_sample.values():
         sample = sample_items[0][0]
         try:
-            frames = load_sample_inputs(sample, "target")["video_frames"]
-            events = load_sample_inputs(sample, "draft", event_frames=event_frames)["event_images"]
+            records, cut = pair.collect_sample(sample, [(q_i, q) for _, q_i, q in sample_items],
+                                               split_of[sample["sequence"]], event_frames=event_frames,
+                                               max_new_tokens=max_new_tokens)
         except InputError as exc:
             index["bad"].append({"sample_id": sample["sample_id"], "error": str(exc)})
             bar.update(len(sample_items))
             continue
-        split_name = split_of[sample["sequence"]]
-        for _, q_i, question in sample_items:
-            target_prompt, _ = videollava_prefill_inputs(target, frames, question)
-            answer = target_answer(target_engine, target_prompt, max_new_tokens, eos_id)
-            if any(t >= draft_vocab for t in answer):   # ids the draft cannot read (e.g. <video>): cut there
-                answer = answer[: next(i for i, t in enumerate(answer) if t >= draft_vocab)]
-                truncated += 1
-            if answer:
-                draft_prompt, _ = eventgpt_prefill_inputs(draft, events, question)
-                greedy, hidden = teacher_force(draft_step, draft_prompt, answer)
-                pending[split_name].append({
-                    "key": record_key(sample["sample_id"], q_i), "sample_id": sample["sample_id"],
-                    "sequence": sample["sequence"], "question": question, "split": split_name,
-                    "target": np.asarray(answer, dtype=np.int32), "draft": greedy, "hidden": hidden})
-            bar.update(1)
+        truncated += cut
+        pending[split_of[sample["sequence"]]] += records
+        bar.update(len(sample_items))
         if sum(len(v) for v in pending.values()) >= 64:
             _flush(out, index, pending)
     _flush(out, index, pending)
     bar.close()
-
-    counts = {s: sum(1 for r in index["records"] if r["split"] == s) for s in SPLITS}
-    positions = {s: sum(r["n"] for r in index["records"] if r["split"] == s) for s in SPLITS}
-    return {"out": str(out), "records": counts, "positions": positions, "new_records": len(todo),
-            "bad_samples": len(index["bad"]) + len(bad), "truncated_answers": truncated,
-            "sequences": {s: sorted(q for q, v in split_of.items() if v == s) for s in SPLITS}}
+    return summarize(plan, len(todo), truncated)
 
 
 def _check_resumable(out: Path, index: dict, config: dict, split_of: dict[str, str]) -> None:
