@@ -60,6 +60,14 @@ def plan(costs: Costs, alpha: float | None, *, mode: str, pipelined: bool, k_max
     missing = [name for name, value in (("acceptance", alpha), ("target step", costs.target_step_ms),
                                         ("draft step", costs.draft_step_ms), ("verification", costs.verify_base_ms))
                if value is None]
+    if missing == ["acceptance"]:
+        # a draft that never gets a window verified (too slow to keep ahead) never measures its acceptance:
+        # if even all-accepted drafts cannot pay at these costs, measuring it is not worth its cost
+        best = plan(costs, 1.0, mode=mode, pipelined=pipelined, k_max=k_max, max_new_tokens=max_new_tokens,
+                    margin=margin)
+        if not best.draft:
+            return Plan(False, "drafting cannot pay even if every draft were accepted: "
+                               + best.reason.split(": ", 1)[-1], best.k, best.predicted_speedup, best.min_mean_len)
     if missing:
         return Plan(True, f"drafting to measure what is not measured yet: {', '.join(missing)}")
     if k_max < 1:
