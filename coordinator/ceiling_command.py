@@ -4,6 +4,7 @@ ceiling of each mode and placement for the acceptances asked for. Never imports 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,7 +19,10 @@ from . import bench_model, ceiling
 @click.option("--oracle-profile", "profiles", default="seed", show_default=True, help="per-position profiles ('' for none)")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=200, show_default=True)
 @click.option("--k-max", type=click.IntRange(1, 64), default=16, show_default=True)
-def ceiling_command(bench_json: Path, alphas: str, profiles: str, max_new_tokens: int, k_max: int) -> None:
+@click.option("--draft-step-ms", type=click.FloatRange(min=0, min_open=True),
+              help="what if: replace the measured draft step by this (e.g. a faster draft kernel)")
+def ceiling_command(bench_json: Path, alphas: str, profiles: str, max_new_tokens: int, k_max: int,
+                    draft_step_ms: float | None) -> None:
     """Predicted speedups from the costs measured in BENCH_JSON (a `coordinator bench` output)."""
     try:
         data = json.loads(bench_json.read_text())
@@ -38,6 +42,8 @@ def ceiling_command(bench_json: Path, alphas: str, profiles: str, max_new_tokens
         if costs is None:
             click.echo(f"| {key} | — | costs alone not all measured |" + " |" * len(accs))
             continue
+        if draft_step_ms is not None:
+            costs = dataclasses.replace(costs, draft_step_ms=draft_step_ms)
         placement = "two-gpu" if key.startswith("two-gpu") else "same-gpu"
         c = costs.draft_step_ms / costs.target_step_ms
         for mode in ("parallel", "speculative"):

@@ -143,3 +143,36 @@ def test_verification_costs_alone_are_told_from_those_beside_the_draft():
     assert source == "alone, except k = 3 (beside the draft)"
     by_k, source = bench_model._verify_alone([{"request_id": "r"}], spans, "two-gpu")   # no contention there
     assert by_k[2] == pytest.approx(7.0) and source == "alone"
+
+
+def test_ceiling_command_on_the_h200_run_and_a_what_if_draft(tmp_path):
+    """`coordinator ceiling` on the committed 2×H200 bench.json: its measured draft (c ≈ 1.2–1.3) allows
+    nothing; the same run with a 2.2 ms draft step allows a speedup, more on two GPUs than on one."""
+    import gzip
+    import re
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from coordinator.ceiling_command import ceiling_command
+
+    src = Path(__file__).resolve().parents[1] / "benchmarks" / "2026-11-30-h200" / "bench.json.gz"
+    bench_json = tmp_path / "bench.json"
+    bench_json.write_bytes(gzip.decompress(src.read_bytes()))
+
+    def table(*extra):
+        result = CliRunner().invoke(ceiling_command, [str(bench_json), "--alphas", "0,1", "--oracle-profile", "",
+                                                      *extra])
+        assert result.exit_code == 0, result.output
+        rows = {}
+        for line in result.output.splitlines():
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if len(cells) == 5 and cells[2] in ("parallel", "speculative"):
+                rows[(cells[0], cells[2])] = [float(re.sub("×", "", x)) for x in cells[3:]]
+        return rows
+
+    measured = table()
+    assert all(v == [1.0, 1.0] for v in measured.values()) and len(measured) == 4
+    faster = table("--draft-step-ms", "2.2")
+    assert faster[("two-gpu_mps_off", "speculative")][1] > faster[("same-gpu_mps_off", "speculative")][1] > 1.2
+    assert faster[("two-gpu_mps_off", "speculative")][0] == 1.0
