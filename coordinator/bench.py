@@ -1,5 +1,6 @@
 """`coordinator bench`: every decoding mode measured in one run on the same samples, with a benchmark
 oracle setting the draft's acceptance, with and without MPS, and the contention between the two workers.
+Longer than most modules because the sweep's sessions, warm-up, oracle settings and draft-alone runs share one loop; the report is in bench_report.py.
 
 Owns the benchmark plan (warm-up, hf-generate, baseline, oracle sweep, draft alone), the aggregation
 into per-configuration medians and paired speedups, and writing bench.json / bench.md / plots (presentation in

@@ -1,4 +1,5 @@
 """The `coordinator` command line (click). Parses flags into a RunConfig and hands over; no logic here.
+Longer than most modules because it is the flag table of every command; each command's logic lives elsewhere.
 
 Never imports torch: commands that need it (make-tiny, adapter training) import it lazily in the
 worker-side modules they call.

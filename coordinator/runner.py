@@ -1,4 +1,5 @@
 """`coordinator run`: samples × modes through one Session, then results.json and the reports.
+Longer than most modules because a run's life cycle (start, signals, warm-up, samples, shutdown) must stay in one place for every ending to write its outputs.
 
 Owns the run's life cycle: discovery, the MPS daemon, the workers, the per-sample loop with progress,
 the lossless check against the baseline of the same run, and how the run ends: completed, stopped at the

@@ -1,4 +1,5 @@
 """The coordinator's decision logic for one request, as a pure state machine over token ids.
+Longer than most modules because the three modes share one state (committed prefix, epochs, windows) and splitting it would split that state.
 
 Owns what to verify and when, when to rebase the draft, and when the answer is complete, for the modes
 baseline / parallel / speculative. Events in (prefill_done, draft, verify_result, decode_result), typed

@@ -1,4 +1,5 @@
 """GPU fast path of `HFStepModel`: a static KV cache, bucketed step sizes and one CUDA graph per bucket.
+Longer than most modules because the static cache, the bucketed steps and the graph capture share buffers that must not be split across files.
 
 Design. Prefill stays eager and unchanged (HFStepModel's multimodal forward into a DynamicCache); its K/V are
 then copied into static per-layer buffers `[1, kv_heads, slots, head_dim]`, and the DynamicCache is dropped.

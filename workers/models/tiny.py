@@ -1,4 +1,5 @@
 """Tiny offline checkpoints in the released layouts: random ones for the loading tests, trained ones for the demo.
+Longer than most modules because both checkpoints, the tokenizer and the CLIP stand-in are written in the released layouts from one set of geometry choices.
 
 Writes, under one folder: a LLaMA-style tokenizer trained here on a small built-in corpus, a CLIP vision
 folder, an EventGPT folder in the released layout (config `EventChat_llama`, released tensor names, CLIP

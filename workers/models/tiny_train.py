@@ -1,4 +1,5 @@
 """Train the tiny EventGPT / Video-LLaVA pair on make-demo's synthetic scenes, deterministically, on the CPU.
+Longer than most modules because the scene generator, both caption styles and the two training stages must agree with each other and change together.
 
 The world: one coloured shape, small or large, moves through one of three rows over a dark background
 (workers/inputs/demo.py). Both models answer every question with a caption of the scene, in their own style

@@ -1,6 +1,7 @@
 """Row-count-invariant skinny matmuls `y = x @ W.T` for decode and verification steps (1–33 rows), from a
 16-bit weight or a bitsandbytes NF4 weight dequantized in registers, with the layer's elementwise work
 fused into their epilogues.
+Longer than most modules because the three matmul kernels share one accumulation routine whose exact arithmetic is what makes them row-invariant.
 
 Why invariant: the row tile (`BLOCK_M` = 32), column tile, K tile, split-K count and the order in which
 split partial sums are added are functions of the weight's shape alone; the row count is a runtime argument
