@@ -49,6 +49,8 @@ class BenchConfig:
     k_max: int = 16
     adaptive: bool = True
     wait_for_drafts: int = 0
+    pipeline: str = "auto"            # as in `run` (coordinator.session.run_request)
+    draft_policy: str = "auto"
     seed: int = 0
     startup_timeout_s: float = 900.0
     request_timeout_s: float = 600.0
@@ -224,7 +226,8 @@ def _one(session, cfg: BenchConfig, sample, mode, n, mps_setting, placement, ora
         opts["oracle"] = {k: v for k, v in oracle.items() if k != "label"}
     rec = session.run_request(sample, mode, question=sample.get("question") or "", max_new_tokens=n,
                               options=opts, k_max=cfg.k_max, adaptive=cfg.adaptive,
-                              wait_for_drafts=cfg.wait_for_drafts)
+                              wait_for_drafts=cfg.wait_for_drafts, pipeline=cfg.pipeline,
+                              draft_policy=cfg.draft_policy)
     rec.update(mps=mps_setting, max_new_tokens=n, oracle=oracle["label"] if oracle else None,
                alpha=oracle.get("alpha") if oracle else None, placement=placement)
     if baseline is not None and rec["status"] == "ok" and baseline.get("status") == "ok":

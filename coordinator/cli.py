@@ -251,6 +251,10 @@ def _floats(text: str, flag: str) -> list[float]:
 @click.option("--k-max", type=click.IntRange(0, 64), default=16, show_default=True)
 @click.option("--no-adaptive", is_flag=True)
 @click.option("--wait-for-drafts", type=click.IntRange(0, 64), default=0, show_default=True)
+@click.option("--pipeline", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="as in `run`: auto pipelines the draft when the workers are on different devices")
+@click.option("--draft-policy", type=click.Choice(["auto", "always"]), default="auto", show_default=True,
+              help="as in `run`: always = draft every request (what drafting costs when it cannot pay)")
 @click.option("--bandwidth-gbs", type=click.FloatRange(min=0, min_open=True),
               help="memory bandwidth (GB/s) for the floor columns when the card is not in the datasheet table")
 @click.option("--measure-bandwidth/--no-measure-bandwidth", default=True, show_default=True,
@@ -304,6 +308,7 @@ def bench_command(input_, **kw):
         profiles=[p.strip() for p in kw["profiles"].split(",") if p.strip()], modes=modes, mps=mps_list,
         hf_generate=kw["hf_generate"], ignore_eos=kw["ignore_eos"], draft_alone_steps=kw["draft_alone_steps"],
         k_max=kw["k_max"], adaptive=not kw["no_adaptive"], seed=kw["seed"], wait_for_drafts=kw["wait_for_drafts"],
+        pipeline=kw["pipeline"], draft_policy=kw["draft_policy"],
         startup_timeout_s=kw["startup_timeout"], request_timeout_s=kw["request_timeout"],
         draft_sm_percent=kw["draft_sm_percent"], target_sm_percent=kw["target_sm_percent"],
         placements=placements, user_devices=user_devices, measure_bandwidth=kw["measure_bandwidth"],

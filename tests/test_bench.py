@@ -134,3 +134,16 @@ def test_bench_where_every_request_fails_exits_non_zero(fake_input, tmp_path):
                    "--output-dir", tmp_path / "b", timeout=300)
     assert proc.returncode == 1, proc.stderr           # baseline measured, parallel failed on every sample
     assert "fake quality 'bogus'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_passes_pipeline_and_draft_policy_to_every_request(fake_input, tmp_path):
+    out = tmp_path / "bench-pipe"
+    proc = run_cli("bench", "--input", fake_input, "--draft-backend", "fake", "--target-backend", "fake",
+                   "--samples", "1", "--warmup", "0", "--max-new-tokens", "8", "--alphas", "1", "--oracle-profile", "",
+                   "--bench-mps", "off", "--no-hf-generate", "--no-measure-bandwidth", "--pipeline", "on",
+                   "--draft-policy", "always", "--output-dir", out, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads((out / "bench.json").read_text())["records"]
+    drafting = [r for r in records if r["mode"] in ("parallel", "speculative") and r["status"] == "ok"]
+    assert drafting and all(r.get("pipelined") is True for r in drafting)
+    assert all(r["matches_baseline"] for r in drafting)
