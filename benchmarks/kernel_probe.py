@@ -1,11 +1,16 @@
-"""Kernel probes on one GPU: read bandwidth of the skinny-matmul kernel over tile configurations and NF4
-dequantization variants (`PROBE` switches that remove the codebook lookup or the absmax, timing only).
+"""Kernel probes on one GPU: read bandwidth of the skinny-matmul kernel (workers/engine/kernels/linear.py)
+over tile configurations, for the three sweeps BENCHMARKS.md quotes:
 
-    python benchmarks/kernel_probe.py > probe.json
+    python benchmarks/kernel_probe.py --sweep mma > mma.json         # the tiles of the step (weight = MMA A operand)
+    python benchmarks/kernel_probe.py --sweep nf4-probes > nf4.json  # NF4 without the codebook lookup / the absmax
+    python benchmarks/kernel_probe.py --sweep fma > fma.json         # float32 FMAs instead of MMAs
 
-Shapes: LLaMA-7B qkv (12288×4096), down (4096×11008), 1 and 17 rows. Times from triton.testing.do_bench
-(median, ms); GB/s = weight bytes / time.
+Shapes: LLaMA-7B qkv (12288×4096) and down_proj (4096×11008). Times from triton.testing.do_bench (median,
+ms); GB/s = weight bytes read ÷ time. The last line on stderr per (kind, shape, rows) is the best config.
+The probe variants (`PROBE`, `FMA`, `WA=False`) compute wrong or slower results on purpose: timing only.
+The H200 outputs of 2026-11-30 are in benchmarks/2026-11-30-h200/kernel_probe-*.json.
 """
+import argparse
 import itertools
 import json
 import sys
@@ -18,8 +23,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workers.engine import nf4  # noqa: E402
 from workers.engine.kernels import linear as L  # noqa: E402
 
+SHAPES = ((12288, 4096), (4096, 11008))
 
-def run(weight, x, block_m, block_n, block_k, warps, stages, splits, probe=0, wa=True, fma=False):
+# (label, weight kind, rows, configs of (wa, fma, probe, bm, bn, bk, warps, stages, splits)), do_bench rep
+SWEEPS = {
+    "mma": ((1, 17), 60, [
+        ("bf16", c) for c in itertools.product((True,), (False,), (0,), (16, 32), (32, 64, 128), (128, 256), (4, 8),
+                                               (3, 4), (1, 2, 4))] + [
+        ("bf16", (False, False, 0, 16, 64, 128, 4, 3, 2))] + [
+        ("nf4", c) for c in itertools.product((True,), (False,), (0,), (16,), (32, 64, 128), (128, 256), (4, 8),
+                                              (2, 3), (1, 4))]),
+    "nf4-probes": ((1,), 60, [
+        ("nf4", c) for c in itertools.product((False,), (False,), (0, 1, 2), (16,), (32, 64), (64, 128), (4, 8),
+                                              (3,), (1, 4))]),
+    "fma": ((1, 9, 17), 25, [
+        (kind, c) for kind in ("bf16", "nf4")
+        for c in itertools.product((True,), (True,), (0,), (16,), (16, 32, 64), (128, 256, 512), (4, 8),
+                                   (3,) if kind == "bf16" else (2,), (1, 2, 4))]),
+}
+
+
+def run(weight, x, wa, fma, probe, block_m, block_n, block_k, warps, stages, splits, rep):
     n, k = weight.n, weight.k
     k_blocks = -(-k // block_k)
     k_split = -(-k_blocks // splits) * block_k
@@ -31,34 +55,42 @@ def run(weight, x, block_m, block_n, block_k, warps, stages, splits, probe=0, wa
         L._single_kernel[grid](x, *weight.pointers(x), out, x.shape[0], n, k, k_split, SPLITS=max(2, splits),
                                NF4=weight.nf4, UPCAST=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                                num_warps=warps, num_stages=stages, PROBE=probe, WA=wa, FMA=fma)
-    ms = triton.testing.do_bench(call, warmup=5, rep=25)
+    ms = triton.testing.do_bench(call, warmup=5, rep=rep)
     return ms, weight.bytes_read() / ms / 1e6
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", choices=sorted(SWEEPS), required=True)
+    args = parser.parse_args()
+    rows_list, rep, grid = SWEEPS[args.sweep]
     results = []
-    for n, k in ((12288, 4096), (4096, 11008)):
+    for n, k in SHAPES:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 64
-        dense = L.Weight(n, k, dense=w)
         packed, absmax = nf4.quantize(w.float())
-        q = L.Weight(n, k, packed=packed, absmax=absmax, code=nf4.code_tensor("cuda"))
-        for rows in (1, 9, 17):
+        weights = {"bf16": L.Weight(n, k, dense=w),
+                   "nf4": L.Weight(n, k, packed=packed, absmax=absmax, code=nf4.code_tensor("cuda"))}
+        for rows in rows_list:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            grid = [("bf16", dense, c) for c in itertools.product((True,), (16,), (16, 32, 64), (128, 256, 512), (4, 8), (3,), (1, 2, 4))]
-            grid += [("nf4", q, c) for c in itertools.product((True,), (16,), (16, 32, 64), (128, 256, 512), (4, 8), (2,), (1, 2, 4))]
-            for kind, weight, (fma, bm, bn, bk, warps, stages, splits) in grid:
-                if bn * bk > 64 * 256:
+            for kind, (wa, fma, probe, bm, bn, bk, warps, stages, splits) in grid:
+                if bn * bk > 128 * 128:
                     continue
                 try:
-                    ms, gbs = run(weight, x, bm, bn, bk, warps, stages, splits, 0, True, fma)
-                except Exception as exc:  # noqa: BLE001
+                    ms, gbs = run(weights[kind], x, wa, fma, probe, bm, bn, bk, warps, stages, splits, rep)
+                except Exception as exc:  # noqa: BLE001 - a config that does not compile is reported, not fatal
                     ms, gbs = None, str(exc)[:80]
-                results.append(dict(kind=kind, fma=fma, n=n, k=k, rows=rows, bm=bm, bn=bn, bk=bk, warps=warps,
-                                    stages=stages, splits=splits, ms=ms, gbs=gbs))
+                results.append(dict(kind=kind, wa=wa, fma=fma, probe=probe, n=n, k=k, rows=rows, bm=bm, bn=bn,
+                                    bk=bk, warps=warps, stages=stages, splits=splits, ms=ms, gbs=gbs))
+            for label in sorted({(r["kind"], r["probe"], r["wa"]) for r in results}):
+                done = [r for r in results if (r["kind"], r["probe"], r["wa"]) == label and r["n"] == n
+                        and r["rows"] == rows and r["ms"]]
+                if done:
+                    best = max(done, key=lambda r: r["gbs"])
+                    print(json.dumps({**best, "configs": len(done)}), file=sys.stderr, flush=True)
     copy_src = torch.empty(1 << 30, dtype=torch.uint16, device="cuda")
     copy_dst = torch.empty_like(copy_src)
     ms = triton.testing.do_bench(lambda: copy_dst.copy_(copy_src))
-    print(json.dumps({"copy_gbs": 4 * (1 << 30) / ms / 1e6, "results": results}))
+    print(json.dumps({"sweep": args.sweep, "copy_gbs": 4 * (1 << 30) / ms / 1e6, "results": results}))
 
 
 if __name__ == "__main__":

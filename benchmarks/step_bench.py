@@ -27,18 +27,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from coordinator.floor import datasheet_bandwidth  # noqa: E402
 from workers.engine.core import TokenEngine  # noqa: E402
 from workers.engine.fast import CudaGraphStepModel  # noqa: E402
 from workers.engine.exact import ExactStepModel  # noqa: E402
 from workers.models.synthetic import synthetic_model, synthetic_prefill_inputs  # noqa: E402
 
-DATASHEET_TBS = {"H200": 4.8, "H100": 3.35, "4090": 1.0, "A100": 2.0}
 BUCKETS = (1, 2, 3, 5, 9, 17, 33)
 KS = (1, 2, 4, 8, 16)
 
 
 def datasheet_tbs(name: str) -> float | None:
-    return next((v for k, v in DATASHEET_TBS.items() if k in name), None)
+    gbs, _ = datasheet_bandwidth(name)
+    return gbs / 1e3 if gbs else None
 
 
 def measured_copy_tbs(device) -> float:
