@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -65,6 +64,15 @@ def _spawn(*args, env=None):
     proc.reader = threading.Thread(target=read, daemon=True)
     proc.reader.start()
     return proc
+
+
+def _finish(proc) -> str:
+    """Kill a CLI still running (a test that failed midway), then its whole stderr."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    proc.reader.join(timeout=5)
+    return "".join(proc.err_lines)
 
 
 def _wait_for(predicate, what, timeout=90):
@@ -141,11 +149,7 @@ def test_a_pipeline_killed_mid_run_loses_and_duplicates_nothing(six_samples, tmp
         psutil.Process(actor_pid).send_signal(signal.SIGKILL)      # the actor, mid-sample
         proc.wait(timeout=180)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    proc.reader.join(timeout=5)
-    err = "".join(proc.err_lines)
+        err = _finish(proc)
     assert proc.returncode == 0, err
     assert "pipeline 0 lost" in err
     res = load_results(out)
@@ -173,11 +177,7 @@ def test_sigterm_leaves_nothing_and_resume_skips_finished_samples(six_samples, t
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=90)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    proc.reader.join(timeout=5)
-    err = "".join(proc.err_lines)
+        err = _finish(proc)
     assert proc.returncode == 143, err
     assert "interrupted" in err
     assert wait_gone([p.pid for p in family], timeout=20) == []   # workers, actors, raylet, GCS: all gone

@@ -3,27 +3,17 @@ attached endpoint (answered with ERROR or dropped, nobody dies), an attached wor
 the silence limit, endpoint mistakes, a worker's last fatal ERROR."""
 import socket
 import subprocess
-import sys
 import time
 
 import zmq
 
 from protocol import messages as m
-from protocol.transport import Channel, ipc_endpoint, make_socket, private_ipc_dir
+from protocol.transport import Channel, make_socket
 from tests.conftest import ROOT, coordinator_cmd, load_results, run_cli
 from tests.fuzz_frames import malformed
+from tests.peer_support import recv_until, router_channel, spawn_worker
 
 FAKE = ["--draft-backend", "fake", "--target-backend", "fake", "--mps", "off"]
-
-
-def recv_until(chan, cls, timeout_s=20):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        msg, bad = chan.recv(200)
-        assert bad is None, bad
-        if isinstance(msg, cls):
-            return msg
-    raise AssertionError(f"no {cls.__name__} within {timeout_s} s")
 
 
 def free_port() -> int:
@@ -43,20 +33,9 @@ def wait_listening(port: int, proc, timeout_s=60) -> None:
     raise AssertionError(f"nothing listens on port {port}")
 
 
-def spawn_worker(role, endpoint, **options):
-    import json
-    return subprocess.Popen([sys.executable, "-m", "workers", "--role", role, "--backend", "fake", "--connect",
-                             endpoint, "--options-json", json.dumps(options)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
 def test_a_worker_answers_every_malformed_message_with_error_and_keeps_serving():
     cases = malformed()
-    ctx = zmq.Context()
-    sock = make_socket(ctx, zmq.ROUTER)
-    endpoint = ipc_endpoint(private_ipc_dir(), "fuzz")
-    sock.bind(endpoint)
-    chan = Channel(sock, "coordinator", router=True)
+    ctx, sock, endpoint, chan = router_channel("fuzz")
     procs = {role: spawn_worker(role, endpoint) for role in ("target", "draft")}
     try:
         for role in procs:

@@ -3,15 +3,10 @@ devices, a draft standing aside when drafting cannot pay, a broken verifier caug
 The fake target's answer depends on its whole history (workers.backends.fake), so equality with the
 baseline is evidence that verification and rebasing were right."""
 import json
-import subprocess
-import sys
-
-import zmq
 
 from protocol import messages as m
-from protocol.transport import Channel, ipc_endpoint, make_socket, private_ipc_dir
-from tests.conftest import ROOT, load_results, run_cli
-from tests.test_worker_protocol import recv_until
+from tests.conftest import load_results, run_cli
+from tests.peer_support import recv_until, router_channel, spawn_worker
 
 FAKE = ["--draft-backend", "fake", "--target-backend", "fake", "--mps", "off", "--quiet"]
 
@@ -108,13 +103,8 @@ def test_a_broken_verifier_shows_as_a_mismatch_with_the_baseline(fake_input, tmp
 
 def test_hf_generate_text_is_its_own_not_the_previous_requests():
     """The fake's hf_generate, like transformers' generate(), leaves the worker's engine alone."""
-    ctx = zmq.Context()
-    sock = make_socket(ctx, zmq.ROUTER)
-    endpoint = ipc_endpoint(private_ipc_dir(), "t")
-    sock.bind(endpoint)
-    chan = Channel(sock, "coordinator", router=True)
-    proc = subprocess.Popen([sys.executable, "-m", "workers", "--role", "target", "--backend", "fake",
-                             "--connect", endpoint], cwd=ROOT)
+    ctx, _sock, endpoint, chan = router_channel()
+    proc = spawn_worker("target", endpoint)
     try:
         recv_until(chan, m.Ready)
         texts = {}

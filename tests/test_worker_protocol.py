@@ -1,33 +1,11 @@
 """A real worker process on a test ROUTER: handshake, malformed input answered with ERROR, shutdown."""
-import subprocess
-import sys
-import time
-
-import zmq
-
 from protocol import messages as m
-from protocol.transport import Channel, ipc_endpoint, make_socket, private_ipc_dir
-from tests.conftest import ROOT
-
-
-def recv_until(chan, cls, timeout_s=20):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        msg, bad = chan.recv(200)
-        assert bad is None
-        if isinstance(msg, cls):
-            return msg
-    raise AssertionError(f"no {cls.__name__} within {timeout_s} s")
+from tests.peer_support import recv_until, router_channel, spawn_worker
 
 
 def test_worker_handshake_malformed_messages_and_shutdown():
-    ctx = zmq.Context()
-    sock = make_socket(ctx, zmq.ROUTER)
-    endpoint = ipc_endpoint(private_ipc_dir(), "t")
-    sock.bind(endpoint)
-    chan = Channel(sock, "coordinator", router=True)
-    proc = subprocess.Popen([sys.executable, "-m", "workers", "--role", "target", "--backend", "fake",
-                             "--connect", endpoint], cwd=ROOT)
+    ctx, sock, endpoint, chan = router_channel()
+    proc = spawn_worker("target", endpoint)
     try:
         hello = recv_until(chan, m.Hello)
         ready = recv_until(chan, m.Ready)
