@@ -237,7 +237,14 @@ def test_exact_step_follows_transformers():
     model = tiny(torch.float32)
     reference = TokenEngine(HFStepModel(model))
     reference.start(prompt())
-    ours = TokenEngine(exact(model))
+    step = exact(model)
+    # bytes a step reads: K and V of 2 layers × 2 KV heads × 16 dims in float32 per position; every
+    # projection and the head once
+    sizes = step.step_bytes()
+    assert sizes["kv_per_position"] == 2 * 2 * 2 * 16 * 4
+    assert sizes["weights"] == 4 * sum(m.weight.numel() for n, m in model.named_modules()
+                                       if isinstance(m, torch.nn.Linear))
+    ours = TokenEngine(step)
     ours.start(prompt())
     for _ in range(10):
         assert ours.step() == reference.step()

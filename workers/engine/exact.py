@@ -111,7 +111,7 @@ class ExactStepModel(CudaGraphStepModel):
         """Bytes one step reads: every weight once, plus the K/V of the cached positions (for the floor)."""
         weights = sum(w.bytes_read() for layer in self.layers_w for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
         weights += self.head.bytes_read()
-        kv_per_position = 2 * sum(k[0].numel() // k.shape[2] * k.element_size() for k in self.kv.keys)
+        kv_per_position = 2 * sum(k.shape[1] * k.shape[3] * k.element_size() for k in self.kv.keys)   # K and V, [1, kvh, slots, d]
         return {"weights": weights, "kv_per_position": kv_per_position}
 
     def _compute(self, bucket: int):
