@@ -4,6 +4,7 @@ over tile configurations, for the three sweeps BENCHMARKS.md quotes:
     python benchmarks/kernel_probe.py --sweep mma > mma.json         # the tiles of the step (weight = MMA A operand)
     python benchmarks/kernel_probe.py --sweep nf4-probes > nf4.json  # NF4 without the codebook lookup / the absmax
     python benchmarks/kernel_probe.py --sweep fma > fma.json         # float32 FMAs instead of MMAs
+    python benchmarks/kernel_probe.py --sweep nf4-rows > rows.json   # NF4 one row per program (kernels/nf4_rows.py)
 
 Shapes: LLaMA-7B qkv (12288×4096) and down_proj (4096×11008). Times from triton.testing.do_bench (median,
 ms); GB/s = weight bytes read ÷ time. The last line on stderr per (kind, shape, rows) is the best config.
@@ -22,6 +23,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workers.engine import nf4  # noqa: E402
 from workers.engine.kernels import linear as L  # noqa: E402
+from workers.engine.kernels import nf4_rows  # noqa: E402
 
 SHAPES = ((12288, 4096), (4096, 11008))
 
@@ -59,13 +61,84 @@ def run(weight, x, wa, fma, probe, block_m, block_n, block_k, warps, stages, spl
     return ms, weight.bytes_read() / ms / 1e6
 
 
+# nf4-rows: (lookup, xpair, prefetch, block_n, block_k, warps, stages, splits); lookup 3 is the no-lookup
+# timing probe
+ROWS_SWEEP = (list(itertools.product((1, 3), (True,), (False, True), (16, 32, 64), (128, 256), (2, 4, 8), (1,),
+                                     (2, 4, 8)))
+              + list(itertools.product((4, 5), (True,), (True,), (32, 64), (128, 256), (4, 8), (1,), (4,))))
+
+
+def run_rows(weight, x, lookup, xpair, prefetch, block_n, block_k, warps, stages, splits, rep):
+    n, k = weight.n, weight.k
+    k_blocks = -(-k // block_k)
+    k_split = -(-k_blocks // splits) * block_k
+    splits = -(-k // k_split)
+    out = torch.empty((splits, x.shape[0], n), dtype=torch.float32, device="cuda")
+    grid = (-(-n // block_n), splits, x.shape[0])
+
+    def call():
+        nf4_rows._rows_kernel[grid](x, *weight.pointers(x), out, x.shape[0], n, k, k_split, SPLITS=splits,
+                                    BLOCK_N=block_n, BLOCK_K=block_k, LOOKUP=lookup, EMULATE=False,
+                                    XPAIR=xpair, pair_ptr=pairs, PREFETCH=prefetch, num_warps=warps,
+                                    num_stages=stages)
+    pairs = nf4_rows.pair_table(weight.code, wide=lookup == 5)
+    ms = triton.testing.do_bench(call, warmup=5, rep=rep)
+    return ms, weight.bytes_read() / ms / 1e6
+
+
+def bnb_reference(n, k, w, rows, rep):
+    """bitsandbytes' own NF4 matmul of `rows` rows (its one-row GEMV kernel for 1), same bytes counted."""
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as F
+    except ImportError as exc:
+        return {"kind": "bitsandbytes", "n": n, "k": k, "rows": rows, "ms": None, "gbs": str(exc)[:80]}
+    packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state), warmup=5, rep=rep)
+    return {"kind": "bitsandbytes", "n": n, "k": k, "rows": rows, "ms": ms, "gbs": (n * k // 2 + n * k // 64) / ms / 1e6}
+
+
+def rows_sweep(rep=25):
+    results = []
+    for n, k in SHAPES + ((22016, 4096), (4096, 4096)):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 64
+        packed, absmax = nf4.quantize(w.float())
+        weight = L.Weight(n, k, packed=packed, absmax=absmax, code=nf4.code_tensor("cuda"))
+        for rows in (1, 9):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            configs = ROWS_SWEEP if (rows == 1 and (n, k) in SHAPES) else [
+                c for c in ROWS_SWEEP if c[0] == 1 and c[4] == 256 and c[3] in (32, 64) and c[5] == 4 and c[7] == 4]
+            for lookup, xpair, prefetch, bn, bk, warps, stages, splits in configs:
+                try:
+                    ms, gbs = run_rows(weight, x, lookup, xpair, prefetch, bn, bk, warps, stages, splits, rep)
+                except Exception as exc:  # noqa: BLE001 - a config that does not compile is reported, not fatal
+                    ms, gbs = None, str(exc)[:80]
+                results.append(dict(kind="nf4-rows", lookup=lookup, xpair=xpair, prefetch=prefetch, n=n, k=k, rows=rows, bn=bn,
+                                    bk=bk, warps=warps, stages=stages, splits=splits, ms=ms, gbs=gbs))
+            for lookup, prefetch in itertools.product((1, 3, 4, 5), (False, True)):
+                done = [r for r in results if r.get("lookup") == lookup and r.get("prefetch") == prefetch
+                        and r["n"] == n and r["k"] == k and r["rows"] == rows and r["ms"]]
+                if done:
+                    print(json.dumps({**min(done, key=lambda r: r["ms"]), "configs": len(done)}), file=sys.stderr,
+                          flush=True)
+            ref = bnb_reference(n, k, w, rows, rep)
+            print(json.dumps(ref), file=sys.stderr, flush=True)
+            results.append(ref)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", choices=sorted(SWEEPS), required=True)
+    parser.add_argument("--sweep", choices=sorted(SWEEPS) + ["nf4-rows"], required=True)
     args = parser.parse_args()
-    rows_list, rep, grid = SWEEPS[args.sweep]
-    results = []
-    for n, k in SHAPES:
+    if args.sweep == "nf4-rows":
+        results = rows_sweep()
+        rows_list, grid = (), ()
+    else:
+        rows_list, rep, grid = SWEEPS[args.sweep]
+        results = []
+    for n, k in SHAPES if grid else ():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 64
         packed, absmax = nf4.quantize(w.float())
         weights = {"bf16": L.Weight(n, k, dense=w),

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .common import cast
+from .common import cast, dot_f32
 
 BLOCK_M = 32
 BLOCK_N = 64
@@ -49,7 +49,7 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, start_ptr, po_ptr, pm_ptr, p
         in_cache = rn < SLOTS
         k = tl.load(k_ptr + kv_base + rn[:, None] * D + rd[None, :], mask=in_cache[:, None], other=0.0)
         if UPCAST:
-            scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            scores = dot_f32(q.to(tl.float32), tl.trans(k.to(tl.float32)))
         else:
             scores = tl.dot(q, tl.trans(k))
         scores = scores * sm_scale
@@ -63,7 +63,7 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, start_ptr, po_ptr, pm_ptr, p
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + kv_base + rn[:, None] * D + rd[None, :], mask=in_cache[:, None], other=0.0)
         if UPCAST:
-            pv = tl.dot(cast(p, v.dtype, True).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+            pv = dot_f32(cast(p, v.dtype, True).to(tl.float32), v.to(tl.float32))
         else:
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv

@@ -1,4 +1,6 @@
 """Helpers shared by the kernels (imports Triton)."""
+import os
+
 import triton
 import triton.language as tl
 
@@ -12,3 +14,17 @@ def cast(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return x.to(dtype)
+
+
+_EMULATED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def dot_f32(a, b):
+    """a @ b for float32 operands with float32 sums. On the GPU `tl.dot` (IEEE); under the interpreter a
+    broadcast product summed over K, because the interpreter's `tl.dot` is numpy's BLAS matmul, whose result
+    for a row depends on the row's position in the tile (OpenBLAS 0.3.31 micro-kernels), which would break
+    the very property the CPU tests check."""
+    if _EMULATED:
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    return tl.dot(a, b, input_precision="ieee")

@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .common import cast
+from .common import cast, dot_f32
+from .nf4_rows import _rows_kernel, ROWS_BLOCK_K, ROWS_BLOCK_N, ROWS_DUAL_N, ROWS_LOOKUP, ROWS_PROGRAMS, ROWS_WARPS, row_dot
 
 BLOCK_M = 32
 BLOCK_N = 64          # single kernel; the dual kernel takes 32 rows of each of its two row sets
@@ -53,9 +54,9 @@ def _mma(acc, w, x, UPCAST: tl.constexpr, WA: tl.constexpr):
         w = w.to(tl.float32)
         x = x.to(tl.float32)
         if WA:
-            acc += tl.dot(w, tl.trans(x), input_precision="ieee")
+            acc += dot_f32(w, tl.trans(x))
         else:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            acc += dot_f32(x, tl.trans(w))
     else:
         if WA:
             acc += tl.dot(w, tl.trans(x))
@@ -159,6 +160,42 @@ def _single_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, K_SPLIT
         tl.store(out_ptr + pid_s * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
 
 
+@triton.jit
+def _dual_epilogue(acc_a, acc_b, rm, m_ok, offset, ok, rows_a, rows_b, group, x_ptr, out_ptr, k_cache_ptr,
+                   v_cache_ptr, start_ptr, inv_freq_ptr, scaling, Q_HEADS, KV_HEADS, SLOTS, GROUP, HALF,
+                   ROPE: tl.constexpr, UPCAST: tl.constexpr):
+    """The dual kernels' epilogue on [rows of x, BLOCK_N] sums of row sets a and b: RoPE of q/k heads and
+    the K/V cache write (ROPE), or silu(gate) · up. Shared by the MMA and the NF4 one-row kernels."""
+    mask = m_ok[:, None] & ok[None, :]
+    dtype = x_ptr.dtype.element_ty
+    if ROPE:
+        pos = tl.load(start_ptr) + rm                                           # [BLOCK_M]
+        if group < Q_HEADS + KV_HEADS:                                           # q and k heads rotate
+            angle = pos.to(tl.float32)[:, None] * tl.load(inv_freq_ptr + offset, mask=ok, other=0.0)[None, :]
+            cos = tl.cos(angle) * scaling
+            sin = tl.sin(angle) * scaling
+            y_a = acc_a * cos - acc_b * sin
+            y_b = acc_b * cos + acc_a * sin
+        else:
+            y_a = acc_a
+            y_b = acc_b
+        if group < Q_HEADS:
+            tl.store(out_ptr + rm[:, None] * (Q_HEADS * GROUP) + rows_a[None, :], cast(y_a, dtype, UPCAST), mask=mask)
+            tl.store(out_ptr + rm[:, None] * (Q_HEADS * GROUP) + rows_b[None, :], cast(y_b, dtype, UPCAST), mask=mask)
+        else:
+            kv = group - Q_HEADS
+            cache = k_cache_ptr
+            if kv >= KV_HEADS:
+                kv = kv - KV_HEADS
+                cache = v_cache_ptr
+            dest = cache + (kv * SLOTS + pos[:, None]) * GROUP
+            tl.store(dest + offset[None, :], cast(y_a, dtype, UPCAST), mask=mask)
+            tl.store(dest + HALF + offset[None, :], cast(y_b, dtype, UPCAST), mask=mask)
+    else:
+        y = acc_a / (1.0 + tl.exp(-acc_a)) * acc_b                             # silu(gate) · up
+        tl.store(out_ptr + rm[:, None] * HALF + rows_a[None, :], cast(y, dtype, UPCAST), mask=mask)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _dual_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, K, GROUP, HALF, PER_GROUP,
                  k_cache_ptr, v_cache_ptr, start_ptr, inv_freq_ptr, scaling, Q_HEADS, KV_HEADS, SLOTS,
@@ -188,35 +225,29 @@ def _dual_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, K, GROUP, HALF,
     if WA and not FMA:
         acc_a = tl.trans(acc_a)
         acc_b = tl.trans(acc_b)
-    m_ok = rm < M
-    mask = m_ok[:, None] & ok[None, :]
-    dtype = x_ptr.dtype.element_ty
-    if ROPE:
-        pos = tl.load(start_ptr) + rm                                           # [BLOCK_M]
-        if group < Q_HEADS + KV_HEADS:                                           # q and k heads rotate
-            angle = pos.to(tl.float32)[:, None] * tl.load(inv_freq_ptr + offset, mask=ok, other=0.0)[None, :]
-            cos = tl.cos(angle) * scaling
-            sin = tl.sin(angle) * scaling
-            y_a = acc_a * cos - acc_b * sin
-            y_b = acc_b * cos + acc_a * sin
-        else:
-            y_a = acc_a
-            y_b = acc_b
-        if group < Q_HEADS:
-            tl.store(out_ptr + rm[:, None] * (Q_HEADS * GROUP) + rows_a[None, :], cast(y_a, dtype, UPCAST), mask=mask)
-            tl.store(out_ptr + rm[:, None] * (Q_HEADS * GROUP) + rows_b[None, :], cast(y_b, dtype, UPCAST), mask=mask)
-        else:
-            kv = group - Q_HEADS
-            cache = k_cache_ptr
-            if kv >= KV_HEADS:
-                kv = kv - KV_HEADS
-                cache = v_cache_ptr
-            dest = cache + (kv * SLOTS + pos[:, None]) * GROUP
-            tl.store(dest + offset[None, :], cast(y_a, dtype, UPCAST), mask=mask)
-            tl.store(dest + HALF + offset[None, :], cast(y_b, dtype, UPCAST), mask=mask)
-    else:
-        y = acc_a / (1.0 + tl.exp(-acc_a)) * acc_b                             # silu(gate) · up
-        tl.store(out_ptr + rm[:, None] * HALF + rows_a[None, :], cast(y, dtype, UPCAST), mask=mask)
+    _dual_epilogue(acc_a, acc_b, rm, rm < M, offset, ok, rows_a, rows_b, group, x_ptr, out_ptr, k_cache_ptr,
+                   v_cache_ptr, start_ptr, inv_freq_ptr, scaling, Q_HEADS, KV_HEADS, SLOTS, GROUP, HALF, ROPE, UPCAST)
+
+
+@triton.jit
+def _dual_rows_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, K, GROUP, HALF, PER_GROUP,
+                      k_cache_ptr, v_cache_ptr, start_ptr, inv_freq_ptr, scaling, Q_HEADS, KV_HEADS, SLOTS,
+                      ROPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      LOOKUP: tl.constexpr, XPAIR: tl.constexpr):
+    """`_dual_kernel` for an NF4 weight, one row of x per program (`nf4_rows.row_dot`), same epilogue."""
+    pid = tl.program_id(0)
+    row = tl.program_id(1)
+    group = pid // PER_GROUP
+    offset = (pid % PER_GROUP) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_a = group * GROUP + offset
+    rows_b = rows_a + HALF
+    ok = offset < HALF
+    acc_a = row_dot(x_ptr, row, w_ptr, absmax_ptr, code_ptr, rows_a, ok, 0, K, K, BLOCK_N, BLOCK_K, LOOKUP, XPAIR)
+    acc_b = row_dot(x_ptr, row, w_ptr, absmax_ptr, code_ptr, rows_b, ok, 0, K, K, BLOCK_N, BLOCK_K, LOOKUP, XPAIR)
+    rm = row + tl.arange(0, 1)
+    _dual_epilogue(acc_a[None, :], acc_b[None, :], rm, rm < M, offset, ok, rows_a, rows_b, group, x_ptr, out_ptr,
+                   k_cache_ptr, v_cache_ptr, start_ptr, inv_freq_ptr, scaling, Q_HEADS, KV_HEADS, SLOTS, GROUP, HALF,
+                   ROPE, UPCAST)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -256,9 +287,13 @@ class Weight:
     def __post_init__(self):
         if self.packed is not None and self.k % NF4_BLOCK:
             raise ValueError(f"NF4 weights need K divisible by {NF4_BLOCK}; got K = {self.k}")
-        k_blocks = _cdiv(self.k, BLOCK_K)
-        splits = max(1, min(k_blocks, round(TARGET_PROGRAMS / _cdiv(self.n, BLOCK_N))))
-        self.k_split = _cdiv(k_blocks, splits) * BLOCK_K
+        if self.nf4:        # the one-row kernels (nf4_rows.py): their own tiles and programs per row
+            block_k, block_n, programs = ROWS_BLOCK_K, ROWS_BLOCK_N, ROWS_PROGRAMS
+        else:
+            block_k, block_n, programs = BLOCK_K, BLOCK_N, TARGET_PROGRAMS
+        k_blocks = _cdiv(self.k, block_k)
+        splits = max(1, min(k_blocks, round(programs / _cdiv(self.n, block_n))))
+        self.k_split = _cdiv(k_blocks, splits) * block_k
         self.splits = _cdiv(self.k, self.k_split)
 
     @property
@@ -291,6 +326,20 @@ def _upcast(x: torch.Tensor) -> bool:
     return INTERPRET or x.dtype == torch.float32
 
 
+def _rows_single(x: torch.Tensor, weight: Weight, out: torch.Tensor, splits: int) -> None:
+    """NF4 `x @ W.T` one row per program: out [M, N] (splits == 1) or float32 partials [splits, M, N]."""
+    m = x.shape[0]
+    grid = (_cdiv(weight.n, ROWS_BLOCK_N), weight.splits, m)
+    _rows_kernel[grid](x, *weight.pointers(x), out, m, weight.n, weight.k, weight.k_split, SPLITS=splits,
+                       BLOCK_N=ROWS_BLOCK_N, BLOCK_K=ROWS_BLOCK_K, LOOKUP=ROWS_LOOKUP, EMULATE=INTERPRET,
+                       XPAIR=_xpair(x), num_warps=ROWS_WARPS)
+
+
+def _xpair(x: torch.Tensor) -> bool:
+    # 16-bit x is read as 32-bit pairs of columns (nf4_rows._load_tile)
+    return x.element_size() == 2
+
+
 def linear(x: torch.Tensor, weight: Weight, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """`x` [M, K] → [M, N] (split partials summed by `linear_residual_norm` when the weight splits K)."""
     _check(x, weight)
@@ -299,10 +348,13 @@ def linear(x: torch.Tensor, weight: Weight, *, out_dtype: torch.dtype | None = N
         out = torch.empty((m, weight.n), dtype=out_dtype or x.dtype, device=x.device)
     else:
         out = torch.empty((weight.splits, m, weight.n), dtype=torch.float32, device=x.device)
-    grid = (_cdiv(weight.n, BLOCK_N), weight.splits, _cdiv(m, BLOCK_M))
-    _single_kernel[grid](x, *weight.pointers(x), out, m, weight.n, weight.k, weight.k_split,
-                         SPLITS=weight.splits, NF4=weight.nf4, UPCAST=_upcast(x),
-                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=_stages(weight))
+    if weight.nf4:
+        _rows_single(x, weight, out, weight.splits)
+    else:
+        grid = (_cdiv(weight.n, BLOCK_N), weight.splits, _cdiv(m, BLOCK_M))
+        _single_kernel[grid](x, *weight.pointers(x), out, m, weight.n, weight.k, weight.k_split,
+                             SPLITS=weight.splits, NF4=False, UPCAST=_upcast(x),
+                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=_stages(weight))
     if weight.splits == 1:
         return out
     return out.sum(0).to(out_dtype or x.dtype)      # not on the step's path: see linear_residual_norm
@@ -314,11 +366,14 @@ def linear_residual_norm(x: torch.Tensor, weight: Weight, residual: torch.Tensor
     _check(x, weight)
     m, n = x.shape[0], weight.n
     part = torch.empty((weight.splits, m, n), dtype=torch.float32, device=x.device)
-    grid = (_cdiv(n, BLOCK_N), weight.splits, _cdiv(m, BLOCK_M))
     # SPLITS=2 forces the partial store even for an unsplit weight (the finish kernel adds the residual)
-    _single_kernel[grid](x, *weight.pointers(x), part, m, n, weight.k, weight.k_split,
-                         SPLITS=max(2, weight.splits), NF4=weight.nf4, UPCAST=_upcast(x),
-                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=_stages(weight))
+    if weight.nf4:
+        _rows_single(x, weight, part, max(2, weight.splits))
+    else:
+        grid = (_cdiv(n, BLOCK_N), weight.splits, _cdiv(m, BLOCK_M))
+        _single_kernel[grid](x, *weight.pointers(x), part, m, n, weight.k, weight.k_split,
+                             SPLITS=max(2, weight.splits), NF4=False, UPCAST=_upcast(x),
+                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=_stages(weight))
     hidden = torch.empty((m, n), dtype=residual.dtype, device=x.device)
     normed = torch.empty_like(hidden)
     _finish_kernel[(m,)](part, residual, hidden, norm_weight, normed, m, n, eps, SPLITS=weight.splits,
@@ -331,6 +386,13 @@ def gate_up_silu(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     _check(x, weight)
     m, half = x.shape[0], weight.n // 2
     out = torch.empty((m, half), dtype=x.dtype, device=x.device)
+    if weight.nf4:
+        per_group = _cdiv(half, ROWS_DUAL_N)
+        _dual_rows_kernel[(per_group, m)](
+            x, *weight.pointers(x), out, m, weight.k, weight.n, half, per_group,
+            out, out, out, out, 1.0, 0, 0, 0, ROPE=False, UPCAST=_upcast(x), BLOCK_N=ROWS_DUAL_N,
+            BLOCK_K=ROWS_BLOCK_K, LOOKUP=ROWS_LOOKUP, XPAIR=_xpair(x), num_warps=ROWS_WARPS)
+        return out
     per_group = _cdiv(half, DUAL_N)
     _dual_kernel[(per_group, _cdiv(m, BLOCK_M))](
         x, *weight.pointers(x), out, m, weight.k, weight.n, half, per_group,
@@ -350,6 +412,14 @@ def qkv_rope_store(x: torch.Tensor, weight: Weight, keys: torch.Tensor, values: 
     if weight.n != (heads + 2 * kv_heads) * d:
         raise ValueError(f"a qkv weight of {weight.n} rows does not fit {heads}+2·{kv_heads} heads of {d}")
     q = torch.empty((m, heads * d), dtype=x.dtype, device=x.device)
+    if weight.nf4:
+        per_group = _cdiv(d // 2, ROWS_DUAL_N)
+        _dual_rows_kernel[((heads + 2 * kv_heads) * per_group, m)](
+            x, *weight.pointers(x), q, m, weight.k, d, d // 2, per_group,
+            keys, values, start, inv_freq, float(scaling), heads, kv_heads, slots,
+            ROPE=True, UPCAST=_upcast(x), BLOCK_N=ROWS_DUAL_N, BLOCK_K=ROWS_BLOCK_K, LOOKUP=ROWS_LOOKUP,
+            XPAIR=_xpair(x), num_warps=ROWS_WARPS)
+        return q
     per_group = _cdiv(d // 2, DUAL_N)
     _dual_kernel[((heads + 2 * kv_heads) * per_group, _cdiv(m, BLOCK_M))](
         x, *weight.pointers(x), q, m, weight.k, d, d // 2, per_group,
