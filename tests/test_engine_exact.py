@@ -76,6 +76,23 @@ def test_nf4_linear_matches_reference_dequantization():
     assert ((y.double() - ref).abs() / (ref.abs() + 1)).max() < 2e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(96, 1024), (40, 320)])
+def test_nf4_one_row_kernel_splits_and_dtypes(dtype, shape):
+    """The NF4 one-row kernels (kernels/nf4_rows.py) over split K (4 splits; a last split of one 64-block),
+    a partial tile of weight rows, and x read as 32-bit column pairs (16-bit) or column by column (fp32)."""
+    n, k = shape
+    gen = torch.Generator().manual_seed(n * k)
+    packed, absmax = nf4.quantize(torch.randn(n, k, generator=gen))
+    weight = Weight(n, k, packed=packed.to(DEVICE), absmax=absmax.to(DEVICE), code=nf4.code_tensor(DEVICE))
+    assert weight.splits > 1
+    x = torch.randn(9, k, generator=gen).to(DEVICE, dtype)
+    y = _rows_invariant(lambda t: linear(t, weight), x)
+    ref = x.double() @ nf4.dequantize(packed, absmax, n, k, torch.float32).to(DEVICE).double().T
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert ((y.double() - ref).abs() / (ref.abs() + 1)).max() < tol
+
+
 def test_unpack_bnb_expands_double_quantized_absmax():
     class State:
         pass
