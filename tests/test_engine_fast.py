@@ -2,14 +2,16 @@
 
 CPU tests run the static-cache path eagerly (`use_graphs=False`): same greedy tokens, verify/crop/rebase
 behaviour and logits as HFStepModel through TokenEngine, with step sizes padded to buckets and steps longer
-than the largest bucket split into chunks. GPU tests (skipped without CUDA) check graph replay against the
-eager static path and time decode and verify steps of the 7B target (random weights); run them with `-s`
-to see the timings.
+than the largest bucket split into chunks; HFBackend rebuilds a static cache too small for a request at
+prefill and answers as one sized for it from the start. GPU tests (skipped without CUDA) check graph replay
+against the eager static path and time decode and verify steps of the 7B target (random weights); run them
+with `-s` to see the timings.
 """
 from __future__ import annotations
 
 import os
 import time
+import weakref
 
 import pytest
 import torch
@@ -230,6 +232,72 @@ def test_eventgpt_decoder_is_its_llama_model():
     assert_same_output(ref.prefill(prompt), model.prefill(prompt))
     for fed in ([5], [6, 7, 8]):
         assert_same_output(ref.forward(fed), model.forward(fed))
+
+
+# --- HFBackend: the static cache grows at prefill for a request it cannot hold --------------------------
+
+
+def eager_static_backend(max_cache_len: int):
+    """The Video-LLaVA backend (synthetic tiny weights) with its CUDA branch's step model, a static cache of
+    `max_cache_len` positions, run eagerly: on the CPU `HFBackend._make_step_model` builds the dynamic-cache
+    HFStepModel, which never grows. Records a weak reference to every step model it builds."""
+    from workers.backends.hf_backend import VERIFY_BUCKETS
+    from workers.backends.videollava import VideoLlavaBackend
+
+    class EagerStaticBackend(VideoLlavaBackend):
+        def _make_step_model(self, max_cache_len: int | None = None):
+            self.alive_at_rebuild = [ref() is not None for ref in self.built]
+            model = CudaGraphStepModel(self.lm.model, max_cache_len=max_cache_len or int(self.options["max_cache_len"]),
+                                       buckets=VERIFY_BUCKETS, use_graphs=False)
+            self.built.append(weakref.ref(model))
+            return model
+
+    backend = EagerStaticBackend("target", {"synthetic_weights": "tiny-test", "device": "cpu", "precision": "fp32",
+                                            "threads": 1, "max_cache_len": max_cache_len})
+    backend.built = []
+    backend.load()
+    return backend
+
+
+def test_backend_grows_a_static_cache_too_small_for_the_request():
+    """A cache that holds the prompt but not prompt + answer + CACHE_MARGIN is rebuilt larger at prefill; the
+    answer, decoded and verified in the grown cache, is the one a backend sized for the request from the start
+    gives (and transformers' generate()), logits included: a lost or corrupted K/V position changes them."""
+    from workers.backends.hf_backend import CACHE_MARGIN
+
+    n = 40
+    big, small = eager_static_backend(512), eager_static_backend(160)
+    options = {"max_new_tokens": n}
+    prepared = big.prepare({"sample_id": "s"}, "", options)
+    prompt_len = prepared.info["prompt_len"]
+    assert prompt_len < 160 < prompt_len + n + CACHE_MARGIN <= 512
+    want = [big.prefill(prepared)[0]]
+    want_logits = [big.engine.last_output.logits]
+    while len(want) < n:
+        want.append(big.engine.step())
+        want_logits.append(big.engine.last_output.logits)
+    assert big.step_model.max_cache_len == 512 and len(big.built) == 1
+    assert len(set(want)) > n // 4, want                 # an answer, not one token repeated
+    assert want == big.hf_generate(prepared, n, eos_id=-1)
+
+    first, got_prompt_len = small.prefill(small.prepare({"sample_id": "s"}, "", options))
+    assert small.step_model.max_cache_len >= prompt_len + n + CACHE_MARGIN > 160
+    assert small.engine.model is small.step_model and len(small.built) == 2
+    assert small.alive_at_rebuild == [False]             # the old cache is released before the new one is built
+    engine = small.engine
+    assert (got_prompt_len, first) == (prompt_len, want[0])
+    got_logits = [engine.last_output.logits]
+    while len(engine.tokens) < n - 17:
+        engine.step()
+        got_logits.append(engine.last_output.logits)
+    m = len(engine.tokens)
+    assert engine.verify(want[m: m + 16]) == (16, want[m + 16])   # 17 positions written in one step
+    got_logits.append(engine.last_output.logits)
+    while len(engine.tokens) < n:
+        engine.step()
+        got_logits.append(engine.last_output.logits)
+    assert engine.tokens == want
+    torch.testing.assert_close(torch.cat(got_logits), torch.cat(want_logits), atol=ATOL, rtol=ATOL)
 
 
 # --- GPU: graph replay vs the eager static path, and timings ----------------------------------------------

@@ -5,6 +5,7 @@ Never touches sockets or clocks. Imports torch (only worker processes import thi
 """
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -125,7 +126,11 @@ class HFBackend(Backend):
             import logging
             logging.getLogger(__name__).warning(
                 "static KV cache of %d positions is too small for this request (%d): rebuilding it", capacity, need)
-            self.step_model = None
+            # the engine holds the old step model too, and a CudaGraphStepModel is in a reference cycle (its
+            # `_body`): both must go before empty_cache, or the old cache and graph pool stay on the GPU while
+            # the new ones are allocated
+            self.step_model = self.engine.model = None
+            gc.collect()
             if self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
             self.step_model = self._make_step_model(max_cache_len=-(-need // 256) * 256)
