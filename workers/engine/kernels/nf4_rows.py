@@ -8,15 +8,19 @@ rows, so nothing is converted and the work per weight is a nibble shift, a looku
 
 Row-invariant by construction: the grid has one program column per input row, and a row's arithmetic (its
 tiles, its split of K, the order of its sums) depends on the weight's shape only. More rows cost more
-programs (each looks the weights up again; the bytes come from L2), so verification of k drafts costs up
-to k + 1 lookups of every weight, which `Weight.rows_kernel` weighs against the MMA path.
+programs, each looking the weights up again (the bytes come from L2): verifying k drafts costs about k + 1
+decode steps' lookups (measured on an H200: 5× a decode step for k = 8).
 
-Arithmetic: a weight value is code[q] · absmax[block]; the kernel multiplies x by code[q] and the block's
-absmax onto the block's 32-byte partial sum, all in float32 — the same quantized weights bitsandbytes
-reads, without its rounding of each dequantized value to bf16 (so this path agrees with bitsandbytes'
-dequantization to rounding, not bit for bit). `LOOKUP` picks how code[q] is read (measured in
-`benchmarks/kernel_probe.py --sweep nf4-rows`): 0 a load from the 16-entry table (L1), 1 `tl.gather` from
-a register copy, 2 a select tree; 3 is a timing probe without a lookup (wrong values).
+Arithmetic: a weight value is code[q] · absmax[block]; the kernel multiplies x by code[q] and the product
+by the block's absmax, in float32 — the same quantized weights bitsandbytes reads, without its rounding of
+each dequantized value to bf16 (so this path agrees with bitsandbytes' dequantization to rounding; with a
+one-hot x it reproduces it bit for bit, which the GPU test checks).
+
+Variants, measured by `benchmarks/kernel_probe.py --sweep nf4-rows` (BENCHMARKS.md); the step uses the
+`ROWS_*` constants below. `LOOKUP`: 0 a load from the 16-entry table (L1), 1 `tl.gather` from a register
+copy, 2 a select tree, 4/5 one lookup per byte in a 256-entry table of bf16/float32 pairs, 3 a timing
+probe without a lookup (wrong values). `XPAIR` reads a 16-bit x as 32-bit words of two columns;
+`PREFETCH` loads the next tile before computing the current one (slower: more registers, less occupancy).
 """
 from __future__ import annotations
 
@@ -26,9 +30,11 @@ import triton.language as tl
 from .common import cast
 
 NF4_BLOCK = 64
-# The step's configuration, from `benchmarks/kernel_probe.py --sweep nf4-rows` on an H200 (0.9–1.07 TB/s of
-# packed bytes for one row at the LLaMA-7B shapes, like bitsandbytes' one-row kernel; the variants without a
-# lookup reach only 1.1–1.2 TB/s, so the loop's load latency at this occupancy, not the lookup, is the limit)
+# The step's configuration, from `benchmarks/kernel_probe.py --sweep nf4-rows` on an H200: 0.71–1.07 TB/s
+# of packed bytes for one row at the LLaMA-7B shapes (bitsandbytes' one-row kernel: 0.22–0.85 in the same
+# run). Not bandwidth-bound: Nsight Compute (`benchmarks/ncu_rows.py`) counts ~17 instructions per packed
+# byte issued at 0.59 per cycle per scheduler, 31 % occupancy (96 registers), DRAM 17.5 % busy, and the
+# variant without a lookup reaches only 1.1–1.2 TB/s.
 ROWS_BLOCK_N = 32
 ROWS_DUAL_N = 16          # the dual kernel holds two accumulators
 ROWS_BLOCK_K = 256
