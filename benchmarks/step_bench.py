@@ -10,8 +10,8 @@ real prompt length is prefilled once, then
 - times (wall, GPU synchronised, `time.monotonic_ns`, median of `--repeats`): one decode step, one
   verification of k drafts, and the same for the previous CUDA-graph step (cuBLAS or bitsandbytes + SDPA);
 - floors: bytes one step reads (every weight once + the K/V of the cached positions) at the datasheet
-  bandwidth, and at the bandwidth this script measures itself (a device-to-device copy of 2 GiB, counted
-  as read + write).
+  bandwidth, and at the copy bandwidth the device gives (`workers/bandwidth.py`, as `bench` measures it:
+  best of timed groups of device-to-device copies of up to 1 GiB, counted as read + write).
 Needs CUDA (and bitsandbytes for nf4). Prints and writes one JSON object.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coordinator.floor import datasheet_bandwidth  # noqa: E402
+from workers.bandwidth import measure_torch  # noqa: E402
 from workers.engine.core import TokenEngine  # noqa: E402
 from workers.engine.fast import CudaGraphStepModel  # noqa: E402
 from workers.engine.exact import ExactStepModel  # noqa: E402
@@ -43,18 +44,8 @@ def datasheet_tbs(name: str) -> float | None:
 
 
 def measured_copy_tbs(device) -> float:
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint16, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(12):
-        torch.cuda.synchronize()
-        t0 = time.monotonic_ns()
-        dst.copy_(src)
-        torch.cuda.synchronize()
-        times.append(time.monotonic_ns() - t0)
-    del src, dst
-    return 2 * 2 * n / statistics.median(times[2:]) / 1e3      # bytes read + written per ns → TB/s
+    """The device's copy bandwidth (read + write) as workers/bandwidth.py measures it for `bench`'s floor."""
+    return measure_torch(str(device))["copy_gbs"] / 1e3
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -16,6 +16,15 @@ def cast(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
     return x.to(dtype)
 
 
+@triton.jit
+def rms_normalize(h, w_ptr, col, ok, n, eps):
+    """RMSNorm of one row in float32: h · 1/sqrt(mean(h²) + eps) · w (h is zero past n). The exact step's
+    first norm (`elementwise.py`) and every later one (`linear._finish_kernel`) share this arithmetic."""
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / n + eps)
+    w = tl.load(w_ptr + col, mask=ok, other=0.0).to(tl.float32)
+    return h * rstd * w
+
+
 _EMULATED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 

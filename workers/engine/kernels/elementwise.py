@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .common import cast
+from .common import cast, rms_normalize
 
 
 @triton.jit
@@ -16,9 +16,8 @@ def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, K, eps, BLOCK: tl.constexpr, EMULATE:
     rk = tl.arange(0, BLOCK)
     ok = rk < K
     x = tl.load(x_ptr + row * K + rk, mask=ok, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / K + eps)
-    w = tl.load(w_ptr + rk, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * K + rk, cast(x * rstd * w, out_ptr.dtype.element_ty, EMULATE), mask=ok)
+    tl.store(out_ptr + row * K + rk, cast(rms_normalize(x, w_ptr, rk, ok, K, eps), out_ptr.dtype.element_ty, EMULATE),
+             mask=ok)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

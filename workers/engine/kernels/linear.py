@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .common import cast, dot_f32
+from .common import cast, dot_f32, rms_normalize
 from .nf4_rows import _rows_kernel, ROWS_BLOCK_K, ROWS_BLOCK_N, ROWS_DUAL_N, ROWS_LOOKUP, ROWS_PROGRAMS, ROWS_WARPS, row_dot
 
 BLOCK_M = 32
@@ -264,9 +264,8 @@ def _finish_kernel(part_ptr, res_ptr, hidden_ptr, norm_w_ptr, normed_ptr, M, N, 
     hidden = cast(y, hidden_ptr.dtype.element_ty, EMULATE)
     tl.store(hidden_ptr + row * N + col, hidden, mask=ok)
     h = hidden.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / N + eps)
-    w = tl.load(norm_w_ptr + col, mask=ok, other=0.0).to(tl.float32)
-    tl.store(normed_ptr + row * N + col, cast(h * rstd * w, normed_ptr.dtype.element_ty, EMULATE), mask=ok)
+    tl.store(normed_ptr + row * N + col, cast(rms_normalize(h, norm_w_ptr, col, ok, N, eps),
+                                              normed_ptr.dtype.element_ty, EMULATE), mask=ok)
 
 
 def _cdiv(a: int, b: int) -> int:
