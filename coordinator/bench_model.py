@@ -186,7 +186,8 @@ def floor_rows(run_info: dict, rows: list[dict], sessions: dict, records, *, ans
                 gbs, source = bandwidth_gbs, "--bandwidth-gbs"
             else:
                 gbs, source = floor.datasheet_bandwidth(worker.get("cuda_device"))
-            measured_gbs = (worker.get("bandwidth") or {}).get("best_gbs")
+            probe = worker.get("bandwidth") or {}
+            measured_gbs = probe.get("best_gbs")
             kinds = [(f"{role} decode", costs.get(f"{role}_step_ms"))]
             if role == "target":
                 measured_k = {k: v for k, v in (costs.get("verify_ms_by_k") or {}).items() if k and v is not None}
@@ -199,5 +200,6 @@ def floor_rows(run_info: dict, rows: list[dict], sessions: dict, records, *, ans
                 out.append({"session": key, "step": kind, "bytes": nbytes, "kv_positions": positions,
                             "datasheet_gbs": gbs, "datasheet": source, "measured_gbs": measured_gbs,
                             "floor_ms": fl, "floor_ms_measured_bw": fl_meas, "measured_ms": measured,
+                            "bandwidth_error": probe.get("error"),
                             "ratio": floor.ratio(measured, fl), "ratio_measured_bw": floor.ratio(measured, fl_meas)})
     return out

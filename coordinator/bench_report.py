@@ -150,6 +150,9 @@ def model_sections(data: dict) -> list[str]:
     for f in agg.get("floor") or []:
         notes.add(f"{f['session']}: datasheet {f['datasheet']}" + (f" ({f['datasheet_gbs']:g} GB/s)" if
                                                                    f.get("datasheet_gbs") else ""))
+        if f.get("bandwidth_error"):        # say why the measured-bandwidth columns are empty
+            notes.add(f"{f['session']}: the {f['step'].split()[0]}'s bandwidth probe failed: "
+                      f"{f['bandwidth_error'].splitlines()[0]}")
         lines.append(f"| {f['session']} | {f['step']} | {_f(f['bytes'] / 1e9 if f['bytes'] else None, 3)} | "
                      f"{_f(f['kv_positions'], 0)} | {_f(f['floor_ms'], 2)} | {_f(f['measured_ms'], 2)} | "
                      f"{_f(f['ratio'], 2, '×')} | {_f(f['measured_gbs'], 0)} | {_f(f['floor_ms_measured_bw'], 2)} | "

@@ -176,3 +176,22 @@ def test_each_sample_is_primed_before_its_baseline_is_measured(warmup, tmp_path)
     assert [(r["mode"], r["max_new_tokens"]) for r in records] == [("baseline", 24), ("parallel", 24), ("speculative", 24)]
     primed = [("baseline", PRIME_TOKENS), ("parallel", PRIME_TOKENS), ("speculative", PRIME_TOKENS)] if warmup else []
     assert session.calls == primed + [("baseline", 24), ("parallel", 24), ("speculative", 24)]
+
+
+def test_floor_section_says_why_a_bandwidth_column_is_empty():
+    from coordinator.bench_model import floor_rows
+    from coordinator.bench_report import model_sections
+
+    step = {"weight_bytes": 1_000_000_000, "kv_bytes_per_position": 1000}
+    run_info = {"same-gpu_mps_off": {
+        "target": {"info": {"cuda_device": "NVIDIA H200", "step_bytes": step,
+                            "bandwidth": {"method": "failed", "error": "TypeError: sum() received\nmore"}}},
+        "draft": {"info": {"cuda_device": "NVIDIA H200", "step_bytes": step,
+                           "bandwidth": {"method": "x", "best_gbs": 4000.0}}}}}
+    sessions = {"same-gpu_mps_off": {"target_step_ms": 0.5, "draft_step_ms": 0.4}}
+    floors = floor_rows(run_info, [], sessions, [], answer_positions=0)
+    by_step = {f["step"]: f for f in floors}
+    assert by_step["target decode"]["measured_gbs"] is None and by_step["draft decode"]["measured_gbs"] == 4000.0
+    md = "\n".join(model_sections({"aggregate": {"rows": [], "floor": floors}}))
+    assert "the target's bandwidth probe failed: TypeError: sum() received" in md
+    assert "the draft's bandwidth probe failed" not in md

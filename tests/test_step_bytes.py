@@ -3,7 +3,7 @@ probe on the CPU, and the 4-bit quantisation state counted with the weight."""
 import torch
 
 from tests.engine_support import tiny_llama
-from workers.bandwidth import measure_read_bandwidth
+from workers.bandwidth import measure_read_bandwidth, measure_tensors
 from workers.engine.fast import CudaGraphStepModel
 from workers.step_bytes import describe_step_bytes, weight_bytes
 
@@ -49,6 +49,13 @@ def test_bandwidth_probe_on_the_cpu():
         probe = measure_read_bandwidth("cpu", use_torch)
         assert probe["best_gbs"] == max(probe["read_gbs"], probe["copy_gbs"]) > 0
         assert probe["bytes"] >= 1 << 20 and "numpy" in probe["method"]
+
+
+def test_torch_bandwidth_probe_runs_its_kernels():
+    """The CUDA probe's own sum and copy, run on a CPU tensor (its `torch.sum(x, out=...)` once raised a
+    TypeError on every GPU, which the probe swallowed: bench's measured-bandwidth column went empty)."""
+    probe = measure_tensors(torch.device("cpu"), 4 << 20, repeats=2, groups=2, sync=lambda: None)
+    assert probe["best_gbs"] == max(probe["read_gbs"], probe["copy_gbs"]) > 0 and "torch" in probe["method"]
 
 
 def test_a_step_model_that_reports_its_own_bytes_wins():

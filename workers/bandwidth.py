@@ -50,19 +50,22 @@ def measure_torch(device: str | None, max_bytes: int = GIB, repeats: int = 20, g
         dev = torch.device("cuda", torch.cuda.current_device())
     free, _total = torch.cuda.mem_get_info(dev)
     nbytes = max(1 << 20, min(max_bytes, free // 4) // (1 << 20) * (1 << 20))
+    result = measure_tensors(dev, nbytes, repeats, groups, lambda: torch.cuda.synchronize(dev))
+    torch.cuda.empty_cache()
+    return result
+
+
+def measure_tensors(dev, nbytes: int, repeats: int, groups: int, sync) -> dict:
+    """Read (a sum) and copy bandwidth of an `nbytes` float32 buffer on torch device `dev`."""
+    import torch
+
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=dev)
     y = torch.empty_like(x)
     out = torch.empty((), dtype=torch.float32, device=dev)
-
-    def sync():
-        torch.cuda.synchronize(dev)
-
-    read_s = _best(lambda: torch.sum(x, out=out), repeats, groups, sync)
+    read_s = _best(lambda: torch.sum(x, dim=0, out=out), repeats, groups, sync)
     copy_s = _best(lambda: y.copy_(x), repeats, groups, sync)
-    result = _result(f"{torch.cuda.get_device_name(dev)} (torch sum / copy)", nbytes, read_s, copy_s)
-    del x, y, out
-    torch.cuda.empty_cache()
-    return result
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)
+    return _result(f"{name} (torch sum / copy)", nbytes, read_s, copy_s)
 
 
 def _result(method: str, nbytes: int, read_s: float, copy_s: float) -> dict:
