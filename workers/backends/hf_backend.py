@@ -114,7 +114,11 @@ class HFBackend(Backend):
     def _exact_by_default(self) -> bool:
         """The target always takes the exact step (lossless verification needs it). A draft's tokens only
         need to be cheap, and the exact step is also the faster one: on an H200 (BENCHMARKS.md) 4.8 vs
-        7.0 ms in bf16, and 5.4 vs 6.2 ms in nf4 (its one-row NF4 kernels against bitsandbytes' step)."""
+        7.0 ms in bf16, and 5.4 vs 6.2 ms in nf4 (its one-row NF4 kernels against bitsandbytes' step).
+        Without Triton a draft falls back to the cuBLAS/bitsandbytes step; a target says what is missing."""
+        if self.role == "draft":
+            from workers.engine.kernels import triton_available
+            return triton_available()
         return True
 
     def prefill(self, prepared: Prepared) -> tuple[int, int]:
