@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs of issues 10 and 11: a bf16 target beside an nf4 draft, random full-size weights
 # (--synthetic-weights 7b), DSEC-size inputs with mp4 decoding included, 10 samples, one GPU and two.
-#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|all]
+#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|step|all]
 # two-gpu needs two GPUs of one host. Needs PyAV (writing and reading the mp4 clips), Triton (the exact
 # step) and bitsandbytes (nf4). Each part is one `coordinator bench` run; bench.json/bench.md are written
 # after every (placement, MPS) session, so a run cut short keeps what it finished. MPS=on,off adds the MPS
@@ -12,6 +12,12 @@ OUT=${1:-runs/h200}
 WHAT=${2:-all}
 PY=${PYTHON:-python3}
 DATA=${DATA:-$OUT/data}
+mkdir -p "$OUT"
+if [[ $WHAT == step || $WHAT == all ]]; then      # exactness, step times, floors; the NF4 one-row kernel sweep
+    "$PY" benchmarks/step_bench.py --out "$OUT/step.json" --repeats 15
+    "$PY" benchmarks/kernel_probe.py --sweep nf4-rows > "$OUT/kernel_probe-nf4-rows.json"
+fi
+if [[ $WHAT == step ]]; then exit 0; fi
 if [[ ! -f "$DATA/dataset/EventGPT_Instruction_Subset.json" ]]; then
     "$PY" -m coordinator make-demo "$DATA" --profile dsec --clips 10   # rates 0.3..3 M events/s
 fi
@@ -29,4 +35,9 @@ fi
 if [[ $WHAT == seed50 || $WHAT == all ]]; then     # the seed profile's goals are at 50 tokens; hf-generate too
     bench --max-new-tokens 50 --alphas 0 --oracle-profile seed --placement same-gpu,two-gpu --bench-mps off \
         --output-dir "$OUT/seed-50"
+fi
+if [[ $WHAT == nf4-target || $WHAT == all ]]; then   # nf4 target: lossless with drafting forced on
+    "$PY" -m coordinator bench --input "$DATA/dataset" --synthetic-weights 7b --precision nf4 --samples 10 \
+        --warmup 1 --max-new-tokens 200 --alphas 0,0.5,1 --oracle-profile seed --no-hf-generate \
+        --placement same-gpu --bench-mps off --draft-policy always --output-dir "$OUT/nf4-target"
 fi
