@@ -20,7 +20,7 @@ Kernels (one layer = qkv · attention · o · gate/up · down):
   state, and RMS-normalises it for the next matmul (or the head).
 
 NF4 (bitsandbytes' format, what users load): the step's NF4 matmuls run `nf4_rows.py`'s one-row kernels
-(`_rows_single`, `_dual_rows_kernel`, with the same epilogues), chosen by the weight's kind, never by the
+(`_single`, `_dual_rows_kernel`, with the same epilogues), chosen by the weight's kind, never by the
 row count. The MMA path below still takes NF4 (`NF4=True`: the weight `[N, K]` flattened row-major, blocks
 of 64, two 4-bit codes per byte, the first value in the high nibble, dequantized to bitsandbytes' bf16
 values, high nibbles against the even columns of x and low nibbles against the odd ones) only for
@@ -44,6 +44,7 @@ DUAL_N = 32
 BLOCK_K = 128
 NF4_BLOCK = 64
 TARGET_PROGRAMS = 256          # enough CTAs to keep every SM of an H200 (132) streaming weights
+STAGES = 4                     # pipeline depth of the dense tiles, best on an H200 (benchmarks/kernel_probe.py)
 
 
 @triton.jit
@@ -197,6 +198,17 @@ def _dual_epilogue(acc_a, acc_b, rm, m_ok, offset, ok, rows_a, rows_b, group, x_
         tl.store(out_ptr + rm[:, None] * HALF + rows_a[None, :], cast(y, dtype, UPCAST), mask=mask)
 
 
+@triton.jit
+def _dual_rows(PER_GROUP, GROUP, HALF, BLOCK_N: tl.constexpr):
+    """This program's weight rows in both dual kernels: group g = program // PER_GROUP, rows a = g·GROUP +
+    p·BLOCK_N + i and b = a + HALF; ok masks offsets past HALF."""
+    pid = tl.program_id(0)
+    group = pid // PER_GROUP
+    offset = (pid % PER_GROUP) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_a = group * GROUP + offset
+    return group, offset, rows_a, rows_a + HALF, offset < HALF
+
+
 @triton.jit(do_not_specialize=["M"])
 def _dual_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, K, GROUP, HALF, PER_GROUP,
                  k_cache_ptr, v_cache_ptr, start_ptr, inv_freq_ptr, scaling, Q_HEADS, KV_HEADS, SLOTS,
@@ -204,14 +216,8 @@ def _dual_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, K, GROUP, HALF,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WA: tl.constexpr = True,
                  FMA: tl.constexpr = False):
     """Rows a = g·GROUP + p·BLOCK_N + i and b = a + HALF of group g (a head, or the whole gate/up stack)."""
-    pid = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    group = pid // PER_GROUP
-    offset = (pid % PER_GROUP) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_a = group * GROUP + offset
-    rows_b = rows_a + HALF
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ok = offset < HALF
+    group, offset, rows_a, rows_b, ok = _dual_rows(PER_GROUP, GROUP, HALF, BLOCK_N)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     if WA and not FMA:
         acc_a = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         acc_b = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -236,13 +242,8 @@ def _dual_rows_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, K, GROUP, 
                       ROPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       LOOKUP: tl.constexpr, XPAIR: tl.constexpr):
     """`_dual_kernel` for an NF4 weight, one row of x per program (`nf4_rows.row_dot`), same epilogue."""
-    pid = tl.program_id(0)
+    group, offset, rows_a, rows_b, ok = _dual_rows(PER_GROUP, GROUP, HALF, BLOCK_N)
     row = tl.program_id(1)
-    group = pid // PER_GROUP
-    offset = (pid % PER_GROUP) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_a = group * GROUP + offset
-    rows_b = rows_a + HALF
-    ok = offset < HALF
     acc_a = row_dot(x_ptr, row, w_ptr, absmax_ptr, code_ptr, rows_a, ok, 0, K, K, BLOCK_N, BLOCK_K, LOOKUP, XPAIR)
     acc_b = row_dot(x_ptr, row, w_ptr, absmax_ptr, code_ptr, rows_b, ok, 0, K, K, BLOCK_N, BLOCK_K, LOOKUP, XPAIR)
     rm = row + tl.arange(0, 1)
@@ -316,23 +317,24 @@ def _check(x: torch.Tensor, weight: Weight) -> None:
         raise ValueError(f"expected a contiguous [M, {weight.k}] input; got {tuple(x.shape)}")
 
 
-def _stages(weight: Weight) -> int:
-    # measured on an H200 (benchmarks/kernel_probe.py): dense tiles stream best 4 deep; NF4 tiles, which
-    # are dequantized in registers, best 2 deep
-    return 2 if weight.nf4 else 4
-
-
 def _upcast(x: torch.Tensor) -> bool:
     return INTERPRET or x.dtype == torch.float32
 
 
-def _rows_single(x: torch.Tensor, weight: Weight, out: torch.Tensor, splits: int) -> None:
-    """NF4 `x @ W.T` one row per program: out [M, N] (splits == 1) or float32 partials [splits, M, N]."""
+def _single(x: torch.Tensor, weight: Weight, out: torch.Tensor, splits: int) -> None:
+    """`x @ W.T` into out [M, N] (splits == 1) or float32 partials [splits, M, N]: NF4 weights one row of x
+    per program (nf4_rows.py), dense weights by the MMA tiles."""
     m = x.shape[0]
-    grid = (_cdiv(weight.n, ROWS_BLOCK_N), weight.splits, m)
-    _rows_kernel[grid](x, *weight.pointers(x), out, m, weight.n, weight.k, weight.k_split, SPLITS=splits,
-                       BLOCK_N=ROWS_BLOCK_N, BLOCK_K=ROWS_BLOCK_K, LOOKUP=ROWS_LOOKUP, EMULATE=INTERPRET,
-                       XPAIR=_xpair(x), num_warps=ROWS_WARPS)
+    if weight.nf4:
+        grid = (_cdiv(weight.n, ROWS_BLOCK_N), weight.splits, m)
+        _rows_kernel[grid](x, *weight.pointers(x), out, m, weight.n, weight.k, weight.k_split, SPLITS=splits,
+                           BLOCK_N=ROWS_BLOCK_N, BLOCK_K=ROWS_BLOCK_K, LOOKUP=ROWS_LOOKUP, EMULATE=INTERPRET,
+                           XPAIR=_xpair(x), num_warps=ROWS_WARPS)
+    else:
+        grid = (_cdiv(weight.n, BLOCK_N), weight.splits, _cdiv(m, BLOCK_M))
+        _single_kernel[grid](x, *weight.pointers(x), out, m, weight.n, weight.k, weight.k_split, SPLITS=splits,
+                             NF4=False, UPCAST=_upcast(x), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                             num_warps=4, num_stages=STAGES)
 
 
 def _xpair(x: torch.Tensor) -> bool:
@@ -348,13 +350,7 @@ def linear(x: torch.Tensor, weight: Weight, *, out_dtype: torch.dtype | None = N
         out = torch.empty((m, weight.n), dtype=out_dtype or x.dtype, device=x.device)
     else:
         out = torch.empty((weight.splits, m, weight.n), dtype=torch.float32, device=x.device)
-    if weight.nf4:
-        _rows_single(x, weight, out, weight.splits)
-    else:
-        grid = (_cdiv(weight.n, BLOCK_N), weight.splits, _cdiv(m, BLOCK_M))
-        _single_kernel[grid](x, *weight.pointers(x), out, m, weight.n, weight.k, weight.k_split,
-                             SPLITS=weight.splits, NF4=False, UPCAST=_upcast(x),
-                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=_stages(weight))
+    _single(x, weight, out, weight.splits)
     if weight.splits == 1:
         return out
     return out.sum(0).to(out_dtype or x.dtype)      # not on the step's path: see linear_residual_norm
@@ -367,13 +363,7 @@ def linear_residual_norm(x: torch.Tensor, weight: Weight, residual: torch.Tensor
     m, n = x.shape[0], weight.n
     part = torch.empty((weight.splits, m, n), dtype=torch.float32, device=x.device)
     # SPLITS=2 forces the partial store even for an unsplit weight (the finish kernel adds the residual)
-    if weight.nf4:
-        _rows_single(x, weight, part, max(2, weight.splits))
-    else:
-        grid = (_cdiv(n, BLOCK_N), weight.splits, _cdiv(m, BLOCK_M))
-        _single_kernel[grid](x, *weight.pointers(x), part, m, n, weight.k, weight.k_split,
-                             SPLITS=max(2, weight.splits), NF4=False, UPCAST=_upcast(x),
-                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=_stages(weight))
+    _single(x, weight, part, max(2, weight.splits))
     hidden = torch.empty((m, n), dtype=residual.dtype, device=x.device)
     normed = torch.empty_like(hidden)
     _finish_kernel[(m,)](part, residual, hidden, norm_weight, normed, m, n, eps, SPLITS=weight.splits,
@@ -398,7 +388,7 @@ def gate_up_silu(x: torch.Tensor, weight: Weight) -> torch.Tensor:
         x, *weight.pointers(x), out, m, weight.k, weight.n, half, per_group,
         out, out, out, out, 1.0, 0, 0, 0,
         ROPE=False, NF4=weight.nf4, UPCAST=_upcast(x),
-        BLOCK_M=BLOCK_M, BLOCK_N=DUAL_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=_stages(weight))
+        BLOCK_M=BLOCK_M, BLOCK_N=DUAL_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=STAGES)
     return out
 
 
@@ -425,5 +415,5 @@ def qkv_rope_store(x: torch.Tensor, weight: Weight, keys: torch.Tensor, values: 
         x, *weight.pointers(x), q, m, weight.k, d, d // 2, per_group,
         keys, values, start, inv_freq, float(scaling), heads, kv_heads, slots,
         ROPE=True, NF4=weight.nf4, UPCAST=_upcast(x),
-        BLOCK_M=BLOCK_M, BLOCK_N=DUAL_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=_stages(weight))
+        BLOCK_M=BLOCK_M, BLOCK_N=DUAL_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=STAGES)
     return q

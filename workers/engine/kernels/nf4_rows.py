@@ -29,7 +29,6 @@ import triton.language as tl
 
 from .common import cast
 
-NF4_BLOCK = 64
 # The step's configuration, from `benchmarks/kernel_probe.py --sweep nf4-rows` on an H200: 0.71–1.07 TB/s
 # of packed bytes for one row at the LLaMA-7B shapes (bitsandbytes' one-row kernel: 0.22–0.85 in the same
 # run). Not bandwidth-bound: Nsight Compute (`benchmarks/ncu_rows.py`) counts ~17 instructions per packed
@@ -75,7 +74,7 @@ def _select_tree(q, code_ptr):
 
 @triton.jit
 def _lookup(q, code_ptr, table, LOOKUP: tl.constexpr):
-    if LOOKUP == 0 or LOOKUP == 4:
+    if LOOKUP == 0:
         return tl.load(code_ptr + q)
     elif LOOKUP == 1:
         return tl.gather(table, q, 2)
@@ -117,16 +116,15 @@ def _load_tile(x_ptr, row, w_ptr, absmax_ptr, rows, rows_ok, k0, k_end, K,
 def _tile_update(acc, packed, scale, x_even, x_odd, code_ptr, table, pair_ptr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOOKUP: tl.constexpr):
     NB: tl.constexpr = BLOCK_K // 64
-    if LOOKUP == 4:     # one lookup per byte in a 256-entry table of bf16 pairs (timing variant)
+    if LOOKUP >= 4:     # one lookup per byte in a 256-entry table of pairs: bf16 in int32 (4), float32 in int64 (5)
         pairs = tl.gather(tl.load(pair_ptr + tl.arange(0, 256)), tl.reshape(packed, (BLOCK_N * NB * 32,)), 0)
         pairs = tl.reshape(pairs, (BLOCK_N, NB, 32))
-        w_high = (pairs & -65536).to(tl.float32, bitcast=True)
-        w_low = (pairs << 16).to(tl.float32, bitcast=True)
-    elif LOOKUP == 5:   # one lookup per byte in a 256-entry table of float32 pairs (int64)
-        pairs = tl.gather(tl.load(pair_ptr + tl.arange(0, 256)), tl.reshape(packed, (BLOCK_N * NB * 32,)), 0)
-        pairs = tl.reshape(pairs, (BLOCK_N, NB, 32))
-        w_high = (pairs >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        w_low = pairs.to(tl.int32).to(tl.float32, bitcast=True)
+        if LOOKUP == 4:
+            w_high = (pairs & -65536).to(tl.float32, bitcast=True)
+            w_low = (pairs << 16).to(tl.float32, bitcast=True)
+        else:
+            w_high = (pairs >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            w_low = pairs.to(tl.int32).to(tl.float32, bitcast=True)
     else:
         w_high = _lookup(packed >> 4, code_ptr, table, LOOKUP)
         w_low = _lookup(packed & 15, code_ptr, table, LOOKUP)
