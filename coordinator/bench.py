@@ -237,30 +237,25 @@ def _one(session, cfg: BenchConfig, sample, mode, n, mps_setting, placement, ora
     return rec
 
 
+def _unmeasured_round(session, cfg: BenchConfig, sample, n, mps_setting, placement, hf_generate: bool) -> None:
+    """Baseline, then every mode on the baseline's answer (last oracle setting), `n` tokens; not recorded."""
+    base = _one(session, cfg, sample, "baseline", n, mps_setting, placement)
+    answer = base.get("committed_ids") or []
+    oracles = oracle_settings(cfg)
+    for mode in cfg.modes:
+        _one(session, cfg, sample, mode, n, mps_setting, placement,
+             dict(oracles[-1], seed=cfg.seed, answer=answer) if oracles else None)
+    if hf_generate:
+        _one(session, cfg, sample, "hf-generate", n, mps_setting, placement)
+
+
 def warm_up(session, cfg: BenchConfig, sample, mps_setting, placement) -> None:
     """Graph capture, allocator, caches: requests that are not measured."""
-    oracles = oracle_settings(cfg)
     for _ in range(cfg.warmup):
-        n = min(cfg.max_new_tokens)
-        base = _one(session, cfg, sample, "baseline", n, mps_setting, placement)
-        answer = base.get("committed_ids") or []
-        for mode in cfg.modes:
-            _one(session, cfg, sample, mode, n, mps_setting, placement, dict(oracles[-1], seed=cfg.seed, answer=answer))
-        if cfg.hf_generate:
-            _one(session, cfg, sample, "hf-generate", n, mps_setting, placement)
+        _unmeasured_round(session, cfg, sample, min(cfg.max_new_tokens), mps_setting, placement, cfg.hf_generate)
 
 
 PRIME_TOKENS = 2
-
-
-def _prime(session, cfg: BenchConfig, sample, mps_setting, placement) -> None:
-    """Unmeasured: baseline and each mode (both workers prefill) with a 2-token answer on this sample."""
-    base = _one(session, cfg, sample, "baseline", PRIME_TOKENS, mps_setting, placement)
-    answer = base.get("committed_ids") or []
-    oracle = oracle_settings(cfg)[-1] if oracle_settings(cfg) else None
-    for mode in cfg.modes:
-        _one(session, cfg, sample, mode, PRIME_TOKENS, mps_setting, placement,
-             dict(oracle, seed=cfg.seed, answer=answer) if oracle else None)
 
 
 def sample_records(session, cfg: BenchConfig, sample, n, mps_setting, placement):
@@ -270,8 +265,8 @@ def sample_records(session, cfg: BenchConfig, sample, n, mps_setting, placement)
     With warm-up on, one short unmeasured request per mode first primes this sample's prompt length: the
     first prefill of a new length cost ~55 ms more on an H200 (130 vs 72 ms, bf16, 2026-12-03), which fell
     on the baseline, the first mode measured, and inflated every speedup by up to 5 %."""
-    if cfg.warmup:
-        _prime(session, cfg, sample, mps_setting, placement)
+    if cfg.warmup:        # baseline and each mode (both workers prefill), 2-token answers
+        _unmeasured_round(session, cfg, sample, PRIME_TOKENS, mps_setting, placement, hf_generate=False)
     base = _one(session, cfg, sample, "baseline", n, mps_setting, placement)
     yield base
     if cfg.hf_generate:
