@@ -1,6 +1,10 @@
 """One launch of the NF4 one-row kernel (kernels/nf4_rows.py) at the qkv shape, for Nsight Compute:
 
-    ncu --set full -k regex:_rows_kernel -s 3 -c 1 python benchmarks/ncu_rows.py [LOOKUP]
+    ncu --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
+        --section SchedulerStats --section InstructionStats -k regex:_rows_kernel -s 3 -c 1 \
+        python benchmarks/ncu_rows.py [LOOKUP]
+
+(the command behind benchmarks/2026-12-03-h200/ncu-nf4-rows-lookup1.txt, with LOOKUP 1)
 """
 import sys
 from pathlib import Path
