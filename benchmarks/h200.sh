@@ -13,9 +13,9 @@ WHAT=${2:-all}
 PY=${PYTHON:-python3}
 DATA=${DATA:-$OUT/data}
 mkdir -p "$OUT"
-if [[ $WHAT == step || $WHAT == all ]]; then      # exactness, step times, floors; the NF4 one-row kernel sweep
+if [[ $WHAT == step || $WHAT == all ]]; then      # exactness, step times, floors; the NF4 kernel sweep
     "$PY" benchmarks/step_bench.py --out "$OUT/step.json" --repeats 15
-    "$PY" benchmarks/kernel_probe.py --sweep nf4-rows > "$OUT/kernel_probe-nf4-rows.json"
+    "$PY" benchmarks/kernel_probe.py --sweep nf4-cuda > "$OUT/kernel_probe-nf4-cuda.json"
 fi
 if [[ $WHAT == step ]]; then exit 0; fi
 if [[ ! -f "$DATA/dataset/EventGPT_Instruction_Subset.json" ]]; then

@@ -5,6 +5,7 @@ over tile configurations, for the three sweeps BENCHMARKS.md quotes:
     python benchmarks/kernel_probe.py --sweep nf4-probes > nf4.json  # NF4 without the codebook lookup / the absmax
     python benchmarks/kernel_probe.py --sweep fma > fma.json         # float32 FMAs instead of MMAs
     python benchmarks/kernel_probe.py --sweep nf4-rows > rows.json   # NF4 one row per program (kernels/nf4_rows.py)
+    python benchmarks/kernel_probe.py --sweep nf4-cuda > cuda.json   # NF4 on tensor cores (kernels/nf4_cuda.py)
 
 Shapes: LLaMA-7B qkv (12288×4096) and down_proj (4096×11008). Times from triton.testing.do_bench (median,
 ms); GB/s = weight bytes read ÷ time. The last line on stderr per (kind, shape, rows) is the best config.
@@ -128,12 +129,48 @@ def rows_sweep(rep=25):
     return results
 
 
+def cuda_sweep(rep=25):
+    """nf4_cuda.py's kernel (its split default, and other splits for one row) beside the step's Triton rows
+    kernel, bitsandbytes and the dense bf16 kernel on the same shapes and rows, in one run."""
+    from workers.engine.kernels import nf4_cuda
+    results = []
+    for n, k in SHAPES + ((22016, 4096), (4096, 4096)):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 64
+        packed, absmax = nf4.quantize(w.float())
+        code = nf4.code_tensor("cuda")
+        cores = L.Weight(n, k, packed=packed, absmax=absmax, code=code)
+        rows_w = L.Weight(n, k, packed=packed, absmax=absmax, code=code, nf4_kernel="rows")
+        dense = L.Weight(n, k, dense=w)
+        _, default = nf4_cuda.splits_for(n, k)
+        for rows in (1, 2, 5, 9, 16, 17):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            per_splits = sorted({default, 8, 16, 32, k // 64}) if rows == 1 else [default]
+            for per in per_splits:
+                splits = -(-(k // 64) // per)
+                out = torch.empty((splits, rows, n), dtype=torch.float32, device="cuda")
+                ms = triton.testing.do_bench(lambda: nf4_cuda.partials(x, packed, absmax, cores.pairs[x.dtype], n, k,
+                                                                       out, per), warmup=5, rep=rep)
+                results.append(dict(kind="nf4-cuda", n=n, k=k, rows=rows, per_split=per, splits=splits,
+                                    default=per == default, ms=ms, gbs=cores.bytes_read() / ms / 1e6))
+            for label, weight in (("nf4-rows", rows_w), ("bf16-mma", dense)):
+                out = torch.empty((weight.splits, rows, n), dtype=torch.float32, device="cuda")
+                ms = triton.testing.do_bench(lambda: L._single(x, weight, out, max(2, weight.splits)), warmup=5, rep=rep)
+                results.append(dict(kind=label, n=n, k=k, rows=rows, ms=ms, gbs=weight.bytes_read() / ms / 1e6))
+            results.append(bnb_reference(n, k, w, rows, rep))
+            for r in results[-(len(per_splits) + 3):]:
+                print(json.dumps(r), file=sys.stderr, flush=True)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", choices=sorted(SWEEPS) + ["nf4-rows"], required=True)
+    parser.add_argument("--sweep", choices=sorted(SWEEPS) + ["nf4-rows", "nf4-cuda"], required=True)
     args = parser.parse_args()
     if args.sweep == "nf4-rows":
         results = rows_sweep()
+        rows_list, grid = (), ()
+    elif args.sweep == "nf4-cuda":
+        results = cuda_sweep()
         rows_list, grid = (), ()
     else:
         rows_list, rep, grid = SWEEPS[args.sweep]

@@ -117,8 +117,28 @@ def test_unpack_bnb_expands_double_quantized_absmax():
         nf4.unpack_bnb(param)
 
 
-@pytest.mark.parametrize("quantized", [False, True])
+def _split_partials(weight: Weight, ref: torch.Tensor, splits: int) -> Weight:
+    """Turn an NF4 weight into one on the split-partials path (what nf4_cuda.py feeds the finish kernels),
+    with the partials of each row computed here in float64 over `splits` slices of K, then rounded."""
+    weight.tensor_cores, weight.splits = True, splits
+    bounds = torch.linspace(0, weight.k // 64, splits + 1).round().long() * 64
+
+    def partials(x, out=None):
+        xd = x.double().cpu()
+        parts = torch.stack([xd[:, a:b] @ ref[:, a:b].T for a, b in zip(bounds[:-1], bounds[1:])]).float()
+        if out is None:
+            return parts.to(x.device)
+        out.copy_(parts)
+        return out
+
+    weight.partials = partials
+    return weight
+
+
+@pytest.mark.parametrize("quantized", [False, True, "partials"])
 def test_fused_layer_kernels_are_row_invariant_and_right(quantized):
+    """Dense, NF4 on this device's kernel, and NF4 as split partials (the CUDA kernel's output form, here
+    made in float64 so the CPU checks the finish kernels' epilogues and their row invariance)."""
     gen = torch.Generator().manual_seed(5)
     dtype = torch.bfloat16
 
@@ -129,7 +149,10 @@ def test_fused_layer_kernels_are_row_invariant_and_right(quantized):
             return Weight(n, k, dense=w.to(DEVICE)), w.double()
         packed, absmax = nf4.quantize(w)
         ref = nf4.dequantize(packed, absmax, n, k, torch.float32).double()
-        return Weight(n, k, packed=packed.to(DEVICE), absmax=absmax.to(DEVICE), code=nf4.code_tensor(DEVICE)), ref
+        made = Weight(n, k, packed=packed.to(DEVICE), absmax=absmax.to(DEVICE), code=nf4.code_tensor(DEVICE))
+        if quantized == "partials":
+            made = _split_partials(made, ref, splits=min(3, k // 64))
+        return made, ref
 
     def close(got, ref, tol=3e-2):
         assert ((got.double().cpu() - ref).abs() / (ref.abs() + 1)).max() < tol
@@ -326,8 +349,17 @@ def test_nf4_kernel_dequantizes_bitsandbytes_weights_exactly():
     layer.weight = bnb.nn.Params4bit(torch.randn(n, k, dtype=torch.bfloat16), requires_grad=False,
                                      compress_statistics=True, quant_type="nf4").to("cuda")
     packed, absmax, code = nf4.unpack_bnb(layer.weight)
-    weight = Weight(n, k, packed=packed, absmax=absmax, code=code)
     eye = torch.eye(k, dtype=torch.bfloat16, device="cuda")
-    ours = torch.cat([linear(eye[i: i + 32].contiguous(), weight) for i in range(0, k, 32)]).T
     theirs = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    # the rows kernel: code · absmax in float32, rounded once, as bitsandbytes does
+    rows = Weight(n, k, packed=packed, absmax=absmax, code=code, nf4_kernel="rows")
+    ours = torch.cat([linear(eye[i: i + 32].contiguous(), rows) for i in range(0, k, 32)]).T
     assert torch.equal(ours, theirs.to(torch.bfloat16))
+    # the tensor-core kernel: the code rounded to bf16 first (an MMA operand), then · absmax in float32
+    cores = Weight(n, k, packed=packed, absmax=absmax, code=code)
+    if cores.tensor_cores:
+        ours = torch.cat([linear(eye[i: i + 32].contiguous(), cores) for i in range(0, k, 32)]).T
+        q = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1).long()
+        expected = (code.to(torch.bfloat16).float()[q].reshape(-1, 64) * absmax[:, None]).reshape(n, k)
+        assert torch.equal(ours, expected.to(torch.bfloat16))
+        assert ((ours.float() - theirs.float()).abs() <= theirs.float().abs() * 2 ** -7 + 1e-30).all()

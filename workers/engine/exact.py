@@ -43,7 +43,7 @@ def _is_nf4(module) -> bool:
     return hasattr(getattr(module, "weight", None), "quant_state")
 
 
-def _stack(modules) -> Weight:
+def _stack(modules, nf4_kernel: str = "auto") -> Weight:
     """One Weight over several linear modules stacked along N; the modules then read views of it."""
     for mod in modules:
         if getattr(mod, "bias", None) is not None:
@@ -67,7 +67,7 @@ def _stack(modules) -> Weight:
         # bitsandbytes keeps reading its own parameter (prefill): make it a view of the stacked bytes
         mod.weight.data = packed[offset: offset + p.numel()].view(mod.weight.data.shape)
         offset += p.numel()
-    return Weight(n, k, packed=packed, absmax=absmax, code=parts[0][2])
+    return Weight(n, k, packed=packed, absmax=absmax, code=parts[0][2], nf4_kernel=nf4_kernel)
 
 
 class ExactStepModel(CudaGraphStepModel):
@@ -80,6 +80,8 @@ class ExactStepModel(CudaGraphStepModel):
         config = d.config
         self.heads = config.num_attention_heads
         self.layers_w: list[_Layer] = []
+        # NF4 on tensor cores takes 16-bit inputs; a float32 model keeps the rows kernel
+        kernel = "auto" if d.embed_tokens.weight.dtype in (torch.bfloat16, torch.float16) else "rows"
         with torch.inference_mode():
             for layer in d.layers:
                 attn, mlp = layer.self_attn, layer.mlp
@@ -87,10 +89,10 @@ class ExactStepModel(CudaGraphStepModel):
                     input_norm=layer.input_layernorm.weight.data,
                     post_norm=layer.post_attention_layernorm.weight.data,
                     eps=float(getattr(layer.input_layernorm, "variance_epsilon", config.rms_norm_eps)),
-                    qkv=_stack([attn.q_proj, attn.k_proj, attn.v_proj]),
-                    o=_stack([attn.o_proj]),
-                    gate_up=_stack([mlp.gate_proj, mlp.up_proj]),
-                    down=_stack([mlp.down_proj]),
+                    qkv=_stack([attn.q_proj, attn.k_proj, attn.v_proj], kernel),
+                    o=_stack([attn.o_proj], kernel),
+                    gate_up=_stack([mlp.gate_proj, mlp.up_proj], kernel),
+                    down=_stack([mlp.down_proj], kernel),
                 ))
             self.final_norm = d.norm.weight.data
             self.final_eps = float(getattr(d.norm, "variance_epsilon", config.rms_norm_eps))
@@ -112,7 +114,7 @@ class ExactStepModel(CudaGraphStepModel):
         weights = sum(w.bytes_read() for layer in self.layers_w for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
         weights += self.head.bytes_read()
         kv_per_position = 2 * sum(k.shape[1] * k.shape[3] * k.element_size() for k in self.kv.keys)   # K and V, [1, kvh, slots, d]
-        return {"weights": weights, "kv_per_position": kv_per_position}
+        return {"weights": weights, "kv_per_position": kv_per_position, "kernel": self.layers_w[0].qkv.kernel}
 
     def _compute(self, bucket: int):
         """Per layer: qkv + RoPE + cache write, attention, o + residual + norm, gate/up + silu, down +

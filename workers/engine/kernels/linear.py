@@ -19,22 +19,25 @@ Kernels (one layer = qkv · attention · o · gate/up · down):
 - `_finish_kernel`: one program per row adds the split partials and the residual, stores the new hidden
   state, and RMS-normalises it for the next matmul (or the head).
 
-NF4 (bitsandbytes' format, what users load): the step's NF4 matmuls run `nf4_rows.py`'s one-row kernels
-(`_single`, `_dual_rows_kernel`, with the same epilogues), chosen by the weight's kind, never by the
-row count. The MMA path below still takes NF4 (`NF4=True`: the weight `[N, K]` flattened row-major, blocks
+NF4 (bitsandbytes' format, what users load): on a CUDA GPU the step's NF4 matmuls run `nf4_cuda.py`'s
+tensor-core kernel, which writes split partials; `_finish_kernel` (o, down) and `_dual_finish_kernel`
+(qkv, gate/up: the same epilogues) add them in split order. Elsewhere (the CPU interpreter, no NVRTC, or
+`EVENTSPEC_NF4_KERNEL=triton`) they run `nf4_rows.py`'s one-row kernels (`_single`, `_dual_rows_kernel`).
+The path is chosen per weight when it is built, never by the row count. The MMA path below still takes NF4 (`NF4=True`: the weight `[N, K]` flattened row-major, blocks
 of 64, two 4-bit codes per byte, the first value in the high nibble, dequantized to bitsandbytes' bf16
 values, high nibbles against the even columns of x and low nibbles against the odd ones) only for
 `benchmarks/kernel_probe.py`'s sweeps, which measured it at 0.15–0.25 TB/s.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, nf4_cuda
 from .common import cast, dot_f32, rms_normalize
 from .nf4_rows import _rows_kernel, ROWS_BLOCK_K, ROWS_BLOCK_N, ROWS_DUAL_N, ROWS_LOOKUP, ROWS_PROGRAMS, ROWS_WARPS, row_dot
 
@@ -45,6 +48,7 @@ BLOCK_K = 128
 NF4_BLOCK = 64
 TARGET_PROGRAMS = 256          # enough CTAs to keep every SM of an H200 (132) streaming weights
 STAGES = 4                     # pipeline depth of the dense tiles, best on an H200 (benchmarks/kernel_probe.py)
+NF4_KERNEL = os.environ.get("EVENTSPEC_NF4_KERNEL", "auto")     # auto | cuda | triton (measurements)
 
 
 @triton.jit
@@ -252,6 +256,25 @@ def _dual_rows_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, K, GROUP, 
                    ROPE, UPCAST)
 
 
+@triton.jit
+def _dual_finish_kernel(part_ptr, x_ptr, out_ptr, M, N, GROUP, HALF, PER_GROUP,
+                        k_cache_ptr, v_cache_ptr, start_ptr, inv_freq_ptr, scaling, Q_HEADS, KV_HEADS, SLOTS,
+                        SPLITS: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`_dual_kernel`'s epilogue on float32 split partials [SPLITS, M, N] (nf4_cuda.py), one row per program,
+    the partials added in split order."""
+    group, offset, rows_a, rows_b, ok = _dual_rows(PER_GROUP, GROUP, HALF, BLOCK_N)
+    row = tl.program_id(1)
+    acc_a = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        acc_a += tl.load(part_ptr + (s * M + row) * N + rows_a, mask=ok, other=0.0)
+        acc_b += tl.load(part_ptr + (s * M + row) * N + rows_b, mask=ok, other=0.0)
+    rm = row + tl.arange(0, 1)
+    _dual_epilogue(acc_a[None, :], acc_b[None, :], rm, rm < M, offset, ok, rows_a, rows_b, group, x_ptr, out_ptr,
+                   k_cache_ptr, v_cache_ptr, start_ptr, inv_freq_ptr, scaling, Q_HEADS, KV_HEADS, SLOTS, GROUP, HALF,
+                   ROPE, UPCAST)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _finish_kernel(part_ptr, res_ptr, hidden_ptr, norm_w_ptr, normed_ptr, M, N, eps,
                    SPLITS: tl.constexpr, BLOCK: tl.constexpr, EMULATE: tl.constexpr):
@@ -276,7 +299,9 @@ def _cdiv(a: int, b: int) -> int:
 @dataclass
 class Weight:
     """A linear layer's weight as the kernels read it: `dense` [N, K], or NF4 `packed` uint8 [N·K/2] with
-    float32 `absmax` [N·K/64] and `code` [16]. The split of K depends on (N, K) only."""
+    float32 `absmax` [N·K/64] and `code` [16]. The split of K depends on (N, K) and the kernel only; the
+    NF4 kernel (CUDA tensor cores for 16-bit inputs where NVRTC runs, else the Triton rows kernel) is
+    chosen here, once."""
 
     n: int
     k: int
@@ -284,10 +309,19 @@ class Weight:
     packed: torch.Tensor | None = None
     absmax: torch.Tensor | None = None
     code: torch.Tensor | None = None
+    nf4_kernel: str = "auto"        # "rows": nf4_rows.py even where nf4_cuda.py could run (float32 inputs)
 
     def __post_init__(self):
         if self.packed is not None and self.k % NF4_BLOCK:
             raise ValueError(f"NF4 weights need K divisible by {NF4_BLOCK}; got K = {self.k}")
+        self.tensor_cores = False           # NF4 on nf4_cuda.py's kernel
+        self.nf4_kernel_note = None         # why not, when an NF4 weight could not use it
+        if self.nf4:
+            self._choose_nf4_kernel()
+        if self.tensor_cores:
+            self.splits, per_split = nf4_cuda.splits_for(self.n, self.k)
+            self.k_split = per_split * NF4_BLOCK
+            return
         if self.nf4:        # the one-row kernels (nf4_rows.py): their own tiles and programs per row
             block_k, block_n, programs = ROWS_BLOCK_K, ROWS_BLOCK_N, ROWS_PROGRAMS
         else:
@@ -297,9 +331,37 @@ class Weight:
         self.k_split = _cdiv(k_blocks, splits) * block_k
         self.splits = _cdiv(self.k, self.k_split)
 
+    def _choose_nf4_kernel(self) -> None:
+        if NF4_KERNEL == "triton" or self.nf4_kernel == "rows":
+            self.nf4_kernel_note = "EVENTSPEC_NF4_KERNEL=triton" if NF4_KERNEL == "triton" else "asked for the rows kernel"
+            return
+        reason = "Triton's interpreter" if INTERPRET else nf4_cuda.unavailable_reason(self.packed.device)
+        if reason is not None:
+            if NF4_KERNEL == "cuda":
+                raise RuntimeError(f"EVENTSPEC_NF4_KERNEL=cuda, but the NF4 CUDA kernel cannot run: {reason}")
+            self.nf4_kernel_note = reason
+            return
+        self.tensor_cores = True
+        self.pairs = {dtype: nf4_cuda.pair_table(self.code, dtype) for dtype in (torch.bfloat16, torch.float16)}
+
     @property
     def nf4(self) -> bool:
         return self.packed is not None
+
+    @property
+    def kernel(self) -> str:
+        """Which kernel family reads this weight: dense-mma, nf4-cuda or nf4-rows."""
+        if not self.nf4:
+            return "dense-mma"
+        return "nf4-cuda" if self.tensor_cores else "nf4-rows"
+
+    def partials(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 split partials [splits, M, N] of x @ W.T from the NF4 CUDA kernel."""
+        if out is None:
+            out = torch.empty((self.splits, x.shape[0], self.n), dtype=torch.float32, device=x.device)
+        if x.dtype not in self.pairs:
+            raise ValueError(f"the NF4 CUDA kernel takes bf16 or fp16 inputs; got {x.dtype}")
+        return nf4_cuda.partials(x, self.packed, self.absmax, self.pairs[x.dtype], self.n, self.k, out)
 
     def pointers(self, x: torch.Tensor):
         if self.nf4:
@@ -325,7 +387,9 @@ def _single(x: torch.Tensor, weight: Weight, out: torch.Tensor, splits: int) -> 
     """`x @ W.T` into out [M, N] (splits == 1) or float32 partials [splits, M, N]: NF4 weights one row of x
     per program (nf4_rows.py), dense weights by the MMA tiles."""
     m = x.shape[0]
-    if weight.nf4:
+    if weight.tensor_cores:
+        weight.partials(x, out)             # always partials [splits, M, N]: the callers add them
+    elif weight.nf4:
         grid = (_cdiv(weight.n, ROWS_BLOCK_N), weight.splits, m)
         _rows_kernel[grid](x, *weight.pointers(x), out, m, weight.n, weight.k, weight.k_split, SPLITS=splits,
                            BLOCK_N=ROWS_BLOCK_N, BLOCK_K=ROWS_BLOCK_K, LOOKUP=ROWS_LOOKUP, EMULATE=INTERPRET,
@@ -346,6 +410,8 @@ def linear(x: torch.Tensor, weight: Weight, *, out_dtype: torch.dtype | None = N
     """`x` [M, K] → [M, N] (split partials summed by `linear_residual_norm` when the weight splits K)."""
     _check(x, weight)
     m = x.shape[0]
+    if weight.tensor_cores:
+        return weight.partials(x).sum(0).to(out_dtype or x.dtype)     # not on the step's path (the head is dense)
     if weight.splits == 1:
         out = torch.empty((m, weight.n), dtype=out_dtype or x.dtype, device=x.device)
     else:
@@ -376,6 +442,13 @@ def gate_up_silu(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     _check(x, weight)
     m, half = x.shape[0], weight.n // 2
     out = torch.empty((m, half), dtype=x.dtype, device=x.device)
+    if weight.tensor_cores:
+        block = min(256, triton.next_power_of_2(half))
+        per_group = _cdiv(half, block)
+        _dual_finish_kernel[(per_group, m)](
+            weight.partials(x), x, out, m, weight.n, weight.n, half, per_group, out, out, out, out, 1.0, 0, 0, 0,
+            SPLITS=weight.splits, ROPE=False, UPCAST=_upcast(x), BLOCK_N=block, num_warps=4)
+        return out
     if weight.nf4:
         per_group = _cdiv(half, ROWS_DUAL_N)
         _dual_rows_kernel[(per_group, m)](
@@ -402,6 +475,14 @@ def qkv_rope_store(x: torch.Tensor, weight: Weight, keys: torch.Tensor, values: 
     if weight.n != (heads + 2 * kv_heads) * d:
         raise ValueError(f"a qkv weight of {weight.n} rows does not fit {heads}+2·{kv_heads} heads of {d}")
     q = torch.empty((m, heads * d), dtype=x.dtype, device=x.device)
+    if weight.tensor_cores:
+        block = min(256, triton.next_power_of_2(d // 2))
+        per_group = _cdiv(d // 2, block)
+        _dual_finish_kernel[((heads + 2 * kv_heads) * per_group, m)](
+            weight.partials(x), x, q, m, weight.n, d, d // 2, per_group,
+            keys, values, start, inv_freq, float(scaling), heads, kv_heads, slots,
+            SPLITS=weight.splits, ROPE=True, UPCAST=_upcast(x), BLOCK_N=block, num_warps=4)
+        return q
     if weight.nf4:
         per_group = _cdiv(d // 2, ROWS_DUAL_N)
         _dual_rows_kernel[((heads + 2 * kv_heads) * per_group, m)](

@@ -1,0 +1,60 @@
+"""The NF4 tensor-core kernel (workers/engine/kernels/nf4_cuda.py) on a CUDA GPU: its split partials
+against a float64 reference of the same quantized weights, a row's bits independent of the rows beside it
+(1 … 33), and the pair table it looks bytes up in. Skipped without CUDA (the kernel is CUDA C)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.engine import nf4
+from workers.engine.kernels import nf4_cuda
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the NF4 tensor-core kernel is CUDA C")
+
+
+def test_pair_table_puts_the_even_column_in_the_low_half():
+    code = nf4.code_tensor("cpu")
+    table = nf4_cuda.pair_table(code, torch.bfloat16)
+    byte = 0x3C                                    # high nibble 3 (even column), low nibble 12 (odd column)
+    word = int(table[byte]) & 0xFFFFFFFF
+    low = torch.tensor([word & 0xFFFF], dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    high = torch.tensor([word >> 16], dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    assert low.item() == code[3].to(torch.bfloat16).item() and high.item() == code[12].to(torch.bfloat16).item()
+
+
+def test_splits_depend_on_the_shape_only_and_cover_k():
+    for n, k in [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (40, 320)]:
+        splits, per = nf4_cuda.splits_for(n, k)
+        assert splits * per >= k // 64 > (splits - 1) * per
+        assert splits == 1 or per >= nf4_cuda.MIN_SPLIT_BLOCKS
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(256, 4096), (4096, 11008), (40, 320), (24, 1024)])
+def test_partials_are_right_and_row_invariant(dtype, shape):
+    reason = nf4_cuda.unavailable_reason("cuda")
+    if reason:
+        pytest.skip(f"NF4 CUDA kernel unavailable: {reason}")
+    n, k = shape
+    gen = torch.Generator().manual_seed(n + k)
+    packed, absmax = nf4.quantize(torch.randn(n, k, generator=gen))
+    packed, absmax = packed.cuda(), absmax.cuda()
+    code = nf4.code_tensor("cuda")
+    pairs = nf4_cuda.pair_table(code, dtype)
+    splits, _ = nf4_cuda.splits_for(n, k)
+    x = torch.randn(33, k, generator=gen).to("cuda", dtype)
+
+    def run(rows):
+        out = torch.full((splits, rows, n), float("nan"), device="cuda")
+        return nf4_cuda.partials(x[:rows].contiguous(), packed, absmax, pairs, n, k, out)
+
+    full = run(33)
+    assert not full.isnan().any()
+    for rows in (1, 2, 3, 8, 9, 16, 17):
+        assert torch.equal(run(rows), full[:, :rows]), f"{rows} rows differ from the same rows among 33"
+    q = torch.stack([packed.cpu() >> 4, packed.cpu() & 15], dim=1).reshape(-1).long()
+    w = (code.cpu().to(dtype).double()[q].reshape(-1, 64) * absmax.cpu().double()[:, None]).reshape(n, k)
+    ref = x.cpu().double() @ w.T
+    got = full.sum(0).cpu().double()
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()

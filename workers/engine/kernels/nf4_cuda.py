@@ -1,0 +1,240 @@
+"""NF4 skinny matmuls on tensor cores: split-K partials `part[s, m, n]` of `x @ W.T` for 1–16 rows of x
+per program (more rows: another program column), W in bitsandbytes' NF4 layout as users load it. CUDA C,
+compiled at run time by NVRTC (`torch.cuda._compile_kernel`, no CUDA toolkit needed); on the CPU, or where
+NVRTC is missing, the step keeps `nf4_rows.py`'s Triton kernels.
+
+Why CUDA: Triton cannot put a looked-up weight straight into an MMA operand register, nor keep a lookup
+table in shared memory per lane; `nf4_rows.py` spends ~17 instructions per packed byte (Nsight Compute) and
+streams ~1 TB/s on an H200. Here a packed byte becomes one MMA operand register with one shared-memory load:
+
+- A weight byte holds two neighbouring columns (first value in the high nibble). A 256-entry table maps a
+  byte to the 16-bit codes of its two values, packed as the register pair an `mma.m16n8k16` A fragment
+  wants (low half = even column). The table is copied once per lane (32 KB), so the 32 lanes of a warp
+  read 32 different banks: no conflicts.
+- Weights are the MMA's A operand (16 output rows), x its B operand (8 rows of x per MMA, two MMAs for 9–16
+  rows). The MMA's k order is permuted so that lane (g, t) reads 8 consecutive bytes of weight rows g and
+  g + 8 and 8 consecutive words of x row g: plain coalesced loads, no repacking of the weights.
+- A 64-value NF4 block is 4 MMAs into a zeroed accumulator, multiplied by the block's absmax (float32 FMA)
+  and added to the running sum; so a weight is code · absmax with the code rounded to 16 bits, where
+  bitsandbytes rounds code · absmax (the same quantized values; results agree to that rounding).
+- A program = 16 weight rows × a K split × 16 rows of x; its 8 warps take every 8th block of the split and
+  add their sums in warp order in shared memory. The split count depends on the weight's shape only.
+
+Row-invariant: a column of an MMA depends only on its own row of x, every row runs the same instructions
+(rows past M are zeros in the second MMA), and all sums have a fixed order; M = 1 and M = 9 give the same
+bits for a row, which `tests/test_nf4_cuda.py` checks on the GPU.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+WARPS = 8
+TABLE_WORDS = 256 * 32
+SHARED_BYTES = 4 * TABLE_WORDS + 4 * WARPS * 16 * 16
+ROWS_PER_PROGRAM = 16
+TARGET_PROGRAMS = 512          # programs a weight aims at (an H200 has 132 SMs, ~3 programs resident on each)
+MIN_SPLIT_BLOCKS = 16          # NF4 blocks per split at least (8 warps × 2)
+
+SOURCE = r"""
+#define WARPS 8
+#define TABLE_WORDS (256 * 32)
+
+__device__ __forceinline__ void mma(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                    unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.DT.DT.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned lut(const unsigned* lane_table, unsigned word, int byte) {
+    return lane_table[((word >> (8 * byte)) & 0xFFu) << 5];
+}
+
+// One NF4 block (64 columns) of weight rows g, g + 8 against x rows g (and 8 + g when two): 4 MMAs per
+// 8 x rows, permuted k: MMA s takes bytes 2s, 2s + 1 of the lane's 8 and words 2s, 2s + 1 of x.
+__device__ __forceinline__ void block_mma(float* part, const unsigned* lt, uint2 wa, uint2 wb, const uint4* xa,
+                                          const uint4* xb, bool two) {
+    unsigned xw0[8] = {xa[0].x, xa[0].y, xa[0].z, xa[0].w, xa[1].x, xa[1].y, xa[1].z, xa[1].w};
+    unsigned xw1[8] = {xb[0].x, xb[0].y, xb[0].z, xb[0].w, xb[1].x, xb[1].y, xb[1].z, xb[1].w};
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+        unsigned ra = s < 2 ? wa.x : wa.y;
+        unsigned rb = s < 2 ? wb.x : wb.y;
+        int lo = 2 * (s & 1);
+        unsigned a0 = lut(lt, ra, lo), a1 = lut(lt, rb, lo), a2 = lut(lt, ra, lo + 1), a3 = lut(lt, rb, lo + 1);
+        mma(part, a0, a1, a2, a3, xw0[2 * s], xw0[2 * s + 1]);
+        if (two) mma(part + 4, a0, a1, a2, a3, xw1[2 * s], xw1[2 * s + 1]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3) NAME(
+        const unsigned* __restrict__ x,            // [M, K / 2] words, two 16-bit values each
+        const unsigned char* __restrict__ w,       // [N, K / 2] packed bytes (bitsandbytes' layout)
+        const float* __restrict__ absmax,          // [N, K / 64]
+        const unsigned* __restrict__ pairs,        // [256]: byte -> code[b >> 4] | code[b & 15] << 16
+        float* __restrict__ out,                   // [S, M, N] float32 partials
+        int M, int N, int K, int split_blocks) {
+    extern __shared__ unsigned shared[];
+    float* red = (float*)(shared + TABLE_WORDS);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    for (int i = tid; i < TABLE_WORDS; i += 32 * WARPS) shared[i] = pairs[i >> 5];
+    __syncthreads();
+
+    const int g = lane >> 2, t = lane & 3;
+    const int KB = K >> 6, KW = K >> 1;
+    const int split = blockIdx.y, m0 = blockIdx.z * 16;
+    const int b_begin = split * split_blocks;
+    const int b_end = min(b_begin + split_blocks, KB);
+    const int n_a = blockIdx.x * 16 + g, n_b = n_a + 8;
+    const bool ok_a = n_a < N, ok_b = n_b < N;
+    const int here = min(16, M - m0);
+    const bool two = here > 8;                       // the same for every lane
+    const bool x_ok0 = g < here, x_ok1 = 8 + g < here;
+    const unsigned* lt = shared + lane;
+    const uint2* wa_row = (const uint2*)(w + (size_t)n_a * KW) + t;
+    const uint2* wb_row = (const uint2*)(w + (size_t)n_b * KW) + t;
+    const uint4* x0_row = (const uint4*)(x + (size_t)(m0 + g) * KW) + 2 * t;
+    const uint4* x1_row = (const uint4*)(x + (size_t)(m0 + 8 + g) * KW) + 2 * t;
+    const uint2 zero2 = make_uint2(0u, 0u);
+    const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
+
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int b = b_begin + warp;
+    // software pipeline: the next block's loads are issued before this block's MMAs
+    uint2 wa = zero2, wb = zero2;
+    uint4 xa[2] = {zero4, zero4}, xb[2] = {zero4, zero4};
+    float sa = 0.f, sb = 0.f;
+    if (b < b_end) {
+        if (ok_a) { wa = wa_row[b * 4]; sa = absmax[(size_t)n_a * KB + b]; }
+        if (ok_b) { wb = wb_row[b * 4]; sb = absmax[(size_t)n_b * KB + b]; }
+        if (x_ok0) { xa[0] = x0_row[b * 8]; xa[1] = x0_row[b * 8 + 1]; }
+        if (x_ok1) { xb[0] = x1_row[b * 8]; xb[1] = x1_row[b * 8 + 1]; }
+    }
+    for (; b < b_end; b += WARPS) {
+        const int nb = b + WARPS;
+        uint2 nwa = zero2, nwb = zero2;
+        uint4 nxa[2] = {zero4, zero4}, nxb[2] = {zero4, zero4};
+        float nsa = 0.f, nsb = 0.f;
+        if (nb < b_end) {
+            if (ok_a) { nwa = wa_row[nb * 4]; nsa = absmax[(size_t)n_a * KB + nb]; }
+            if (ok_b) { nwb = wb_row[nb * 4]; nsb = absmax[(size_t)n_b * KB + nb]; }
+            if (x_ok0) { nxa[0] = x0_row[nb * 8]; nxa[1] = x0_row[nb * 8 + 1]; }
+            if (x_ok1) { nxb[0] = x1_row[nb * 8]; nxb[1] = x1_row[nb * 8 + 1]; }
+        }
+        float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        block_mma(part, lt, wa, wb, xa, xb, two);
+        acc[0] = __fmaf_rn(part[0], sa, acc[0]);
+        acc[1] = __fmaf_rn(part[1], sa, acc[1]);
+        acc[2] = __fmaf_rn(part[2], sb, acc[2]);
+        acc[3] = __fmaf_rn(part[3], sb, acc[3]);
+        acc[4] = __fmaf_rn(part[4], sa, acc[4]);
+        acc[5] = __fmaf_rn(part[5], sa, acc[5]);
+        acc[6] = __fmaf_rn(part[6], sb, acc[6]);
+        acc[7] = __fmaf_rn(part[7], sb, acc[7]);
+        wa = nwa; wb = nwb; sa = nsa; sb = nsb;
+        xa[0] = nxa[0]; xa[1] = nxa[1]; xb[0] = nxb[0]; xb[1] = nxb[1];
+    }
+    // C fragment: (weight row g, x rows 2t, 2t + 1), (g + 8, 2t, 2t + 1); the second MMA: x rows + 8
+    float* mine = red + warp * 256;
+    mine[g * 16 + 2 * t] = acc[0];
+    mine[g * 16 + 2 * t + 1] = acc[1];
+    mine[(g + 8) * 16 + 2 * t] = acc[2];
+    mine[(g + 8) * 16 + 2 * t + 1] = acc[3];
+    mine[g * 16 + 8 + 2 * t] = acc[4];
+    mine[g * 16 + 8 + 2 * t + 1] = acc[5];
+    mine[(g + 8) * 16 + 8 + 2 * t] = acc[6];
+    mine[(g + 8) * 16 + 8 + 2 * t + 1] = acc[7];
+    __syncthreads();
+    const int nl = tid & 15, ml = tid >> 4;
+    float sum = red[nl * 16 + ml];
+#pragma unroll
+    for (int v = 1; v < WARPS; ++v) sum += red[v * 256 + nl * 16 + ml];
+    const int n = blockIdx.x * 16 + nl;
+    if (ml < here && n < N) out[((size_t)split * M + m0 + ml) * N + n] = sum;
+}
+"""
+
+_MMA_TYPE = {torch.bfloat16: "bf16", torch.float16: "f16"}
+_lock = threading.Lock()
+_kernels: dict = {}
+_failure: dict = {}
+
+
+def source(dtype: torch.dtype) -> tuple[str, str]:
+    """(CUDA C source, kernel name) for 16-bit x of `dtype`."""
+    kind = _MMA_TYPE[dtype]
+    name = f"eventspec_nf4_partials_{kind}"
+    return SOURCE.replace("DT", kind).replace("NAME", name), name
+
+
+def _compile(device: torch.device, dtype: torch.dtype):
+    key = (device.index, dtype)
+    with _lock:
+        if key in _kernels:
+            return _kernels[key]
+        if key in _failure:
+            return None
+        try:
+            text, name = source(dtype)
+            with torch.cuda.device(device):
+                kernel = torch.cuda._compile_kernel(text, name)
+        except Exception as exc:  # noqa: BLE001 - no NVRTC, an old torch or an unsupported GPU: Triton path
+            _failure[key] = f"{type(exc).__name__}: {exc}"
+            return None
+        _kernels[key] = kernel
+        return kernel
+
+
+def unavailable_reason(device) -> str | None:
+    """Why the CUDA kernel cannot run on `device` (None when it can); compiles it for both 16-bit types."""
+    device = torch.device(device)
+    if device.type != "cuda" or not hasattr(torch.cuda, "_compile_kernel"):
+        return "not a CUDA device" if device.type != "cuda" else "this torch has no torch.cuda._compile_kernel"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return "bf16 MMAs need compute capability 8.0 or newer"
+    for dtype in _MMA_TYPE:
+        if _compile(device, dtype) is None:
+            return _failure[(device.index, dtype)]
+    return None
+
+
+def splits_for(n: int, k: int) -> tuple[int, int]:
+    """(split count, NF4 blocks per split) for a weight [n, k]: a function of the shape only."""
+    tiles = -(-n // 16)
+    blocks = k // 64
+    splits = max(1, min(blocks // MIN_SPLIT_BLOCKS, round(TARGET_PROGRAMS / tiles)))
+    per_split = -(-blocks // splits)
+    return -(-blocks // per_split), per_split
+
+
+def pair_table(code: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """256 int32: byte b → the 16-bit code[b >> 4] (low half) and code[b & 15] (high half) in `dtype`."""
+    b = torch.arange(256, device=code.device)
+    bits = code.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    return (bits[b >> 4] | (bits[b & 15] << 16)).to(torch.int32).contiguous()
+
+
+def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor, n: int, k: int,
+             out: torch.Tensor, per_split: int | None = None) -> torch.Tensor:
+    """Float32 split partials out [S, M, n] of x [M, k] @ W.T; `pairs` from `pair_table` in x's dtype.
+    `per_split` (NF4 blocks per split) overrides `splits_for` for benchmarks/kernel_probe.py's sweep."""
+    m = x.shape[0]
+    splits, default = splits_for(n, k)
+    if per_split is None:
+        per_split = default
+    splits = -(-(k // 64) // per_split)
+    if out.shape != (splits, m, n) or out.dtype != torch.float32:
+        raise ValueError(f"expected float32 partials of shape {(splits, m, n)}; got {tuple(out.shape)} {out.dtype}")
+    if x.data_ptr() % 16 or packed.data_ptr() % 8:
+        raise ValueError("x must be 16-byte aligned and the packed weight 8-byte aligned")
+    kernel = _compile(x.device, x.dtype)
+    if kernel is None:
+        raise RuntimeError(f"the NF4 CUDA kernel is not available: {_failure.get((x.device.index, x.dtype))}")
+    grid = (-(-n // 16), splits, -(-m // ROWS_PER_PROGRAM))
+    kernel(grid=grid, block=(32 * WARPS, 1, 1), args=[x, packed, absmax, pairs, out, m, n, k, per_split],
+           shared_mem=SHARED_BYTES)
+    return out
