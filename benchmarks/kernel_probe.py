@@ -144,20 +144,23 @@ def cuda_sweep(rep=25):
         _, default = nf4_cuda.splits_for(n, k)
         for rows in (1, 2, 5, 9, 16, 17):
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            per_splits = sorted({default, 8, 16, 32, k // 64}) if rows == 1 else [default]
-            for per in per_splits:
+            pers = sorted({default, 8, 16, 32, k // 64}) if rows == 1 else [default]
+            configs = [(per, nf4_cuda.DEPTH) for per in pers]
+            configs += [(default, depth) for depth in (1, 2, 4) if rows in (1, 9)]
+            for per, depth in configs:
                 splits = -(-(k // 64) // per)
                 out = torch.empty((splits, rows, n), dtype=torch.float32, device="cuda")
                 ms = triton.testing.do_bench(lambda: nf4_cuda.partials(x, packed, absmax, cores.pairs[x.dtype], n, k,
-                                                                       out, per), warmup=5, rep=rep)
-                results.append(dict(kind="nf4-cuda", n=n, k=k, rows=rows, per_split=per, splits=splits,
-                                    default=per == default, ms=ms, gbs=cores.bytes_read() / ms / 1e6))
+                                                                       out, per, depth), warmup=5, rep=rep)
+                results.append(dict(kind="nf4-cuda", n=n, k=k, rows=rows, per_split=per, splits=splits, depth=depth,
+                                    default=per == default and depth == nf4_cuda.DEPTH, ms=ms,
+                                    gbs=cores.bytes_read() / ms / 1e6))
             for label, weight in (("nf4-rows", rows_w), ("bf16-mma", dense)):
                 out = torch.empty((weight.splits, rows, n), dtype=torch.float32, device="cuda")
                 ms = triton.testing.do_bench(lambda: L._single(x, weight, out, max(2, weight.splits)), warmup=5, rep=rep)
                 results.append(dict(kind=label, n=n, k=k, rows=rows, ms=ms, gbs=weight.bytes_read() / ms / 1e6))
             results.append(bnb_reference(n, k, w, rows, rep))
-            for r in results[-(len(per_splits) + 3):]:
+            for r in results[-(len(configs) + 3):]:
                 print(json.dumps(r), file=sys.stderr, flush=True)
     return results
 

@@ -1,6 +1,7 @@
 """Step-level benchmark of the exact engine on one GPU: exactness, decode and verification times, floors.
 
     python benchmarks/step_bench.py --out OUT.json [--precisions bf16,nf4] [--kinds videollava,eventgpt]
+                                    [--profile] [--no-previous]
 
 For each (model, precision): a full-size random-weight model (`--synthetic-weights 7b` geometry) with its
 real prompt length is prefilled once, then
@@ -97,8 +98,30 @@ def timings(step, prompt, repeats: int) -> dict:
     return out
 
 
+def kernel_profile(step, prompt, rows: int, steps: int = 5, top: int = 12) -> dict:
+    """GPU time per kernel name in a step of `rows` rows (torch.profiler over `steps` graph replays): where
+    a step's time goes, and how much of the wall time no kernel runs (launch gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+    engine = TokenEngine(step)
+    engine.start(prompt)
+    base = step.kv_len
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.monotonic_ns()
+        for _ in range(steps):
+            step.crop(base)
+            step.forward([5] * rows)
+        wall_ms = (time.monotonic_ns() - t0) / 1e6 / steps
+    step.crop(base)
+    kernels = [(e.key, e.device_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()
+               if getattr(e, "device_time_total", 0) > 0]
+    busy = sum(ms for _, ms, _ in kernels)
+    kernels.sort(key=lambda item: -item[1])
+    return {"rows": rows, "wall_ms_profiled": wall_ms, "kernel_ms": busy,
+            "kernels": [{"name": name[:90], "ms": ms, "calls": calls} for name, ms, calls in kernels[:top]]}
+
+
 def bench_one(kind: str, precision: str, repeats: int, tbs: float | None, copy_tbs: float, size: str = "7b",
-              device: str = "cuda") -> dict:
+              device: str = "cuda", profile: bool = False, previous: bool = True) -> dict:
     lm = synthetic_model(kind, size=size, precision=precision, device=device, seed=0)
     prompt, prompt_len = synthetic_prefill_inputs(lm)
     max_cache = prompt_len + 200 + 33
@@ -111,7 +134,10 @@ def bench_one(kind: str, precision: str, repeats: int, tbs: float | None, copy_t
               "eager_buckets": sorted(step.eager_buckets)}
     result.update(exactness(step, prompt))
     result.update(timings(step, prompt, repeats))
+    if profile and device == "cuda":
+        result["profile"] = [kernel_profile(step, prompt, rows) for rows in (1, 9)]
     sizes = step.step_bytes()
+    result["matmul_kernel"] = sizes.get("kernel")
     step_bytes = sizes["weights"] + sizes["kv_per_position"] * (prompt_len + 5)
     result.update({
         "weight_bytes": sizes["weights"], "kv_bytes": sizes["kv_per_position"] * (prompt_len + 5),
@@ -124,7 +150,7 @@ def bench_one(kind: str, precision: str, repeats: int, tbs: float | None, copy_t
     if device == "cuda":
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     del step
-    if True:      # the previous CUDA-graph step (cuBLAS / bitsandbytes + SDPA), for comparison
+    if previous:      # the previous CUDA-graph step (cuBLAS / bitsandbytes + SDPA), for comparison
         lm2 = synthetic_model(kind, size=size, precision=precision, device=device, seed=0)
         old = CudaGraphStepModel(lm2.model, max_cache_len=max_cache, buckets=BUCKETS, use_graphs=device == "cuda")
         old_t = timings(old, prompt, repeats)
@@ -146,6 +172,8 @@ def main() -> int:
     parser.add_argument("--kinds", default="videollava,eventgpt")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--size", default="7b", help="7b, or tiny-test for a dry run on the CPU (TRITON_INTERPRET=1)")
+    parser.add_argument("--profile", action="store_true", help="GPU time per kernel of a decode and a verify-8 step")
+    parser.add_argument("--no-previous", action="store_true", help="skip the previous step (cuBLAS/bitsandbytes)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and args.size == "7b":
@@ -159,7 +187,8 @@ def main() -> int:
     for kind in args.kinds.split(","):
         for precision in args.precisions.split(","):
             t0 = time.monotonic_ns()
-            run = bench_one(kind, precision, args.repeats, tbs, copy_tbs, args.size, device)
+            run = bench_one(kind, precision, args.repeats, tbs, copy_tbs, args.size, device, args.profile,
+                            not args.no_previous)
             run["wall_s"] = round((time.monotonic_ns() - t0) / 1e9, 1)
             print(json.dumps(run), flush=True)
             report["runs"].append(run)

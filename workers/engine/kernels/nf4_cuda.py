@@ -19,6 +19,8 @@ streams ~1 TB/s on an H200. Here a packed byte becomes one MMA operand register 
   bitsandbytes rounds code · absmax (the same quantized values; results agree to that rounding).
 - A program = 16 weight rows × a K split × 16 rows of x; its 8 warps take every 8th block of the split and
   add their sums in warp order in shared memory. The split count depends on the weight's shape only.
+  Each warp keeps `DEPTH` blocks of weight bytes in flight (registers); x, small and read by every program
+  on the same K range, is loaded when its block is computed.
 
 Row-invariant: a column of an MMA depends only on its own row of x, every row runs the same instructions
 (rows past M are zeros in the second MMA), and all sums have a fixed order; M = 1 and M = 9 give the same
@@ -36,9 +38,11 @@ SHARED_BYTES = 4 * TABLE_WORDS + 4 * WARPS * 16 * 16
 ROWS_PER_PROGRAM = 16
 TARGET_PROGRAMS = 512          # programs a weight aims at (an H200 has 132 SMs, ~3 programs resident on each)
 MIN_SPLIT_BLOCKS = 16          # NF4 blocks per split at least (8 warps × 2)
+DEPTH = 3                      # blocks of weights in flight per warp (benchmarks/kernel_probe.py --sweep nf4-cuda)
 
 SOURCE = r"""
 #define WARPS 8
+#define DEPTH DEPTH_VALUE
 #define TABLE_WORDS (256 * 32)
 
 __device__ __forceinline__ void mma(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
@@ -102,40 +106,46 @@ extern "C" __global__ void __launch_bounds__(256, 3) NAME(
     const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
 
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    int b = b_begin + warp;
-    // software pipeline: the next block's loads are issued before this block's MMAs
-    uint2 wa = zero2, wb = zero2;
-    uint4 xa[2] = {zero4, zero4}, xb[2] = {zero4, zero4};
-    float sa = 0.f, sb = 0.f;
-    if (b < b_end) {
-        if (ok_a) { wa = wa_row[b * 4]; sa = absmax[(size_t)n_a * KB + b]; }
-        if (ok_b) { wb = wb_row[b * 4]; sb = absmax[(size_t)n_b * KB + b]; }
-        if (x_ok0) { xa[0] = x0_row[b * 8]; xa[1] = x0_row[b * 8 + 1]; }
-        if (x_ok1) { xb[0] = x1_row[b * 8]; xb[1] = x1_row[b * 8 + 1]; }
-    }
-    for (; b < b_end; b += WARPS) {
-        const int nb = b + WARPS;
-        uint2 nwa = zero2, nwb = zero2;
-        uint4 nxa[2] = {zero4, zero4}, nxb[2] = {zero4, zero4};
-        float nsa = 0.f, nsb = 0.f;
-        if (nb < b_end) {
-            if (ok_a) { nwa = wa_row[nb * 4]; nsa = absmax[(size_t)n_a * KB + nb]; }
-            if (ok_b) { nwb = wb_row[nb * 4]; nsb = absmax[(size_t)n_b * KB + nb]; }
-            if (x_ok0) { nxa[0] = x0_row[nb * 8]; nxa[1] = x0_row[nb * 8 + 1]; }
-            if (x_ok1) { nxb[0] = x1_row[nb * 8]; nxb[1] = x1_row[nb * 8 + 1]; }
+    // a ring of DEPTH blocks of weights and absmax in flight per warp; x (small, shared by every program
+    // on the same K range, so mostly cache hits) is loaded when its block is computed
+    uint2 ring_a[DEPTH], ring_b[DEPTH];
+    float ring_sa[DEPTH], ring_sb[DEPTH];
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) {
+        const int bd = b_begin + warp + d * WARPS;
+        ring_a[d] = zero2; ring_b[d] = zero2; ring_sa[d] = 0.f; ring_sb[d] = 0.f;
+        if (bd < b_end) {
+            if (ok_a) { ring_a[d] = wa_row[bd * 4]; ring_sa[d] = absmax[(size_t)n_a * KB + bd]; }
+            if (ok_b) { ring_b[d] = wb_row[bd * 4]; ring_sb[d] = absmax[(size_t)n_b * KB + bd]; }
         }
-        float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        block_mma(part, lt, wa, wb, xa, xb, two);
-        acc[0] = __fmaf_rn(part[0], sa, acc[0]);
-        acc[1] = __fmaf_rn(part[1], sa, acc[1]);
-        acc[2] = __fmaf_rn(part[2], sb, acc[2]);
-        acc[3] = __fmaf_rn(part[3], sb, acc[3]);
-        acc[4] = __fmaf_rn(part[4], sa, acc[4]);
-        acc[5] = __fmaf_rn(part[5], sa, acc[5]);
-        acc[6] = __fmaf_rn(part[6], sb, acc[6]);
-        acc[7] = __fmaf_rn(part[7], sb, acc[7]);
-        wa = nwa; wb = nwb; sa = nsa; sb = nsb;
-        xa[0] = nxa[0]; xa[1] = nxa[1]; xb[0] = nxb[0]; xb[1] = nxb[1];
+    }
+    for (int b0 = b_begin + warp; b0 < b_end; b0 += DEPTH * WARPS) {
+#pragma unroll
+        for (int d = 0; d < DEPTH; ++d) {
+            const int b = b0 + d * WARPS;
+            if (b < b_end) {
+                uint4 xa[2] = {zero4, zero4}, xb[2] = {zero4, zero4};
+                if (x_ok0) { xa[0] = x0_row[b * 8]; xa[1] = x0_row[b * 8 + 1]; }
+                if (x_ok1) { xb[0] = x1_row[b * 8]; xb[1] = x1_row[b * 8 + 1]; }
+                float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+                block_mma(part, lt, ring_a[d], ring_b[d], xa, xb, two);
+                const float sa = ring_sa[d], sb = ring_sb[d];
+                acc[0] = __fmaf_rn(part[0], sa, acc[0]);
+                acc[1] = __fmaf_rn(part[1], sa, acc[1]);
+                acc[2] = __fmaf_rn(part[2], sb, acc[2]);
+                acc[3] = __fmaf_rn(part[3], sb, acc[3]);
+                acc[4] = __fmaf_rn(part[4], sa, acc[4]);
+                acc[5] = __fmaf_rn(part[5], sa, acc[5]);
+                acc[6] = __fmaf_rn(part[6], sb, acc[6]);
+                acc[7] = __fmaf_rn(part[7], sb, acc[7]);
+                const int nb = b + DEPTH * WARPS;          // refill this slot with the block DEPTH ahead
+                ring_a[d] = zero2; ring_b[d] = zero2; ring_sa[d] = 0.f; ring_sb[d] = 0.f;
+                if (nb < b_end) {
+                    if (ok_a) { ring_a[d] = wa_row[nb * 4]; ring_sa[d] = absmax[(size_t)n_a * KB + nb]; }
+                    if (ok_b) { ring_b[d] = wb_row[nb * 4]; ring_sb[d] = absmax[(size_t)n_b * KB + nb]; }
+                }
+            }
+        }
     }
     // C fragment: (weight row g, x rows 2t, 2t + 1), (g + 8, 2t, 2t + 1); the second MMA: x rows + 8
     float* mine = red + warp * 256;
@@ -163,22 +173,23 @@ _kernels: dict = {}
 _failure: dict = {}
 
 
-def source(dtype: torch.dtype) -> tuple[str, str]:
-    """(CUDA C source, kernel name) for 16-bit x of `dtype`."""
+def source(dtype: torch.dtype, depth: int = DEPTH) -> tuple[str, str]:
+    """(CUDA C source, kernel name) for 16-bit x of `dtype`, `depth` blocks of weights in flight per warp."""
     kind = _MMA_TYPE[dtype]
-    name = f"eventspec_nf4_partials_{kind}"
-    return SOURCE.replace("DT", kind).replace("NAME", name), name
+    name = f"eventspec_nf4_partials_{kind}_d{depth}"
+    text = SOURCE.replace("DEPTH_VALUE", str(depth)).replace(".DT.DT.", f".{kind}.{kind}.")
+    return text.replace("NAME", name), name
 
 
-def _compile(device: torch.device, dtype: torch.dtype):
-    key = (device.index, dtype)
+def _compile(device: torch.device, dtype: torch.dtype, depth: int = DEPTH):
+    key = (device.index, dtype, depth)
     with _lock:
         if key in _kernels:
             return _kernels[key]
         if key in _failure:
             return None
         try:
-            text, name = source(dtype)
+            text, name = source(dtype, depth)
             with torch.cuda.device(device):
                 kernel = torch.cuda._compile_kernel(text, name)
         except Exception as exc:  # noqa: BLE001 - no NVRTC, an old torch or an unsupported GPU: Triton path
@@ -198,7 +209,7 @@ def unavailable_reason(device) -> str | None:
         return "bf16 MMAs need compute capability 8.0 or newer"
     for dtype in _MMA_TYPE:
         if _compile(device, dtype) is None:
-            return _failure[(device.index, dtype)]
+            return _failure[(device.index, dtype, DEPTH)]
     return None
 
 
@@ -219,9 +230,10 @@ def pair_table(code: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor, n: int, k: int,
-             out: torch.Tensor, per_split: int | None = None) -> torch.Tensor:
+             out: torch.Tensor, per_split: int | None = None, depth: int = DEPTH) -> torch.Tensor:
     """Float32 split partials out [S, M, n] of x [M, k] @ W.T; `pairs` from `pair_table` in x's dtype.
-    `per_split` (NF4 blocks per split) overrides `splits_for` for benchmarks/kernel_probe.py's sweep."""
+    `per_split` (NF4 blocks per split) and `depth` override the step's choice for
+    benchmarks/kernel_probe.py's sweep."""
     m = x.shape[0]
     splits, default = splits_for(n, k)
     if per_split is None:
@@ -231,9 +243,9 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
         raise ValueError(f"expected float32 partials of shape {(splits, m, n)}; got {tuple(out.shape)} {out.dtype}")
     if x.data_ptr() % 16 or packed.data_ptr() % 8:
         raise ValueError("x must be 16-byte aligned and the packed weight 8-byte aligned")
-    kernel = _compile(x.device, x.dtype)
+    kernel = _compile(x.device, x.dtype, depth)
     if kernel is None:
-        raise RuntimeError(f"the NF4 CUDA kernel is not available: {_failure.get((x.device.index, x.dtype))}")
+        raise RuntimeError(f"the NF4 CUDA kernel is not available: {_failure.get((x.device.index, x.dtype, depth))}")
     grid = (-(-n // 16), splits, -(-m // ROWS_PER_PROGRAM))
     kernel(grid=grid, block=(32 * WARPS, 1, 1), args=[x, packed, absmax, pairs, out, m, n, k, per_split],
            shared_mem=SHARED_BYTES)
