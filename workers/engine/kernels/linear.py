@@ -410,8 +410,12 @@ def linear(x: torch.Tensor, weight: Weight, *, out_dtype: torch.dtype | None = N
     """`x` [M, K] → [M, N] (split partials summed by `linear_residual_norm` when the weight splits K)."""
     _check(x, weight)
     m = x.shape[0]
-    if weight.tensor_cores:
-        return weight.partials(x).sum(0).to(out_dtype or x.dtype)     # not on the step's path (the head is dense)
+    if weight.tensor_cores:            # not on the step's path (the head is dense); splits added in order
+        part = weight.partials(x)
+        total = part[0].clone()
+        for s in range(1, weight.splits):
+            total += part[s]
+        return total.to(out_dtype or x.dtype)
     if weight.splits == 1:
         out = torch.empty((m, weight.n), dtype=out_dtype or x.dtype, device=x.device)
     else:
