@@ -59,17 +59,29 @@ def test_dense_linear_is_row_invariant_and_right(dtype, shape):
     assert ((y.double() - ref).abs() / (ref.abs() + 1)).max() < tol
 
 
+def _nf4_reference(weight: Weight, packed, absmax, dtype) -> torch.Tensor:
+    """The float32 weights an NF4 kernel multiplies by: code[q] · absmax, with the code rounded to the
+    input's 16-bit dtype first on the tensor-core kernel (an MMA operand)."""
+    code = nf4.code_tensor("cpu")
+    if weight.tensor_cores:
+        code = code.to(dtype).float()
+    flat = packed.reshape(-1).cpu()
+    q = torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1).long()
+    return (code[q].reshape(-1, 64) * absmax.cpu().float()[:, None]).reshape(weight.n, weight.k)
+
+
 def test_nf4_linear_matches_reference_dequantization():
     n, k = 128, 256
     gen = torch.Generator().manual_seed(3)
     dense = torch.randn(n, k, generator=gen)
     packed, absmax = nf4.quantize(dense)
     assert packed.dtype == torch.uint8 and packed.numel() == n * k // 2 and absmax.numel() == n * k // 64
-    # the NF4 kernels use code[q] · absmax in float32 (not rounded to bf16 per weight): that is the reference
-    w_ref = nf4.dequantize(packed, absmax, n, k, torch.float32)
     # quantization error is what 16 levels allow, not more
-    assert ((w_ref - dense).abs() <= absmax.repeat_interleave(64).reshape(n, k) * 0.2).all()
+    w_dq = nf4.dequantize(packed, absmax, n, k, torch.float32)
+    assert ((w_dq - dense).abs() <= absmax.repeat_interleave(64).reshape(n, k) * 0.2).all()
     weight = Weight(n, k, packed=packed.to(DEVICE), absmax=absmax.to(DEVICE), code=nf4.code_tensor(DEVICE))
+    # the rows kernel uses code[q] · absmax in float32, the tensor-core kernel the code rounded to bf16
+    w_ref = _nf4_reference(weight, packed, absmax, torch.bfloat16)
     x = torch.randn(17, k, generator=gen).to(DEVICE, torch.bfloat16)
     y = _rows_invariant(lambda t: linear(t, weight), x)
     ref = x.double() @ w_ref.to(DEVICE).double().T
@@ -84,8 +96,9 @@ def test_nf4_one_row_kernel_splits_and_dtypes(dtype, shape):
     n, k = shape
     gen = torch.Generator().manual_seed(n * k)
     packed, absmax = nf4.quantize(torch.randn(n, k, generator=gen))
-    weight = Weight(n, k, packed=packed.to(DEVICE), absmax=absmax.to(DEVICE), code=nf4.code_tensor(DEVICE))
-    assert weight.splits > 1
+    weight = Weight(n, k, packed=packed.to(DEVICE), absmax=absmax.to(DEVICE), code=nf4.code_tensor(DEVICE),
+                    nf4_kernel="rows")
+    assert weight.splits > 1 and not weight.tensor_cores
     x = torch.randn(9, k, generator=gen).to(DEVICE, dtype)
     y = _rows_invariant(lambda t: linear(t, weight), x)
     ref = x.double() @ nf4.dequantize(packed, absmax, n, k, torch.float32).to(DEVICE).double().T
