@@ -129,39 +129,76 @@ def rows_sweep(rep=25):
     return results
 
 
-def cuda_sweep(rep=25):
-    """nf4_cuda.py's kernel (its split default, and other splits for one row) beside the step's Triton rows
-    kernel, bitsandbytes and the dense bf16 kernel on the same shapes and rows, in one run."""
+def graph_ms(launch, copies: int, replays: int = 20) -> float:
+    """Median time of one launch among `copies` back-to-back launches (each on its own copy of the weight,
+    together larger than L2) captured in one CUDA graph, as the step runs them; no Python between launches."""
+    import statistics
+    import time
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for c in range(copies):
+            launch(c)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in range(copies):
+            launch(c)
+    samples = []
+    for _ in range(replays):
+        torch.cuda.synchronize()
+        t0 = time.monotonic_ns()
+        graph.replay()
+        torch.cuda.synchronize()
+        samples.append((time.monotonic_ns() - t0) / 1e6 / copies)
+    return statistics.median(samples)
+
+
+CUDA_CONFIGS = ([dict(depth=d, xring=x, minb=m) for d in (2, 3, 4) for x in (0, 1) for m in (2, 3)]
+                + [dict(programs=p) for p in (256, 1024, 2048)])
+
+
+def cuda_sweep():
+    """nf4_cuda.py's kernel under each `CUDA_CONFIGS` entry beside the step's Triton rows kernel, the dense
+    bf16 kernel and bitsandbytes, on the LLaMA-7B shapes, 1 and 9 rows (plus 2, 5, 16, 17 for the step's
+    config); timed as back-to-back launches in a CUDA graph over weight copies larger than L2."""
+    from dataclasses import replace
     from workers.engine.kernels import nf4_cuda
     results = []
     for n, k in SHAPES + ((22016, 4096), (4096, 4096)):
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 64
         packed, absmax = nf4.quantize(w.float())
         code = nf4.code_tensor("cuda")
+        copies = max(2, -(-160 * 2**20 // (packed.numel() + 4 * absmax.numel())))
+        packs = [packed.clone() for _ in range(copies)]
+        scales = [absmax.clone() for _ in range(copies)]
         cores = L.Weight(n, k, packed=packed, absmax=absmax, code=code)
-        rows_w = L.Weight(n, k, packed=packed, absmax=absmax, code=code, nf4_kernel="rows")
-        dense = L.Weight(n, k, dense=w)
-        _, default = nf4_cuda.splits_for(n, k)
+        rows_ws = [L.Weight(n, k, packed=p, absmax=a, code=code, nf4_kernel="rows") for p, a in zip(packs, scales)]
+        dense_copies = max(2, -(-160 * 2**20 // (2 * n * k)))
+        denses = [L.Weight(n, k, dense=w.clone()) for _ in range(dense_copies)]
         for rows in (1, 2, 5, 9, 16, 17):
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            pers = sorted({default, 8, 16, 32, k // 64}) if rows == 1 else [default]
-            configs = [(per, nf4_cuda.DEPTH) for per in pers]
-            configs += [(default, depth) for depth in (1, 2, 4) if rows in (1, 9)]
-            for per, depth in configs:
-                splits = -(-(k // 64) // per)
+            configs = [{}] + (CUDA_CONFIGS if rows in (1, 9) else [])
+            for change in configs:
+                config = replace(nf4_cuda.CONFIG, **change)
+                splits, per = nf4_cuda.splits_for(n, k, config.programs)
                 out = torch.empty((splits, rows, n), dtype=torch.float32, device="cuda")
-                ms = triton.testing.do_bench(lambda: nf4_cuda.partials(x, packed, absmax, cores.pairs[x.dtype], n, k,
-                                                                       out, per, depth), warmup=5, rep=rep)
-                results.append(dict(kind="nf4-cuda", n=n, k=k, rows=rows, per_split=per, splits=splits, depth=depth,
-                                    default=per == default and depth == nf4_cuda.DEPTH, ms=ms,
-                                    gbs=cores.bytes_read() / ms / 1e6))
-            for label, weight in (("nf4-rows", rows_w), ("bf16-mma", dense)):
-                out = torch.empty((weight.splits, rows, n), dtype=torch.float32, device="cuda")
-                ms = triton.testing.do_bench(lambda: L._single(x, weight, out, max(2, weight.splits)), warmup=5, rep=rep)
-                results.append(dict(kind=label, n=n, k=k, rows=rows, ms=ms, gbs=weight.bytes_read() / ms / 1e6))
-            results.append(bnb_reference(n, k, w, rows, rep))
-            for r in results[-(len(configs) + 3):]:
-                print(json.dumps(r), file=sys.stderr, flush=True)
+                try:
+                    ms = graph_ms(lambda c: nf4_cuda.partials(x, packs[c], scales[c], cores.pairs[x.dtype], n, k, out,
+                                                              per, config), copies)
+                    gbs = cores.bytes_read() / ms / 1e6
+                except Exception as exc:  # noqa: BLE001 - a config that fails is reported, not fatal
+                    ms, gbs = None, str(exc)[:120]
+                results.append(dict(kind="nf4-cuda", n=n, k=k, rows=rows, splits=splits, step=not change,
+                                    **config.__dict__, ms=ms, gbs=gbs))
+                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+            for label, weights in (("nf4-rows", rows_ws), ("bf16-mma", denses)):
+                out = torch.empty((weights[0].splits, rows, n), dtype=torch.float32, device="cuda")
+                ms = graph_ms(lambda c: L._single(x, weights[c], out, max(2, weights[c].splits)), len(weights))
+                results.append(dict(kind=label, n=n, k=k, rows=rows, ms=ms, gbs=weights[0].bytes_read() / ms / 1e6))
+                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+            results.append(bnb_reference(n, k, w, rows, 25))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     return results
 
 

@@ -19,8 +19,8 @@ streams ~1 TB/s on an H200. Here a packed byte becomes one MMA operand register 
   bitsandbytes rounds code · absmax (the same quantized values; results agree to that rounding).
 - A program = 16 weight rows × a K split × 16 rows of x; its 8 warps take every 8th block of the split and
   add their sums in warp order in shared memory. The split count depends on the weight's shape only.
-  Each warp keeps `DEPTH` blocks of weight bytes in flight (registers); x, small and read by every program
-  on the same K range, is loaded when its block is computed.
+  Each warp keeps `Config.depth` blocks of weight bytes in flight (registers); x, small and read by every
+  program on the same K range, is loaded when its block is computed (or rides in the ring: `xring`).
 
 Row-invariant: a column of an MMA depends only on its own row of x, every row runs the same instructions
 (rows past M are zeros in the second MMA), and all sums have a fixed order; M = 1 and M = 9 give the same
@@ -28,7 +28,9 @@ bits for a row, which `tests/test_nf4_cuda.py` checks on the GPU.
 """
 from __future__ import annotations
 
+import os
 import threading
+from dataclasses import dataclass
 
 import torch
 
@@ -38,11 +40,11 @@ SHARED_BYTES = 4 * TABLE_WORDS + 4 * WARPS * 16 * 16
 ROWS_PER_PROGRAM = 16
 TARGET_PROGRAMS = 512          # programs a weight aims at (an H200 has 132 SMs, ~3 programs resident on each)
 MIN_SPLIT_BLOCKS = 16          # NF4 blocks per split at least (8 warps × 2)
-DEPTH = 3                      # blocks of weights in flight per warp (benchmarks/kernel_probe.py --sweep nf4-cuda)
 
 SOURCE = r"""
 #define WARPS 8
 #define DEPTH DEPTH_VALUE
+#define XRING XRING_VALUE
 #define TABLE_WORDS (256 * 32)
 
 __device__ __forceinline__ void mma(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
@@ -57,12 +59,16 @@ __device__ __forceinline__ unsigned lut(const unsigned* lane_table, unsigned wor
     return lane_table[((word >> (8 * byte)) & 0xFFu) << 5];
 }
 
+__device__ __forceinline__ void load_x(unsigned* xw, const uint4* row, int b, bool ok) {
+    uint4 lo = make_uint4(0u, 0u, 0u, 0u), hi = lo;
+    if (ok) { lo = row[b * 8]; hi = row[b * 8 + 1]; }
+    xw[0] = lo.x; xw[1] = lo.y; xw[2] = lo.z; xw[3] = lo.w; xw[4] = hi.x; xw[5] = hi.y; xw[6] = hi.z; xw[7] = hi.w;
+}
+
 // One NF4 block (64 columns) of weight rows g, g + 8 against x rows g (and 8 + g when two): 4 MMAs per
 // 8 x rows, permuted k: MMA s takes bytes 2s, 2s + 1 of the lane's 8 and words 2s, 2s + 1 of x.
-__device__ __forceinline__ void block_mma(float* part, const unsigned* lt, uint2 wa, uint2 wb, const uint4* xa,
-                                          const uint4* xb, bool two) {
-    unsigned xw0[8] = {xa[0].x, xa[0].y, xa[0].z, xa[0].w, xa[1].x, xa[1].y, xa[1].z, xa[1].w};
-    unsigned xw1[8] = {xb[0].x, xb[0].y, xb[0].z, xb[0].w, xb[1].x, xb[1].y, xb[1].z, xb[1].w};
+__device__ __forceinline__ void block_mma(float* part, const unsigned* lt, uint2 wa, uint2 wb, const unsigned* xw0,
+                                          const unsigned* xw1, bool two) {
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
         unsigned ra = s < 2 ? wa.x : wa.y;
@@ -74,7 +80,7 @@ __device__ __forceinline__ void block_mma(float* part, const unsigned* lt, uint2
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256, 3) NAME(
+extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
         const unsigned* __restrict__ x,            // [M, K / 2] words, two 16-bit values each
         const unsigned char* __restrict__ w,       // [N, K / 2] packed bytes (bitsandbytes' layout)
         const float* __restrict__ absmax,          // [N, K / 64]
@@ -84,8 +90,11 @@ extern "C" __global__ void __launch_bounds__(256, 3) NAME(
     extern __shared__ unsigned shared[];
     float* red = (float*)(shared + TABLE_WORDS);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    for (int i = tid; i < TABLE_WORDS; i += 32 * WARPS) shared[i] = pairs[i >> 5];
-    __syncthreads();
+    // the table, one copy per lane: word e * 32 + l = pairs[e]; 16-byte stores of four copies
+    for (int i = tid; i < TABLE_WORDS / 4; i += 32 * WARPS) {
+        const unsigned v = pairs[i >> 3];
+        ((uint4*)shared)[i] = make_uint4(v, v, v, v);
+    }
 
     const int g = lane >> 2, t = lane & 3;
     const int KB = K >> 6, KW = K >> 1;
@@ -103,13 +112,15 @@ extern "C" __global__ void __launch_bounds__(256, 3) NAME(
     const uint4* x0_row = (const uint4*)(x + (size_t)(m0 + g) * KW) + 2 * t;
     const uint4* x1_row = (const uint4*)(x + (size_t)(m0 + 8 + g) * KW) + 2 * t;
     const uint2 zero2 = make_uint2(0u, 0u);
-    const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
 
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    // a ring of DEPTH blocks of weights and absmax in flight per warp; x (small, shared by every program
-    // on the same K range, so mostly cache hits) is loaded when its block is computed
+    // a ring of DEPTH blocks of weights and absmax in flight per warp (XRING: and of x rows 0..7); the
+    // loads are issued before the table is complete, so they overlap its stores
     uint2 ring_a[DEPTH], ring_b[DEPTH];
     float ring_sa[DEPTH], ring_sb[DEPTH];
+#if XRING
+    unsigned ring_x[DEPTH][8];
+#endif
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
         const int bd = b_begin + warp + d * WARPS;
@@ -118,17 +129,26 @@ extern "C" __global__ void __launch_bounds__(256, 3) NAME(
             if (ok_a) { ring_a[d] = wa_row[bd * 4]; ring_sa[d] = absmax[(size_t)n_a * KB + bd]; }
             if (ok_b) { ring_b[d] = wb_row[bd * 4]; ring_sb[d] = absmax[(size_t)n_b * KB + bd]; }
         }
+#if XRING
+        load_x(ring_x[d], x0_row, bd, x_ok0 && bd < b_end);
+#endif
     }
+    __syncthreads();
     for (int b0 = b_begin + warp; b0 < b_end; b0 += DEPTH * WARPS) {
 #pragma unroll
         for (int d = 0; d < DEPTH; ++d) {
             const int b = b0 + d * WARPS;
             if (b < b_end) {
-                uint4 xa[2] = {zero4, zero4}, xb[2] = {zero4, zero4};
-                if (x_ok0) { xa[0] = x0_row[b * 8]; xa[1] = x0_row[b * 8 + 1]; }
-                if (x_ok1) { xb[0] = x1_row[b * 8]; xb[1] = x1_row[b * 8 + 1]; }
+                unsigned xw1[8];
+#if XRING
+                const unsigned* xw0 = ring_x[d];
+#else
+                unsigned xw0[8];
+                load_x(xw0, x0_row, b, x_ok0);
+#endif
+                load_x(xw1, x1_row, b, x_ok1);
                 float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-                block_mma(part, lt, ring_a[d], ring_b[d], xa, xb, two);
+                block_mma(part, lt, ring_a[d], ring_b[d], xw0, xw1, two);
                 const float sa = ring_sa[d], sb = ring_sb[d];
                 acc[0] = __fmaf_rn(part[0], sa, acc[0]);
                 acc[1] = __fmaf_rn(part[1], sa, acc[1]);
@@ -144,6 +164,9 @@ extern "C" __global__ void __launch_bounds__(256, 3) NAME(
                     if (ok_a) { ring_a[d] = wa_row[nb * 4]; ring_sa[d] = absmax[(size_t)n_a * KB + nb]; }
                     if (ok_b) { ring_b[d] = wb_row[nb * 4]; ring_sb[d] = absmax[(size_t)n_b * KB + nb]; }
                 }
+#if XRING
+                load_x(ring_x[d], x0_row, nb, x_ok0 && nb < b_end);
+#endif
             }
         }
     }
@@ -173,23 +196,50 @@ _kernels: dict = {}
 _failure: dict = {}
 
 
-def source(dtype: torch.dtype, depth: int = DEPTH) -> tuple[str, str]:
-    """(CUDA C source, kernel name) for 16-bit x of `dtype`, `depth` blocks of weights in flight per warp."""
+@dataclass(frozen=True)
+class Config:
+    """Compile-time and launch choices; none changes a row's arithmetic, only speed (measured by
+    `benchmarks/step_bench.py` with `EVENTSPEC_NF4_CUDA`, e.g. `depth=4,xring=1,minb=2,programs=1024`)."""
+
+    depth: int = 3          # NF4 blocks of weights in flight per warp
+    xring: int = 0          # 1: x rows 0..7 ride in the ring too (more registers, no x latency per block)
+    minb: int = 3           # programs per SM the compiler budgets registers for
+    programs: int = TARGET_PROGRAMS     # programs a weight aims at (sets the split of K)
+
+
+def _config_from_env() -> Config:
+    text = os.environ.get("EVENTSPEC_NF4_CUDA", "")
+    fields = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in Config.__dataclass_fields__ or not value.isdigit():
+            raise ValueError(f"EVENTSPEC_NF4_CUDA: expected key=int with keys {sorted(Config.__dataclass_fields__)};"
+                             f" got {item!r}")
+        fields[key] = int(value)
+    return Config(**fields)
+
+
+CONFIG = _config_from_env()
+
+
+def source(dtype: torch.dtype, config: Config = CONFIG) -> tuple[str, str]:
+    """(CUDA C source, kernel name) for 16-bit x of `dtype` under `config`."""
     kind = _MMA_TYPE[dtype]
-    name = f"eventspec_nf4_partials_{kind}_d{depth}"
-    text = SOURCE.replace("DEPTH_VALUE", str(depth)).replace(".DT.DT.", f".{kind}.{kind}.")
+    name = f"eventspec_nf4_partials_{kind}_d{config.depth}x{config.xring}m{config.minb}"
+    text = (SOURCE.replace("DEPTH_VALUE", str(config.depth)).replace("XRING_VALUE", str(config.xring))
+            .replace("MINB_VALUE", str(config.minb)).replace(".DT.DT.", f".{kind}.{kind}."))
     return text.replace("NAME", name), name
 
 
-def _compile(device: torch.device, dtype: torch.dtype, depth: int = DEPTH):
-    key = (device.index, dtype, depth)
+def _compile(device: torch.device, dtype: torch.dtype, config: Config = CONFIG):
+    key = (device.index, dtype, config)
     with _lock:
         if key in _kernels:
             return _kernels[key]
         if key in _failure:
             return None
         try:
-            text, name = source(dtype, depth)
+            text, name = source(dtype, config)
             with torch.cuda.device(device):
                 kernel = torch.cuda._compile_kernel(text, name)
         except Exception as exc:  # noqa: BLE001 - no NVRTC, an old torch or an unsupported GPU: Triton path
@@ -209,15 +259,15 @@ def unavailable_reason(device) -> str | None:
         return "bf16 MMAs need compute capability 8.0 or newer"
     for dtype in _MMA_TYPE:
         if _compile(device, dtype) is None:
-            return _failure[(device.index, dtype, DEPTH)]
+            return _failure[(device.index, dtype, CONFIG)]
     return None
 
 
-def splits_for(n: int, k: int) -> tuple[int, int]:
+def splits_for(n: int, k: int, programs: int | None = None) -> tuple[int, int]:
     """(split count, NF4 blocks per split) for a weight [n, k]: a function of the shape only."""
     tiles = -(-n // 16)
     blocks = k // 64
-    splits = max(1, min(blocks // MIN_SPLIT_BLOCKS, round(TARGET_PROGRAMS / tiles)))
+    splits = max(1, min(blocks // MIN_SPLIT_BLOCKS, round((programs or CONFIG.programs) / tiles)))
     per_split = -(-blocks // splits)
     return -(-blocks // per_split), per_split
 
@@ -230,9 +280,9 @@ def pair_table(code: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor, n: int, k: int,
-             out: torch.Tensor, per_split: int | None = None, depth: int = DEPTH) -> torch.Tensor:
+             out: torch.Tensor, per_split: int | None = None, config: Config = CONFIG) -> torch.Tensor:
     """Float32 split partials out [S, M, n] of x [M, k] @ W.T; `pairs` from `pair_table` in x's dtype.
-    `per_split` (NF4 blocks per split) and `depth` override the step's choice for
+    `per_split` (NF4 blocks per split) and `config` override the step's choice for
     benchmarks/kernel_probe.py's sweep."""
     m = x.shape[0]
     splits, default = splits_for(n, k)
@@ -243,9 +293,9 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
         raise ValueError(f"expected float32 partials of shape {(splits, m, n)}; got {tuple(out.shape)} {out.dtype}")
     if x.data_ptr() % 16 or packed.data_ptr() % 8:
         raise ValueError("x must be 16-byte aligned and the packed weight 8-byte aligned")
-    kernel = _compile(x.device, x.dtype, depth)
+    kernel = _compile(x.device, x.dtype, config)
     if kernel is None:
-        raise RuntimeError(f"the NF4 CUDA kernel is not available: {_failure.get((x.device.index, x.dtype, depth))}")
+        raise RuntimeError(f"the NF4 CUDA kernel is not available: {_failure.get((x.device.index, x.dtype, config))}")
     grid = (-(-n // 16), splits, -(-m // ROWS_PER_PROGRAM))
     kernel(grid=grid, block=(32 * WARPS, 1, 1), args=[x, packed, absmax, pairs, out, m, n, k, per_split],
            shared_mem=SHARED_BYTES)
