@@ -171,9 +171,9 @@ def cuda_sweep():
         code = nf4.code_tensor("cuda")
         copies = max(2, -(-160 * 2**20 // (packed.numel() + 4 * absmax.numel())))
         packs = [packed.clone() for _ in range(copies)]
-        scales = [absmax.clone() for _ in range(copies)]
+        scales = [nf4_cuda.tile_absmax(absmax, n, k) for _ in range(copies)]
         cores = L.Weight(n, k, packed=packed, absmax=absmax, code=code)
-        rows_ws = [L.Weight(n, k, packed=p, absmax=a, code=code, nf4_kernel="rows") for p, a in zip(packs, scales)]
+        rows_ws = [L.Weight(n, k, packed=p, absmax=absmax.clone(), code=code, nf4_kernel="rows") for p in packs]
         dense_copies = max(2, -(-160 * 2**20 // (2 * n * k)))
         denses = [L.Weight(n, k, dense=w.clone()) for _ in range(dense_copies)]
         for rows in (1, 2, 5, 9, 16, 17):

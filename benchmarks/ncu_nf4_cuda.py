@@ -19,10 +19,11 @@ from workers.engine.kernels import nf4_cuda  # noqa: E402
 n, k = 22016, 4096
 rows = int(sys.argv[1]) if len(sys.argv) > 1 else 1
 packed, absmax = nf4.quantize(torch.randn(n, k, device="cuda") / 64)
+tiles = nf4_cuda.tile_absmax(absmax, n, k)
 pairs = nf4_cuda.pair_table(nf4.code_tensor("cuda"), torch.bfloat16)
 x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
 splits, _ = nf4_cuda.splits_for(n, k)
 out = torch.empty((splits, rows, n), device="cuda")
 for _ in range(5):
-    nf4_cuda.partials(x, packed, absmax, pairs, n, k, out)
+    nf4_cuda.partials(x, packed, tiles, pairs, n, k, out)
 torch.cuda.synchronize()

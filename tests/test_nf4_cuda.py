@@ -29,6 +29,19 @@ def test_splits_depend_on_the_shape_only_and_cover_k():
         assert splits == 1 or per >= nf4_cuda.MIN_SPLIT_BLOCKS
 
 
+def test_tiled_absmax_pairs_rows_g_and_g_plus_8_of_each_block():
+    n, k = 40, 192                                   # 3 tiles (the last padded with zeros), 3 blocks
+    absmax = torch.arange(n * k // 64, dtype=torch.float32) + 1
+    tiles = nf4_cuda.tile_absmax(absmax, n, k)
+    assert tiles.shape == (3, 3, 8, 2)
+    rows = absmax.reshape(n, 3)
+    for t, b, g in [(0, 0, 0), (1, 2, 5), (2, 1, 7)]:
+        assert tiles[t, b, g, 0] == rows[16 * t + g, b]
+        expected = rows[16 * t + g + 8, b] if 16 * t + g + 8 < n else 0
+        assert tiles[t, b, g, 1] == expected
+    assert tiles[2, :, :, 1].eq(0).all()              # rows 40..47 do not exist
+
+
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(256, 4096), (4096, 11008), (40, 320), (24, 1024)])
@@ -40,6 +53,7 @@ def test_partials_are_right_and_row_invariant(dtype, shape):
     gen = torch.Generator().manual_seed(n + k)
     packed, absmax = nf4.quantize(torch.randn(n, k, generator=gen))
     packed, absmax = packed.cuda(), absmax.cuda()
+    tiles = nf4_cuda.tile_absmax(absmax, n, k)
     code = nf4.code_tensor("cuda")
     pairs = nf4_cuda.pair_table(code, dtype)
     splits, _ = nf4_cuda.splits_for(n, k)
@@ -47,7 +61,7 @@ def test_partials_are_right_and_row_invariant(dtype, shape):
 
     def run(rows):
         out = torch.full((splits, rows, n), float("nan"), device="cuda")
-        return nf4_cuda.partials(x[:rows].contiguous(), packed, absmax, pairs, n, k, out)
+        return nf4_cuda.partials(x[:rows].contiguous(), packed, tiles, pairs, n, k, out)
 
     full = run(33)
     assert not full.isnan().any()

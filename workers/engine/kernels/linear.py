@@ -299,7 +299,8 @@ def _cdiv(a: int, b: int) -> int:
 @dataclass
 class Weight:
     """A linear layer's weight as the kernels read it: `dense` [N, K], or NF4 `packed` uint8 [N·K/2] with
-    float32 `absmax` [N·K/64] and `code` [16]. The split of K depends on (N, K) and the kernel only; the
+    float32 `absmax` [N·K/64] (re-laid out by `nf4_cuda.tile_absmax` for the tensor-core kernel) and
+    `code` [16]. The split of K depends on (N, K) and the kernel only; the
     NF4 kernel (CUDA tensor cores for 16-bit inputs where NVRTC runs, else the Triton rows kernel) is
     chosen here, once."""
 
@@ -343,6 +344,8 @@ class Weight:
             return
         self.tensor_cores = True
         self.pairs = {dtype: nf4_cuda.pair_table(self.code, dtype) for dtype in (torch.bfloat16, torch.float16)}
+        # only the kernel's tiled layout is kept (nf4_cuda.tile_absmax); `absmax` then holds that
+        self.absmax = nf4_cuda.tile_absmax(self.absmax, self.n, self.k)
 
     @property
     def nf4(self) -> bool:
