@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs of issues 10 and 11: a bf16 target beside an nf4 draft, random full-size weights
 # (--synthetic-weights 7b), DSEC-size inputs with mp4 decoding included, 10 samples, one GPU and two.
-#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|step|nf4-tune|all]
+#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|step|nf4-tune|attention|all]
 # two-gpu needs two GPUs of one host. Needs PyAV (writing and reading the mp4 clips), Triton (the exact
 # step) and bitsandbytes (nf4). Each part is one `coordinator bench` run; bench.json/bench.md are written
 # after every (placement, MPS) session, so a run cut short keeps what it finished. MPS=on,off adds the MPS
@@ -28,6 +28,13 @@ if [[ $WHAT == nf4-tune ]]; then   # the NF4 tensor-core kernel: sweep, Nsight C
         EVENTSPEC_NF4_CUDA=$config "$PY" -m pytest -q tests/test_nf4_cuda.py 2>&1 | tail -1 | sed "s/^/$name: /"
         EVENTSPEC_NF4_CUDA=$config "$PY" benchmarks/step_bench.py --out "$OUT/step-nf4-${name//[=,]/_}.json" \
             --precisions nf4 --kinds eventgpt --repeats 15 --no-previous | tail -1 | cut -c1-400
+    done
+    exit 0
+fi
+if [[ $WHAT == attention ]]; then    # the attention's cache chunk length: programs per head vs merge work
+    for split in 256 128 64; do
+        EVENTSPEC_ATTENTION_SPLIT=$split "$PY" benchmarks/step_bench.py --out "$OUT/step-attention-$split.json" \
+            --precisions bf16,nf4 --repeats 15 --profile --no-previous | cut -c1-300
     done
     exit 0
 fi

@@ -209,7 +209,11 @@ def test_fused_layer_kernels_are_row_invariant_and_right(quantized):
     assert not keys[0, :start].any() and not keys[0, start + 9:].any()
 
 
-def test_attention_is_row_invariant_and_right():
+@pytest.mark.parametrize("split_len", [256, 64])
+def test_attention_is_row_invariant_and_right(split_len, monkeypatch):
+    """Both the step's chunk length and a short one (EVENTSPEC_ATTENTION_SPLIT, 10 chunks merged)."""
+    from workers.engine.kernels import attention as attention_module
+    monkeypatch.setattr(attention_module, "SPLIT_LEN", split_len)
     heads, kv_heads, d, slots, start = 4, 2, 32, 600, 530
     gen = torch.Generator().manual_seed(7)
     keys = torch.randn(kv_heads, slots, d, generator=gen).to(DEVICE, torch.bfloat16)

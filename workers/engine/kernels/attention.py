@@ -21,7 +21,21 @@ from .common import cast, dot_f32
 
 BLOCK_M = 32
 BLOCK_N = 64
-SPLIT_LEN = 256
+
+
+def _split_len() -> int:
+    """Cache slots per chunk (one program each): 256, or EVENTSPEC_ATTENTION_SPLIT (a multiple of BLOCK_N) for
+    measurements. On an H200 a 641-slot prompt gives 128 programs at 256, one per SM, which read the cache at
+    0.7 TB/s (`step_bench.py --profile`); smaller chunks make more programs (not yet measured on a GPU). A
+    row's sum depends on this value, never on the row count."""
+    import os
+    value = int(os.environ.get("EVENTSPEC_ATTENTION_SPLIT", "256"))
+    if value < BLOCK_N or value % BLOCK_N:
+        raise ValueError(f"EVENTSPEC_ATTENTION_SPLIT must be a positive multiple of {BLOCK_N}; got {value}")
+    return value
+
+
+SPLIT_LEN = _split_len()
 
 
 @triton.jit(do_not_specialize=["M"])
