@@ -155,7 +155,8 @@ def graph_ms(launch, copies: int, replays: int = 20) -> float:
 
 
 CUDA_CONFIGS = ([dict(depth=d, xring=x, minb=m) for d in (2, 3, 4) for x in (0, 1) for m in (2, 3)]
-                + [dict(programs=p) for p in (256, 1024, 2048)])
+                + [dict(programs=p) for p in (256, 1024, 2048)]
+                + [dict(stage=st, minb=m) for st in (2, 3, 4) for m in (3, 4)])
 
 
 def cuda_sweep():

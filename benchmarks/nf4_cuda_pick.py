@@ -8,7 +8,7 @@ import json
 import sys
 from collections import defaultdict
 
-KEYS = ("depth", "xring", "minb", "programs")
+KEYS = ("depth", "xring", "minb", "programs", "stage")
 
 
 def rank(results: list[dict]) -> list[tuple[float, dict]]:
@@ -17,7 +17,7 @@ def rank(results: list[dict]) -> list[tuple[float, dict]]:
     for r in results:
         if r.get("kind") != "nf4-cuda" or not isinstance(r.get("ms"), float) or r["rows"] not in (1, 9):
             continue
-        key = tuple(r[k] for k in KEYS)
+        key = tuple(r.get(k, 0) for k in KEYS)
         layer[key] += r["ms"] * (1.0 if r["rows"] == 1 else 0.25)
         seen[key].add((r["n"], r["k"], r["rows"]))
     full = max((len(v) for v in seen.values()), default=0)

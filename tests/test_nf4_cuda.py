@@ -72,3 +72,25 @@ def test_partials_are_right_and_row_invariant(dtype, shape):
     ref = x.cpu().double() @ w.T
     got = full.sum(0).cpu().double()
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@cuda
+@pytest.mark.parametrize("shape", [(256, 4096), (4096, 11008), (40, 320)])
+def test_weights_staged_through_shared_memory_give_the_same_bits(shape):
+    """`Config.stage` (cp.async into shared memory) keeps each warp's blocks and their order: its partials
+    must equal the register ring's bit for bit, for 1, 9 and 17 rows, a partial tile and a short split."""
+    from dataclasses import replace
+    if nf4_cuda.unavailable_reason("cuda"):
+        pytest.skip("NF4 CUDA kernel unavailable")
+    n, k = shape
+    gen = torch.Generator().manual_seed(n * 3 + k)
+    packed, absmax = nf4.quantize(torch.randn(n, k, generator=gen))
+    packed, tiles = packed.cuda(), nf4_cuda.tile_absmax(absmax.cuda(), n, k)
+    pairs = nf4_cuda.pair_table(nf4.code_tensor("cuda"), torch.bfloat16)
+    splits, per = nf4_cuda.splits_for(n, k)
+    for rows in (1, 9, 17):
+        x = torch.randn(rows, k, generator=gen).to("cuda", torch.bfloat16)
+        ring, staged = (torch.full((splits, rows, n), float("nan"), device="cuda") for _ in range(2))
+        nf4_cuda.partials(x, packed, tiles, pairs, n, k, ring, per, replace(nf4_cuda.CONFIG, stage=0))
+        nf4_cuda.partials(x, packed, tiles, pairs, n, k, staged, per, replace(nf4_cuda.CONFIG, stage=3))
+        assert torch.equal(ring, staged), f"{rows} rows"

@@ -48,6 +48,8 @@ SOURCE = r"""
 #define WARPS 8
 #define DEPTH DEPTH_VALUE
 #define XRING XRING_VALUE
+#define STAGE STAGE_VALUE
+#define ROW_WORDS 72          // a staged row of 8 blocks (64 words) padded so lanes g, g + 1 hit other banks
 #define TABLE_WORDS (256 * 32)
 
 __device__ __forceinline__ void mma(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
@@ -66,6 +68,12 @@ __device__ __forceinline__ void load_x(unsigned* xw, const uint4* row, int b, bo
     uint4 lo = make_uint4(0u, 0u, 0u, 0u), hi = lo;
     if (ok) { lo = row[b * 8]; hi = row[b * 8 + 1]; }
     xw[0] = lo.x; xw[1] = lo.y; xw[2] = lo.z; xw[3] = lo.w; xw[4] = hi.x; xw[5] = hi.y; xw[6] = hi.z; xw[7] = hi.w;
+}
+
+// cp.async of one 16-byte piece of a staged weight row into shared memory; zeros where `ok` is false
+__device__ __forceinline__ void stage_copy(unsigned* dst, const unsigned char* src, bool ok) {
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(addr), "l"(src), "r"(ok ? 16 : 0));
 }
 
 // One NF4 block (64 columns) of weight rows g, g + 8 against x rows g (and 8 + g when two): 4 MMAs per
@@ -110,14 +118,65 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
     const bool two = here > 8;                       // the same for every lane
     const bool x_ok0 = g < here, x_ok1 = 8 + g < here;
     const unsigned* lt = shared + lane;
+#if !STAGE
     const uint2* wa_row = (const uint2*)(w + (size_t)n_a * KW) + t;
     const uint2* wb_row = (const uint2*)(w + (size_t)n_b * KW) + t;
+#endif
     const float2* scales = absmax + (size_t)blockIdx.x * KB * 8 + g;
     const uint4* x0_row = (const uint4*)(x + (size_t)(m0 + g) * KW) + 2 * t;
     const uint4* x1_row = (const uint4*)(x + (size_t)(m0 + 8 + g) * KW) + 2 * t;
     const uint2 zero2 = make_uint2(0u, 0u);
 
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#if STAGE
+    // STAGE slots of shared memory, each the tile's 16 rows × 8 blocks (one per warp), filled by cp.async in
+    // runs of 256 bytes per row (16 threads per row): far fewer L1 wavefronts than 8 rows per warp load.
+    // Warp w still takes blocks b_begin + w, + 8, + 16, ... in order: the same sums as the register ring.
+    unsigned* slots = shared + TABLE_WORDS + WARPS * 256;
+    const int nstages = (b_end - b_begin + WARPS - 1) / WARPS;
+    const int cr = tid >> 4, cj = tid & 15;                   // copy task: row cr, 16-byte piece cj
+    const bool c_row_ok = blockIdx.x * 16 + cr < N;
+    const unsigned char* csrc = w + (size_t)(blockIdx.x * 16 + (c_row_ok ? cr : 0)) * KW + (size_t)b_begin * 32 + cj * 16;
+#pragma unroll
+    for (int s = 0; s < STAGE; ++s) {
+        if (s < nstages)
+            stage_copy(slots + s * 16 * ROW_WORDS + cr * ROW_WORDS + cj * 4, csrc + s * 256,
+                       c_row_ok && b_begin + s * WARPS + (cj >> 1) < b_end);
+        asm volatile("cp.async.commit_group;\n");
+    }
+    __syncthreads();
+    for (int s = 0; s < nstages; ++s) {
+        asm volatile("cp.async.wait_group %0;\n" :: "n"(STAGE - 1));
+        __syncthreads();
+        const unsigned* slot = slots + (s % STAGE) * 16 * ROW_WORDS;
+        const int b = b_begin + s * WARPS + warp;
+        if (b < b_end) {
+            const uint2 wa = *(const uint2*)(slot + g * ROW_WORDS + warp * 8 + 2 * t);
+            const uint2 wb = *(const uint2*)(slot + (g + 8) * ROW_WORDS + warp * 8 + 2 * t);
+            const float2 sc = scales[b * 8];
+            unsigned xw0[8], xw1[8];
+            load_x(xw0, x0_row, b, x_ok0);
+            load_x(xw1, x1_row, b, x_ok1);
+            float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            block_mma(part, lt, wa, wb, xw0, xw1, two);
+            acc[0] = __fmaf_rn(part[0], sc.x, acc[0]);
+            acc[1] = __fmaf_rn(part[1], sc.x, acc[1]);
+            acc[2] = __fmaf_rn(part[2], sc.y, acc[2]);
+            acc[3] = __fmaf_rn(part[3], sc.y, acc[3]);
+            acc[4] = __fmaf_rn(part[4], sc.x, acc[4]);
+            acc[5] = __fmaf_rn(part[5], sc.x, acc[5]);
+            acc[6] = __fmaf_rn(part[6], sc.y, acc[6]);
+            acc[7] = __fmaf_rn(part[7], sc.y, acc[7]);
+        }
+        __syncthreads();                                       // every warp is done with this slot
+        const int next = s + STAGE;
+        if (next < nstages)
+            stage_copy(slots + (s % STAGE) * 16 * ROW_WORDS + cr * ROW_WORDS + cj * 4, csrc + next * 256,
+                       c_row_ok && b_begin + next * WARPS + (cj >> 1) < b_end);
+        asm volatile("cp.async.commit_group;\n");             // one group per step, empty or not
+    }
+    (void)ok_a; (void)ok_b; (void)zero2;
+#else
     // a ring of DEPTH blocks of weights and absmax in flight per warp (XRING: and of x rows 0..7); the
     // loads are issued before the table is complete, so they overlap its stores
     uint2 ring_a[DEPTH], ring_b[DEPTH];
@@ -178,6 +237,7 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
             }
         }
     }
+#endif
     // C fragment: (weight row g, x rows 2t, 2t + 1), (g + 8, 2t, 2t + 1); the second MMA: x rows + 8
     float* mine = red + warp * 256;
     mine[g * 16 + 2 * t] = acc[0];
@@ -213,6 +273,11 @@ class Config:
     xring: int = 0          # 1: x rows 0..7 ride in the ring too (more registers, no x latency per block)
     minb: int = 3           # programs per SM the compiler budgets registers for
     programs: int = TARGET_PROGRAMS     # programs a weight aims at (sets the split of K)
+    stage: int = 0          # >0: weights staged through this many shared-memory slots by cp.async (not yet
+                            # measured on a GPU; the same sums as the register ring, which the GPU test checks)
+
+    def shared_bytes(self) -> int:
+        return SHARED_BYTES + self.stage * 16 * 72 * 4
 
 
 def _config_from_env() -> Config:
@@ -233,8 +298,9 @@ CONFIG = _config_from_env()
 def source(dtype: torch.dtype, config: Config = CONFIG) -> tuple[str, str]:
     """(CUDA C source, kernel name) for 16-bit x of `dtype` under `config`."""
     kind = _MMA_TYPE[dtype]
-    name = f"eventspec_nf4_partials_{kind}_d{config.depth}x{config.xring}m{config.minb}"
+    name = f"eventspec_nf4_partials_{kind}_d{config.depth}x{config.xring}m{config.minb}s{config.stage}"
     text = (SOURCE.replace("DEPTH_VALUE", str(config.depth)).replace("XRING_VALUE", str(config.xring))
+            .replace("STAGE_VALUE", str(config.stage))
             .replace("MINB_VALUE", str(config.minb)).replace(".DT.DT.", f".{kind}.{kind}."))
     return text.replace("NAME", name), name
 
@@ -250,6 +316,8 @@ def _compile(device: torch.device, dtype: torch.dtype, config: Config = CONFIG):
             text, name = source(dtype, config)
             with torch.cuda.device(device):
                 kernel = torch.cuda._compile_kernel(text, name)
+                if config.shared_bytes() >= 48 * 1024:
+                    kernel.set_shared_memory_config(config.shared_bytes())
         except Exception as exc:  # noqa: BLE001 - no NVRTC, an old torch or an unsupported GPU: Triton path
             _failure[key] = f"{type(exc).__name__}: {exc}"
             return None
@@ -319,5 +387,5 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
         raise RuntimeError(f"the NF4 CUDA kernel is not available: {_failure.get((x.device.index, x.dtype, config))}")
     grid = (-(-n // 16), splits, -(-m // ROWS_PER_PROGRAM))
     kernel(grid=grid, block=(32 * WARPS, 1, 1), args=[x, packed, absmax, pairs, out, m, n, k, per_split],
-           shared_mem=SHARED_BYTES)
+           shared_mem=config.shared_bytes())
     return out
