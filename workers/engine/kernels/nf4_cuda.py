@@ -76,6 +76,12 @@ __device__ __forceinline__ void stage_copy(unsigned* dst, const unsigned char* s
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(addr), "l"(src), "r"(ok ? 16 : 0));
 }
 
+// acc += part · the block's absmax (rows g and g + 8), explicit FMAs so every variant rounds alike
+__device__ __forceinline__ void add_scaled(float* acc, const float* part, float sa, float sb) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = __fmaf_rn(part[i], (i & 2) ? sb : sa, acc[i]);
+}
+
 // One NF4 block (64 columns) of weight rows g, g + 8 against x rows g (and 8 + g when two): 4 MMAs per
 // 8 x rows, permuted k: MMA s takes bytes 2s, 2s + 1 of the lane's 8 and words 2s, 2s + 1 of x.
 __device__ __forceinline__ void block_mma(float* part, const unsigned* lt, uint2 wa, uint2 wb, const unsigned* xw0,
@@ -159,14 +165,7 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
             load_x(xw1, x1_row, b, x_ok1);
             float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
             block_mma(part, lt, wa, wb, xw0, xw1, two);
-            acc[0] = __fmaf_rn(part[0], sc.x, acc[0]);
-            acc[1] = __fmaf_rn(part[1], sc.x, acc[1]);
-            acc[2] = __fmaf_rn(part[2], sc.y, acc[2]);
-            acc[3] = __fmaf_rn(part[3], sc.y, acc[3]);
-            acc[4] = __fmaf_rn(part[4], sc.x, acc[4]);
-            acc[5] = __fmaf_rn(part[5], sc.x, acc[5]);
-            acc[6] = __fmaf_rn(part[6], sc.y, acc[6]);
-            acc[7] = __fmaf_rn(part[7], sc.y, acc[7]);
+            add_scaled(acc, part, sc.x, sc.y);
         }
         __syncthreads();                                       // every warp is done with this slot
         const int next = s + STAGE;
@@ -181,19 +180,23 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
     // loads are issued before the table is complete, so they overlap its stores
     uint2 ring_a[DEPTH], ring_b[DEPTH];
     float ring_sa[DEPTH], ring_sb[DEPTH];
+    // slot d <- block b's weight bytes and scales (zeros past the split or the weight's rows)
+#define FILL_SLOT(d, b) do { \
+        ring_a[d] = zero2; ring_b[d] = zero2; ring_sa[d] = 0.f; ring_sb[d] = 0.f; \
+        if ((b) < b_end) { \
+            const float2 sc = scales[(b) * 8]; \
+            ring_sa[d] = sc.x; ring_sb[d] = sc.y; \
+            if (ok_a) ring_a[d] = wa_row[(b) * 4]; \
+            if (ok_b) ring_b[d] = wb_row[(b) * 4]; \
+        } \
+    } while (0)
 #if XRING
     unsigned ring_x[DEPTH][8];
 #endif
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
         const int bd = b_begin + warp + d * WARPS;
-        ring_a[d] = zero2; ring_b[d] = zero2; ring_sa[d] = 0.f; ring_sb[d] = 0.f;
-        if (bd < b_end) {
-            const float2 sc = scales[bd * 8];
-            ring_sa[d] = sc.x; ring_sb[d] = sc.y;
-            if (ok_a) ring_a[d] = wa_row[bd * 4];
-            if (ok_b) ring_b[d] = wb_row[bd * 4];
-        }
+        FILL_SLOT(d, bd);
 #if XRING
         load_x(ring_x[d], x0_row, bd, x_ok0 && bd < b_end);
 #endif
@@ -214,23 +217,9 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
                 load_x(xw1, x1_row, b, x_ok1);
                 float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
                 block_mma(part, lt, ring_a[d], ring_b[d], xw0, xw1, two);
-                const float sa = ring_sa[d], sb = ring_sb[d];
-                acc[0] = __fmaf_rn(part[0], sa, acc[0]);
-                acc[1] = __fmaf_rn(part[1], sa, acc[1]);
-                acc[2] = __fmaf_rn(part[2], sb, acc[2]);
-                acc[3] = __fmaf_rn(part[3], sb, acc[3]);
-                acc[4] = __fmaf_rn(part[4], sa, acc[4]);
-                acc[5] = __fmaf_rn(part[5], sa, acc[5]);
-                acc[6] = __fmaf_rn(part[6], sb, acc[6]);
-                acc[7] = __fmaf_rn(part[7], sb, acc[7]);
+                add_scaled(acc, part, ring_sa[d], ring_sb[d]);
                 const int nb = b + DEPTH * WARPS;          // refill this slot with the block DEPTH ahead
-                ring_a[d] = zero2; ring_b[d] = zero2; ring_sa[d] = 0.f; ring_sb[d] = 0.f;
-                if (nb < b_end) {
-                    const float2 sc = scales[nb * 8];
-                    ring_sa[d] = sc.x; ring_sb[d] = sc.y;
-                    if (ok_a) ring_a[d] = wa_row[nb * 4];
-                    if (ok_b) ring_b[d] = wb_row[nb * 4];
-                }
+                FILL_SLOT(d, nb);
 #if XRING
                 load_x(ring_x[d], x0_row, nb, x_ok0 && nb < b_end);
 #endif
