@@ -387,8 +387,9 @@ def _upcast(x: torch.Tensor) -> bool:
 
 
 def _single(x: torch.Tensor, weight: Weight, out: torch.Tensor, splits: int) -> None:
-    """`x @ W.T` into out [M, N] (splits == 1) or float32 partials [splits, M, N]: NF4 weights one row of x
-    per program (nf4_rows.py), dense weights by the MMA tiles."""
+    """`x @ W.T` into out [M, N] (splits == 1) or float32 partials [splits, M, N]: NF4 weights on tensor
+    cores (nf4_cuda.py, always partials of the weight's own split) or one row of x per program
+    (nf4_rows.py), dense weights by the MMA tiles."""
     m = x.shape[0]
     if weight.tensor_cores:
         weight.partials(x, out)             # always partials [splits, M, N]: the callers add them
@@ -444,17 +445,25 @@ def linear_residual_norm(x: torch.Tensor, weight: Weight, residual: torch.Tensor
     return hidden, normed
 
 
+def _dual_from_partials(x: torch.Tensor, weight: Weight, out: torch.Tensor, group: int, half: int, groups: int,
+                        rope_args: tuple, *, rope: bool) -> None:
+    """The tensor-core NF4 path of both dual matmuls: split partials, then `_dual_finish_kernel`'s epilogue
+    over `groups` row groups of `group` rows (rows a < half, rows b = a + half); `rope_args` are the cache,
+    position, frequency and head arguments (placeholders for gate/up)."""
+    block = min(256, triton.next_power_of_2(half))
+    per_group = _cdiv(half, block)
+    _dual_finish_kernel[(groups * per_group, x.shape[0])](
+        weight.partials(x), x, out, x.shape[0], weight.n, group, half, per_group, *rope_args,
+        SPLITS=weight.splits, ROPE=rope, UPCAST=_upcast(x), BLOCK_N=block, num_warps=4)
+
+
 def gate_up_silu(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     """`weight` stacks gate [I, K] over up [I, K]; returns silu(x @ gate.T) · (x @ up.T), [M, I]."""
     _check(x, weight)
     m, half = x.shape[0], weight.n // 2
     out = torch.empty((m, half), dtype=x.dtype, device=x.device)
     if weight.tensor_cores:
-        block = min(256, triton.next_power_of_2(half))
-        per_group = _cdiv(half, block)
-        _dual_finish_kernel[(per_group, m)](
-            weight.partials(x), x, out, m, weight.n, weight.n, half, per_group, out, out, out, out, 1.0, 0, 0, 0,
-            SPLITS=weight.splits, ROPE=False, UPCAST=_upcast(x), BLOCK_N=block, num_warps=4)
+        _dual_from_partials(x, weight, out, weight.n, half, 1, (out, out, out, out, 1.0, 0, 0, 0), rope=False)
         return out
     if weight.nf4:
         per_group = _cdiv(half, ROWS_DUAL_N)
@@ -483,12 +492,8 @@ def qkv_rope_store(x: torch.Tensor, weight: Weight, keys: torch.Tensor, values: 
         raise ValueError(f"a qkv weight of {weight.n} rows does not fit {heads}+2·{kv_heads} heads of {d}")
     q = torch.empty((m, heads * d), dtype=x.dtype, device=x.device)
     if weight.tensor_cores:
-        block = min(256, triton.next_power_of_2(d // 2))
-        per_group = _cdiv(d // 2, block)
-        _dual_finish_kernel[((heads + 2 * kv_heads) * per_group, m)](
-            weight.partials(x), x, q, m, weight.n, d, d // 2, per_group,
-            keys, values, start, inv_freq, float(scaling), heads, kv_heads, slots,
-            SPLITS=weight.splits, ROPE=True, UPCAST=_upcast(x), BLOCK_N=block, num_warps=4)
+        _dual_from_partials(x, weight, q, d, d // 2, heads + 2 * kv_heads,
+                            (keys, values, start, inv_freq, float(scaling), heads, kv_heads, slots), rope=True)
         return q
     if weight.nf4:
         per_group = _cdiv(d // 2, ROWS_DUAL_N)
