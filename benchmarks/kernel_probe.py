@@ -154,9 +154,10 @@ def graph_ms(launch, copies: int, replays: int = 20) -> float:
     return statistics.median(samples)
 
 
-CUDA_CONFIGS = ([dict(depth=d, xring=x, minb=m) for d in (2, 3, 4) for x in (0, 1) for m in (2, 3)]
-                + [dict(programs=p) for p in (256, 1024, 2048)]
-                + [dict(stage=st, minb=m) for st in (2, 3, 4) for m in (3, 4)])
+CUDA_CONFIGS = ([dict(depth=d, minb=m) for d in (2, 3, 4, 6) for m in (3, 4, 5)]
+                + [dict(depth=d, xring=1, minb=m) for d in (3, 4) for m in (3, 4)]
+                + [dict(programs=p, minb=m) for p in (256, 1024, 2048) for m in (3, 4)]
+                + [dict(stage=st, minb=m) for st in (2, 3, 4) for m in (3, 4, 5)])
 
 
 def cuda_sweep():

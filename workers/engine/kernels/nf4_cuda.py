@@ -49,6 +49,7 @@ SOURCE = r"""
 #define DEPTH DEPTH_VALUE
 #define XRING XRING_VALUE
 #define STAGE STAGE_VALUE
+#define TWO TWO_VALUE           // 1: programs may hold 9-16 rows of x (a second MMA per k step); 0: at most 8
 #define ROW_WORDS 72          // a staged row of 8 blocks (64 words) padded so lanes g, g + 1 hit other banks
 #define TABLE_WORDS (256 * 32)
 
@@ -60,8 +61,13 @@ __device__ __forceinline__ void mma(float* d, unsigned a0, unsigned a1, unsigned
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ unsigned lut(const unsigned* lane_table, unsigned word, int byte) {
-    return lane_table[((word >> (8 * byte)) & 0xFFu) << 5];
+// the lane's copy of table entry `byte` of `word`: a byte permute and a shift-add give the shared address
+// (`lane_base` = the table's shared address + 4 · lane), so a lookup is 2 integer instructions and 1 LDS
+__device__ __forceinline__ unsigned lut(unsigned lane_base, unsigned word, int byte) {
+    const unsigned entry = __byte_perm(word, 0u, 0x4440u + byte);
+    unsigned v;
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(lane_base + (entry << 7)));
+    return v;
 }
 
 __device__ __forceinline__ void load_x(unsigned* xw, const uint4* row, int b, bool ok) {
@@ -79,12 +85,12 @@ __device__ __forceinline__ void stage_copy(unsigned* dst, const unsigned char* s
 // acc += part · the block's absmax (rows g and g + 8), explicit FMAs so every variant rounds alike
 __device__ __forceinline__ void add_scaled(float* acc, const float* part, float sa, float sb) {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i] = __fmaf_rn(part[i], (i & 2) ? sb : sa, acc[i]);
+    for (int i = 0; i < 4 + 4 * TWO; ++i) acc[i] = __fmaf_rn(part[i], (i & 2) ? sb : sa, acc[i]);
 }
 
 // One NF4 block (64 columns) of weight rows g, g + 8 against x rows g (and 8 + g when two): 4 MMAs per
 // 8 x rows, permuted k: MMA s takes bytes 2s, 2s + 1 of the lane's 8 and words 2s, 2s + 1 of x.
-__device__ __forceinline__ void block_mma(float* part, const unsigned* lt, uint2 wa, uint2 wb, const unsigned* xw0,
+__device__ __forceinline__ void block_mma(float* part, unsigned lt, uint2 wa, uint2 wb, const unsigned* xw0,
                                           const unsigned* xw1, bool two) {
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
@@ -93,7 +99,9 @@ __device__ __forceinline__ void block_mma(float* part, const unsigned* lt, uint2
         int lo = 2 * (s & 1);
         unsigned a0 = lut(lt, ra, lo), a1 = lut(lt, rb, lo), a2 = lut(lt, ra, lo + 1), a3 = lut(lt, rb, lo + 1);
         mma(part, a0, a1, a2, a3, xw0[2 * s], xw0[2 * s + 1]);
+#if TWO
         if (two) mma(part + 4, a0, a1, a2, a3, xw1[2 * s], xw1[2 * s + 1]);
+#endif
     }
 }
 
@@ -121,9 +129,9 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
     const int n_a = blockIdx.x * 16 + g, n_b = n_a + 8;
     const bool ok_a = n_a < N, ok_b = n_b < N;
     const int here = min(16, M - m0);
-    const bool two = here > 8;                       // the same for every lane
+    const bool two = TWO && here > 8;                // the same for every lane
     const bool x_ok0 = g < here, x_ok1 = 8 + g < here;
-    const unsigned* lt = shared + lane;
+    const unsigned lt = (unsigned)__cvta_generic_to_shared(shared) + 4u * lane;
 #if !STAGE
     const uint2* wa_row = (const uint2*)(w + (size_t)n_a * KW) + t;
     const uint2* wb_row = (const uint2*)(w + (size_t)n_b * KW) + t;
@@ -162,7 +170,9 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
             const float2 sc = scales[b * 8];
             unsigned xw0[8], xw1[8];
             load_x(xw0, x0_row, b, x_ok0);
+#if TWO
             load_x(xw1, x1_row, b, x_ok1);
+#endif
             float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
             block_mma(part, lt, wa, wb, xw0, xw1, two);
             add_scaled(acc, part, sc.x, sc.y);
@@ -214,7 +224,9 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
                 unsigned xw0[8];
                 load_x(xw0, x0_row, b, x_ok0);
 #endif
-                load_x(xw1, x1_row, b, x_ok1);
+#if TWO
+            load_x(xw1, x1_row, b, x_ok1);
+#endif
                 float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
                 block_mma(part, lt, ring_a[d], ring_b[d], xw0, xw1, two);
                 add_scaled(acc, part, ring_sa[d], ring_sb[d]);
@@ -284,25 +296,26 @@ def _config_from_env() -> Config:
 CONFIG = _config_from_env()
 
 
-def source(dtype: torch.dtype, config: Config = CONFIG) -> tuple[str, str]:
-    """(CUDA C source, kernel name) for 16-bit x of `dtype` under `config`."""
+def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True) -> tuple[str, str]:
+    """(CUDA C source, kernel name) for 16-bit x of `dtype` under `config`; `two`: programs of 9–16 rows
+    (else at most 8: no second MMA, no loads of x rows 8–15; a row's arithmetic is the same in both)."""
     kind = _MMA_TYPE[dtype]
-    name = f"eventspec_nf4_partials_{kind}_d{config.depth}x{config.xring}m{config.minb}s{config.stage}"
+    name = f"eventspec_nf4_partials_{kind}_d{config.depth}x{config.xring}m{config.minb}s{config.stage}r{1 + two}"
     text = (SOURCE.replace("DEPTH_VALUE", str(config.depth)).replace("XRING_VALUE", str(config.xring))
-            .replace("STAGE_VALUE", str(config.stage))
+            .replace("STAGE_VALUE", str(config.stage)).replace("TWO_VALUE", str(int(two)))
             .replace("MINB_VALUE", str(config.minb)).replace(".DT.DT.", f".{kind}.{kind}."))
     return text.replace("NAME", name), name
 
 
-def _compile(device: torch.device, dtype: torch.dtype, config: Config = CONFIG):
-    key = (device.index, dtype, config)
+def _compile(device: torch.device, dtype: torch.dtype, config: Config = CONFIG, two: bool = True):
+    key = (device.index, dtype, config, two)
     with _lock:
         if key in _kernels:
             return _kernels[key]
         if key in _failure:
             return None
         try:
-            text, name = source(dtype, config)
+            text, name = source(dtype, config, two)
             with torch.cuda.device(device):
                 kernel = torch.cuda._compile_kernel(text, name)
                 if config.shared_bytes() >= 48 * 1024:
@@ -323,8 +336,9 @@ def unavailable_reason(device) -> str | None:
     if major < 8:
         return "bf16 MMAs need compute capability 8.0 or newer"
     for dtype in _MMA_TYPE:
-        if _compile(device, dtype) is None:
-            return _failure[(device.index, dtype, CONFIG)]
+        for two in (False, True):
+            if _compile(device, dtype, CONFIG, two) is None:
+                return _failure[(device.index, dtype, CONFIG, two)]
     return None
 
 
@@ -371,9 +385,11 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
         raise ValueError(f"absmax must come from tile_absmax: shape {(-(-n // 16), k // 64, 8, 2)}; got {tuple(absmax.shape)}")
     if x.data_ptr() % 16 or packed.data_ptr() % 8:
         raise ValueError("x must be 16-byte aligned and the packed weight 8-byte aligned")
-    kernel = _compile(x.device, x.dtype, config)
+    two = m > 8
+    kernel = _compile(x.device, x.dtype, config, two)
     if kernel is None:
-        raise RuntimeError(f"the NF4 CUDA kernel is not available: {_failure.get((x.device.index, x.dtype, config))}")
+        raise RuntimeError("the NF4 CUDA kernel is not available: "
+                           f"{_failure.get((x.device.index, x.dtype, config, two))}")
     grid = (-(-n // 16), splits, -(-m // ROWS_PER_PROGRAM))
     kernel(grid=grid, block=(32 * WARPS, 1, 1), args=[x, packed, absmax, pairs, out, m, n, k, per_split],
            shared_mem=config.shared_bytes())
