@@ -98,6 +98,12 @@ def _median(xs) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def _overlaps(span, others) -> bool:
+    """Whether [start, end) of `span` meets any span of `others` (lists of [name, start_ns, end_ns, attrs])."""
+    _, start, end, _ = span
+    return any(s < end and start < e for _, s, e, _ in others)
+
+
 class CostTracker:
     """Running measurements of one session: the last `keep` spans of each kind, acceptance per draft strategy.
 
@@ -115,15 +121,28 @@ class CostTracker:
         self.reprobe_after = reprobe_after
         self._aside: dict[str, list[int]] = {}          # key -> [requests stood aside in a row, re-probe limit]
 
-    def observe(self, *, key: str, drafting: bool, spans: dict, free_drafts=None, hits: int = 0, misses: int = 0):
+    def observe(self, *, key: str, drafting: bool, spans: dict, free_drafts=None, hits: int = 0, misses: int = 0,
+                shared_device: bool = False):
         """One finished request: `spans` maps role -> [name, start_ns, end_ns, attrs] lists; hits and misses
-        are the draft's proposals judged against the committed answer (coordinator.spec)."""
+        are the draft's proposals judged against the committed answer (coordinator.spec).
+
+        `shared_device`: both workers on one GPU. The plan there prices a round as k draft steps then a
+        verification, one after the other, so only draft steps while the target computed nothing, and
+        verifications while the draft computed nothing, are its costs; the others (a `parallel` request, the
+        prefill window) ran at a share of the GPU (measured on an H200: 6.8 ms draft steps beside the target,
+        3.6 ms alone) and would make drafting look unable to pay."""
         def ms(role, name):
             return [(e - s) / 1e6 for n, s, e, _ in spans.get(role, []) if n == name]
         if drafting:
-            self.draft_step.extend(ms("draft", "draft_step"))
-            self.verify.extend((int(a.get("k", 0)), (e - s) / 1e6)
-                               for n, s, e, a in spans.get("target", []) if n == "verify")
+            draft_steps = [x for x in spans.get("draft", []) if x[0] == "draft_step"]
+            verifies = [x for x in spans.get("target", []) if x[0] == "verify"]
+            if shared_device:
+                target_busy = [x for x in spans.get("target", []) if x[0] in ("prefill", "decode", "verify")]
+                draft_busy = [x for x in spans.get("draft", []) if x[0] in ("prefill", "draft_step", "rebase")]
+                draft_steps = [x for x in draft_steps if not _overlaps(x, target_busy)]
+                verifies = [x for x in verifies if not _overlaps(x, draft_busy)]
+            self.draft_step.extend((e - s) / 1e6 for _, s, e, _ in draft_steps)
+            self.verify.extend((int(a.get("k", 0)), (e - s) / 1e6) for _, s, e, a in verifies)
             self.prefill_beside.extend(ms("target", "prefill"))
             if free_drafts is not None:
                 self.free.append(free_drafts)

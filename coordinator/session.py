@@ -105,7 +105,8 @@ class Session(Supervisor):
         record.update(req.info)
         if record["status"] == "ok" and mode != "hf-generate":
             self.costs.observe(key=key, drafting=state.drafting, spans={r: d.spans for r, d in dones.items()},
-                               free_drafts=state.free_draft_tokens, hits=state.hits, misses=state.misses)
+                               free_drafts=state.free_draft_tokens, hits=state.hits, misses=state.misses,
+                               shared_device=not self.separate_devices())
         return record
 
     def _waiting_messages(self) -> list[m.Message]:
