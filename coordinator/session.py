@@ -57,8 +57,16 @@ class Session(Supervisor):
             pipelined, plan, key = self._plan(mode, options, pipeline, draft_policy, k_max, max_new_tokens)
             record.update(pipelined=pipelined, draft_stood_aside=None if plan is None or plan.draft else plan.reason,
                           draft_plan=_plan_record(plan), **self._adapter_check(sample))
+        margin = RequestState.lookahead_margin
+        if mode == "speculative" and not pipelined and self.shared_gpu() and wait_for_drafts == 0:
+            # one GPU: the cost model prices a round as k draft steps, then the verification, in turn. Run it
+            # so: full windows, and no draft steps past the window while the target verifies. Otherwise both
+            # processes compute at once and each step takes a share of the GPU (measured on an H200: draft
+            # steps 7.1 ms instead of 3.6, verifications 10 ms instead of 5; speculative at 0.83-0.87x)
+            wait_for_drafts, margin = k_max, 0
         state = RequestState(mode=mode, max_new_tokens=max_new_tokens, eos_id=eos, k_max=k_max, adaptive=adaptive,
                              wait_for_drafts=wait_for_drafts, pipelined=pipelined, max_ahead=max_ahead,
+                             lookahead_margin=margin,
                              k_start=plan.k if plan is not None and plan.draft else None,
                              min_mean_len=plan.min_mean_len if plan is not None else None,
                              stood_aside=record.get("draft_stood_aside"))
@@ -106,7 +114,7 @@ class Session(Supervisor):
         if record["status"] == "ok" and mode != "hf-generate":
             self.costs.observe(key=key, drafting=state.drafting, spans={r: d.spans for r, d in dones.items()},
                                free_drafts=state.free_draft_tokens, hits=state.hits, misses=state.misses,
-                               shared_device=not self.separate_devices())
+                               shared_device=self.shared_gpu())
         return record
 
     def _waiting_messages(self) -> list[m.Message]:
@@ -173,6 +181,13 @@ class Session(Supervisor):
         if draft_policy == "auto" and self.workers["target"].ready.device.startswith("cuda"):
             plan = self.costs.decide(key, mode=mode, pipelined=pipelined, k_max=k_max, max_new_tokens=max_new_tokens)
         return pipelined, plan, key
+
+    def shared_gpu(self) -> bool:
+        """Both workers on one CUDA device: their GPU work shares it whenever it overlaps."""
+        draft, target = self.workers.get("draft"), self.workers.get("target")
+        if draft is None or draft.ready is None or target.ready is None:
+            return False
+        return target.ready.device.startswith("cuda") and not self.separate_devices()
 
     def separate_devices(self) -> bool:
         """Whether the workers report different devices (then the draft is pipelined)."""

@@ -244,3 +244,34 @@ def test_on_one_device_only_uncontended_spans_price_a_sequential_round():
                         shared_device=one_device)
     assert shared.costs().draft_step_ms == 3.5 and shared.costs().verify_base_ms == 5.0
     assert separate.costs().draft_step_ms == 5.25 and separate.costs().verify_base_ms == 8.0
+
+
+def test_one_gpu_speculation_runs_full_windows_in_turn():
+    """On one GPU the round the cost model prices is k draft steps, then the verification. With full
+    windows and no lookahead margin the draft stops at k and the target waits for them (no concurrent
+    decode of its own)."""
+    state = RequestState(mode="speculative", max_new_tokens=40, eos_id=-1, k_max=4, wait_for_drafts=4,
+                         lookahead_margin=0)
+    actions = state.on_prefill_done(7)
+    assert all(not isinstance(a, (Verify, Decode)) for a in actions)      # no drafts yet: wait for them
+    rebase = [a for a in actions if isinstance(a, Rebase)][-1]
+    assert rebase.max_ahead == 4                                            # exactly one window ahead
+    assert not state.on_draft(rebase.epoch, 1, [1, 2, 3])                   # 3 of 4: still waiting
+    verify = [a for a in state.on_draft(rebase.epoch, 4, [4]) if isinstance(a, Verify)]
+    assert verify and verify[0].tokens == [1, 2, 3, 4]
+
+
+def test_shared_gpu_is_one_cuda_device_for_both_workers():
+    from types import SimpleNamespace
+
+    from coordinator.session import Session
+
+    def session(draft_device, target_device):
+        s = Session.__new__(Session)
+        s.workers = {"draft": SimpleNamespace(ready=SimpleNamespace(device=draft_device)),
+                     "target": SimpleNamespace(ready=SimpleNamespace(device=target_device))}
+        return s
+
+    assert session("cuda:0", "cuda:0").shared_gpu()
+    assert not session("cuda:0", "cuda:1").shared_gpu()
+    assert not session("cpu", "cpu").shared_gpu()
