@@ -275,3 +275,22 @@ def test_shared_gpu_is_one_cuda_device_for_both_workers():
     assert session("cuda:0", "cuda:0").shared_gpu()
     assert not session("cuda:0", "cuda:1").shared_gpu()
     assert not session("cpu", "cpu").shared_gpu()
+
+
+def test_parallel_on_one_gpu_stands_aside_once_its_window_is_measured():
+    """Measured on one H200: every parallel draft step overlapped the target (prefill, then decode), so none
+    was an uncontended cost, the draft step stayed 'unmeasured' and every request drafted (0.96x). Parallel
+    is priced by its window and the prefill slowdown only."""
+    ms = 1_000_000
+    tr = CostTracker()
+    tr.observe(key="a", drafting=False, spans={"target": spans("prefill", [80]) + spans("decode", [5, 5, 5])})
+    target = [["prefill", 0, 112 * ms, {}], ["decode", 112 * ms, 117 * ms, {}]]
+    draft = [["prefill", 0, 110 * ms, {}], ["draft_step", 110 * ms, 118 * ms, {}]]
+    tr.observe(key="a", drafting=True, free_drafts=0, spans={"target": target, "draft": draft}, shared_device=True)
+    assert tr.costs().draft_step_ms is None and tr.costs().free_drafts == 0
+    decision = tr.decide("a", mode="parallel", pipelined=False, k_max=8, max_new_tokens=200)
+    assert not decision.draft and "prefill slowdown 32.0 ms" in decision.reason
+    fresh = CostTracker()
+    fresh.observe(key="a", drafting=False, spans={"target": spans("prefill", [80]) + spans("decode", [5, 5, 5])})
+    first = fresh.decide("a", mode="parallel", pipelined=False, k_max=8, max_new_tokens=200)
+    assert first.draft and "prefill window" in first.reason
