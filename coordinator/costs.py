@@ -106,6 +106,15 @@ def plan(costs: Costs, alpha: float | None, *, mode: str, pipelined: bool, k_max
     return Plan(True, f"drafting pays ({where}): predicted {speedup:.3f}x ({facts})", k_best, speedup, min_len)
 
 
+def turn_window(decision: Plan | None, k_max: int) -> int:
+    """The largest window of a request whose draft and target take turns on one GPU: the plan's best k where
+    it has one (the window that minimises time per committed token at the measured acceptance), else k_max
+    (costs or acceptance unmeasured: draft to measure)."""
+    if decision is None or not decision.draft or not decision.k:
+        return k_max
+    return max(1, min(k_max, decision.k))
+
+
 def _median(xs) -> float | None:
     return statistics.median(xs) if xs else None
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from protocol import messages as m
 
-from .costs import CostTracker, Plan
+from .costs import CostTracker, Plan, turn_window
 from .metrics import draft_alone_timing, measure_request
 from .spec import Decode, Finish, Rebase, RequestState, StopDraft, Verify   # actions; protocol messages are m.*
 from .supervisor import (POLL_MS, RequestFailed, StartupError, Supervisor, WorkerDied, WorkerHandle,  # noqa: F401
@@ -63,6 +63,10 @@ class Session(Supervisor):
             # so: full windows, and no draft steps past the window while the target verifies. Otherwise both
             # processes compute at once and each step takes a share of the GPU (measured on an H200: draft
             # steps 7.1 ms instead of 3.6, verifications 10 ms instead of 5; speculative at 0.83-0.87x)
+            # The window stays at the plan's best k for the measured acceptance: growing it after each fully
+            # accepted round (the adaptive rule) drafted ~6 a round at alpha 0.9 where 2 is best (measured:
+            # 0.87x with the window growing, against 1.05x predicted)
+            k_max = turn_window(plan, k_max)
             wait_for_drafts, margin = k_max, 0
         state = RequestState(mode=mode, max_new_tokens=max_new_tokens, eos_id=eos, k_max=k_max, adaptive=adaptive,
                              wait_for_drafts=wait_for_drafts, pipelined=pipelined, max_ahead=max_ahead,

@@ -209,7 +209,7 @@ def test_fused_layer_kernels_are_row_invariant_and_right(quantized):
     assert not keys[0, :start].any() and not keys[0, start + 9:].any()
 
 
-@pytest.mark.parametrize("split_len", [256, 64])
+@pytest.mark.parametrize("split_len", [128, 64])
 def test_attention_is_row_invariant_and_right(split_len, monkeypatch):
     """Both the step's chunk length and a short one (EVENTSPEC_ATTENTION_SPLIT, 10 chunks merged)."""
     from workers.engine.kernels import attention as attention_module

@@ -294,3 +294,17 @@ def test_parallel_on_one_gpu_stands_aside_once_its_window_is_measured():
     fresh.observe(key="a", drafting=False, spans={"target": spans("prefill", [80]) + spans("decode", [5, 5, 5])})
     first = fresh.decide("a", mode="parallel", pipelined=False, k_max=8, max_new_tokens=200)
     assert first.draft and "prefill window" in first.reason
+
+
+def test_one_gpu_window_is_the_plans_best_k():
+    """Measured on one H200 (bf16 target, nf4 draft, c = 0.63): at alpha 0.9 the adaptive window grew to ~6
+    drafts a round where the cost model's best is 2, and speculative ran at 0.87x instead of 1.05x."""
+    from coordinator.costs import turn_window
+    decision = plan(costs(D=3.2, T=5.0), 0.9, mode="speculative", pipelined=False, k_max=16, max_new_tokens=200)
+    assert decision.draft and 1 <= decision.k <= 4
+    assert turn_window(decision, 16) == decision.k
+    all_right = plan(costs(D=3.2, T=5.0, verify_per_draft=0.01), 1.0, mode="speculative", pipelined=False,
+                     k_max=16, max_new_tokens=200)
+    assert turn_window(all_right, 16) == 16
+    assert turn_window(None, 16) == 16
+    assert turn_window(plan(Costs(), None, mode="speculative", pipelined=False, k_max=16, max_new_tokens=50), 16) == 16

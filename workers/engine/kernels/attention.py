@@ -24,12 +24,12 @@ BLOCK_N = 64
 
 
 def _split_len() -> int:
-    """Cache slots per chunk (one program each): 256, or EVENTSPEC_ATTENTION_SPLIT (a multiple of BLOCK_N) for
-    measurements. On an H200 a 641-slot prompt gives 128 programs at 256, one per SM, which read the cache at
-    0.7 TB/s (`step_bench.py --profile`); smaller chunks make more programs (not yet measured on a GPU). A
-    row's sum depends on this value, never on the row count."""
+    """Cache slots per chunk (one program each): 128, or EVENTSPEC_ATTENTION_SPLIT (a multiple of BLOCK_N) for
+    measurements. On an H200 (EventGPT, a 641-token prompt, `step_bench.py --profile`) the attention took
+    0.49 ms a step at 256 (128 programs, one per SM), 0.40 ms at 128 and 0.39 ms at 64, whose merge costs
+    more. A row's sum depends on this value, never on the row count."""
     import os
-    value = int(os.environ.get("EVENTSPEC_ATTENTION_SPLIT", "256"))
+    value = int(os.environ.get("EVENTSPEC_ATTENTION_SPLIT", "128"))
     if value < BLOCK_N or value % BLOCK_N:
         raise ValueError(f"EVENTSPEC_ATTENTION_SPLIT must be a positive multiple of {BLOCK_N}; got {value}")
     return value
