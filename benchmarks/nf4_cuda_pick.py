@@ -8,7 +8,7 @@ import json
 import sys
 from collections import defaultdict
 
-KEYS = ("depth", "xring", "minb", "programs", "stage")
+KEYS = ("depth", "xring", "minb", "programs", "stage", "tiles")
 
 
 def rank(results: list[dict]) -> list[tuple[float, dict]]:

@@ -17,8 +17,9 @@ streams ~1 TB/s on an H200. Here a packed byte becomes one MMA operand register 
 - A 64-value NF4 block is 4 MMAs into a zeroed accumulator, multiplied by the block's absmax (float32 FMA)
   and added to the running sum; so a weight is code · absmax with the code rounded to 16 bits, where
   bitsandbytes rounds code · absmax (the same quantized values; results agree to that rounding).
-- A program = 16 weight rows × a K split × 16 rows of x; its 8 warps take every 8th block of the split and
-  add their sums in warp order in shared memory. The split count depends on the weight's shape only.
+- A program = `Config.tiles` tiles of 16 weight rows × a K split × 16 rows of x; for each tile its 8 warps
+  take every 8th block of the split and add their sums in warp order in shared memory. The split count
+  depends on the weight's shape only, and which program computes a tile changes none of its sums.
 - The absmax values are re-laid out once (`tile_absmax`): a block's 16 scales of a tile are one 64-byte
   run. Read in bitsandbytes' order they were 16 cache lines per block, most of the L1 traffic (Nsight
   Compute: L1/TEX 74 % busy at 1.2 TB/s).
@@ -126,136 +127,142 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
     const int split = blockIdx.y, m0 = blockIdx.z * 16;
     const int b_begin = split * split_blocks;
     const int b_end = min(b_begin + split_blocks, KB);
-    const int n_a = blockIdx.x * 16 + g, n_b = n_a + 8;
-    const bool ok_a = n_a < N, ok_b = n_b < N;
     const int here = min(16, M - m0);
     const bool two = TWO && here > 8;                // the same for every lane
     const bool x_ok0 = g < here, x_ok1 = 8 + g < here;
     const unsigned lt = (unsigned)__cvta_generic_to_shared(shared) + 4u * lane;
-#if !STAGE
-    const uint2* wa_row = (const uint2*)(w + (size_t)n_a * KW) + t;
-    const uint2* wb_row = (const uint2*)(w + (size_t)n_b * KW) + t;
-#endif
-    const float2* scales = absmax + (size_t)blockIdx.x * KB * 8 + g;
     const uint4* x0_row = (const uint4*)(x + (size_t)(m0 + g) * KW) + 2 * t;
     const uint4* x1_row = (const uint4*)(x + (size_t)(m0 + 8 + g) * KW) + 2 * t;
     const uint2 zero2 = make_uint2(0u, 0u);
+    const int tiles = (N + 15) >> 4;
 
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    // a program takes tiles blockIdx.x, + gridDim.x, ...: the table is filled once for all of them
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int n_a = tile * 16 + g, n_b = n_a + 8;
+        const bool ok_a = n_a < N, ok_b = n_b < N;
+#if !STAGE
+        const uint2* wa_row = (const uint2*)(w + (size_t)n_a * KW) + t;
+        const uint2* wb_row = (const uint2*)(w + (size_t)n_b * KW) + t;
+#endif
+        const float2* scales = absmax + (size_t)tile * KB * 8 + g;
+
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #if STAGE
-    // STAGE slots of shared memory, each the tile's 16 rows × 8 blocks (one per warp), filled by cp.async in
-    // runs of 256 bytes per row (16 threads per row): far fewer L1 wavefronts than 8 rows per warp load.
-    // Warp w still takes blocks b_begin + w, + 8, + 16, ... in order: the same sums as the register ring.
-    unsigned* slots = shared + TABLE_WORDS + WARPS * 256;
-    const int nstages = (b_end - b_begin + WARPS - 1) / WARPS;
-    const int cr = tid >> 4, cj = tid & 15;                   // copy task: row cr, 16-byte piece cj
-    const bool c_row_ok = blockIdx.x * 16 + cr < N;
-    const unsigned char* csrc = w + (size_t)(blockIdx.x * 16 + (c_row_ok ? cr : 0)) * KW + (size_t)b_begin * 32 + cj * 16;
+        // STAGE slots of shared memory, each the tile's 16 rows × 8 blocks (one per warp), filled by cp.async in
+        // runs of 256 bytes per row (16 threads per row): far fewer L1 wavefronts than 8 rows per warp load.
+        // Warp w still takes blocks b_begin + w, + 8, + 16, ... in order: the same sums as the register ring.
+        unsigned* slots = shared + TABLE_WORDS + WARPS * 256;
+        const int nstages = (b_end - b_begin + WARPS - 1) / WARPS;
+        const int cr = tid >> 4, cj = tid & 15;                   // copy task: row cr, 16-byte piece cj
+        const bool c_row_ok = tile * 16 + cr < N;
+        const unsigned char* csrc = w + (size_t)(tile * 16 + (c_row_ok ? cr : 0)) * KW + (size_t)b_begin * 32 + cj * 16;
 #pragma unroll
-    for (int s = 0; s < STAGE; ++s) {
-        if (s < nstages)
-            stage_copy(slots + s * 16 * ROW_WORDS + cr * ROW_WORDS + cj * 4, csrc + s * 256,
-                       c_row_ok && b_begin + s * WARPS + (cj >> 1) < b_end);
-        asm volatile("cp.async.commit_group;\n");
-    }
-    __syncthreads();
-    for (int s = 0; s < nstages; ++s) {
-        asm volatile("cp.async.wait_group %0;\n" :: "n"(STAGE - 1));
-        __syncthreads();
-        const unsigned* slot = slots + (s % STAGE) * 16 * ROW_WORDS;
-        const int b = b_begin + s * WARPS + warp;
-        if (b < b_end) {
-            const uint2 wa = *(const uint2*)(slot + g * ROW_WORDS + warp * 8 + 2 * t);
-            const uint2 wb = *(const uint2*)(slot + (g + 8) * ROW_WORDS + warp * 8 + 2 * t);
-            const float2 sc = scales[b * 8];
-            unsigned xw0[8], xw1[8];
-            load_x(xw0, x0_row, b, x_ok0);
-#if TWO
-            load_x(xw1, x1_row, b, x_ok1);
-#endif
-            float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-            block_mma(part, lt, wa, wb, xw0, xw1, two);
-            add_scaled(acc, part, sc.x, sc.y);
+        for (int s = 0; s < STAGE; ++s) {
+            if (s < nstages)
+                stage_copy(slots + s * 16 * ROW_WORDS + cr * ROW_WORDS + cj * 4, csrc + s * 256,
+                           c_row_ok && b_begin + s * WARPS + (cj >> 1) < b_end);
+            asm volatile("cp.async.commit_group;\n");
         }
-        __syncthreads();                                       // every warp is done with this slot
-        const int next = s + STAGE;
-        if (next < nstages)
-            stage_copy(slots + (s % STAGE) * 16 * ROW_WORDS + cr * ROW_WORDS + cj * 4, csrc + next * 256,
-                       c_row_ok && b_begin + next * WARPS + (cj >> 1) < b_end);
-        asm volatile("cp.async.commit_group;\n");             // one group per step, empty or not
-    }
-    (void)ok_a; (void)ok_b; (void)zero2;
-#else
-    // a ring of DEPTH blocks of weights and absmax in flight per warp (XRING: and of x rows 0..7); the
-    // loads are issued before the table is complete, so they overlap its stores
-    uint2 ring_a[DEPTH], ring_b[DEPTH];
-    float ring_sa[DEPTH], ring_sb[DEPTH];
-    // slot d <- block b's weight bytes and scales (zeros past the split or the weight's rows)
-#define FILL_SLOT(d, b) do { \
-        ring_a[d] = zero2; ring_b[d] = zero2; ring_sa[d] = 0.f; ring_sb[d] = 0.f; \
-        if ((b) < b_end) { \
-            const float2 sc = scales[(b) * 8]; \
-            ring_sa[d] = sc.x; ring_sb[d] = sc.y; \
-            if (ok_a) ring_a[d] = wa_row[(b) * 4]; \
-            if (ok_b) ring_b[d] = wb_row[(b) * 4]; \
-        } \
-    } while (0)
-#if XRING
-    unsigned ring_x[DEPTH][8];
-#endif
-#pragma unroll
-    for (int d = 0; d < DEPTH; ++d) {
-        const int bd = b_begin + warp + d * WARPS;
-        FILL_SLOT(d, bd);
-#if XRING
-        load_x(ring_x[d], x0_row, bd, x_ok0 && bd < b_end);
-#endif
-    }
-    __syncthreads();
-    for (int b0 = b_begin + warp; b0 < b_end; b0 += DEPTH * WARPS) {
-#pragma unroll
-        for (int d = 0; d < DEPTH; ++d) {
-            const int b = b0 + d * WARPS;
+        __syncthreads();
+        for (int s = 0; s < nstages; ++s) {
+            asm volatile("cp.async.wait_group %0;\n" :: "n"(STAGE - 1));
+            __syncthreads();
+            const unsigned* slot = slots + (s % STAGE) * 16 * ROW_WORDS;
+            const int b = b_begin + s * WARPS + warp;
             if (b < b_end) {
-                unsigned xw1[8];
-#if XRING
-                const unsigned* xw0 = ring_x[d];
-#else
-                unsigned xw0[8];
+                const uint2 wa = *(const uint2*)(slot + g * ROW_WORDS + warp * 8 + 2 * t);
+                const uint2 wb = *(const uint2*)(slot + (g + 8) * ROW_WORDS + warp * 8 + 2 * t);
+                const float2 sc = scales[b * 8];
+                unsigned xw0[8], xw1[8];
                 load_x(xw0, x0_row, b, x_ok0);
-#endif
 #if TWO
-            load_x(xw1, x1_row, b, x_ok1);
+                load_x(xw1, x1_row, b, x_ok1);
 #endif
                 float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-                block_mma(part, lt, ring_a[d], ring_b[d], xw0, xw1, two);
-                add_scaled(acc, part, ring_sa[d], ring_sb[d]);
-                const int nb = b + DEPTH * WARPS;          // refill this slot with the block DEPTH ahead
-                FILL_SLOT(d, nb);
+                block_mma(part, lt, wa, wb, xw0, xw1, two);
+                add_scaled(acc, part, sc.x, sc.y);
+            }
+            __syncthreads();                                       // every warp is done with this slot
+            const int next = s + STAGE;
+            if (next < nstages)
+                stage_copy(slots + (s % STAGE) * 16 * ROW_WORDS + cr * ROW_WORDS + cj * 4, csrc + next * 256,
+                           c_row_ok && b_begin + next * WARPS + (cj >> 1) < b_end);
+            asm volatile("cp.async.commit_group;\n");             // one group per step, empty or not
+        }
+        (void)ok_a; (void)ok_b; (void)zero2;
+#else
+        // a ring of DEPTH blocks of weights and absmax in flight per warp (XRING: and of x rows 0..7); the
+        // loads are issued before the table is complete, so they overlap its stores
+        uint2 ring_a[DEPTH], ring_b[DEPTH];
+        float ring_sa[DEPTH], ring_sb[DEPTH];
+        // slot d <- block b's weight bytes and scales (zeros past the split or the weight's rows)
+#define FILL_SLOT(d, b) do { \
+            ring_a[d] = zero2; ring_b[d] = zero2; ring_sa[d] = 0.f; ring_sb[d] = 0.f; \
+            if ((b) < b_end) { \
+                const float2 sc = scales[(b) * 8]; \
+                ring_sa[d] = sc.x; ring_sb[d] = sc.y; \
+                if (ok_a) ring_a[d] = wa_row[(b) * 4]; \
+                if (ok_b) ring_b[d] = wb_row[(b) * 4]; \
+            } \
+        } while (0)
 #if XRING
-                load_x(ring_x[d], x0_row, nb, x_ok0 && nb < b_end);
+        unsigned ring_x[DEPTH][8];
 #endif
+#pragma unroll
+        for (int d = 0; d < DEPTH; ++d) {
+            const int bd = b_begin + warp + d * WARPS;
+            FILL_SLOT(d, bd);
+#if XRING
+            load_x(ring_x[d], x0_row, bd, x_ok0 && bd < b_end);
+#endif
+        }
+        __syncthreads();
+        for (int b0 = b_begin + warp; b0 < b_end; b0 += DEPTH * WARPS) {
+#pragma unroll
+            for (int d = 0; d < DEPTH; ++d) {
+                const int b = b0 + d * WARPS;
+                if (b < b_end) {
+                    unsigned xw1[8];
+#if XRING
+                    const unsigned* xw0 = ring_x[d];
+#else
+                    unsigned xw0[8];
+                    load_x(xw0, x0_row, b, x_ok0);
+#endif
+#if TWO
+                load_x(xw1, x1_row, b, x_ok1);
+#endif
+                    float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+                    block_mma(part, lt, ring_a[d], ring_b[d], xw0, xw1, two);
+                    add_scaled(acc, part, ring_sa[d], ring_sb[d]);
+                    const int nb = b + DEPTH * WARPS;          // refill this slot with the block DEPTH ahead
+                    FILL_SLOT(d, nb);
+#if XRING
+                    load_x(ring_x[d], x0_row, nb, x_ok0 && nb < b_end);
+#endif
+                }
             }
         }
-    }
 #endif
-    // C fragment: (weight row g, x rows 2t, 2t + 1), (g + 8, 2t, 2t + 1); the second MMA: x rows + 8
-    float* mine = red + warp * 256;
-    mine[g * 16 + 2 * t] = acc[0];
-    mine[g * 16 + 2 * t + 1] = acc[1];
-    mine[(g + 8) * 16 + 2 * t] = acc[2];
-    mine[(g + 8) * 16 + 2 * t + 1] = acc[3];
-    mine[g * 16 + 8 + 2 * t] = acc[4];
-    mine[g * 16 + 8 + 2 * t + 1] = acc[5];
-    mine[(g + 8) * 16 + 8 + 2 * t] = acc[6];
-    mine[(g + 8) * 16 + 8 + 2 * t + 1] = acc[7];
-    __syncthreads();
-    const int nl = tid & 15, ml = tid >> 4;
-    float sum = red[nl * 16 + ml];
+        // C fragment: (weight row g, x rows 2t, 2t + 1), (g + 8, 2t, 2t + 1); the second MMA: x rows + 8
+        float* mine = red + warp * 256;
+        mine[g * 16 + 2 * t] = acc[0];
+        mine[g * 16 + 2 * t + 1] = acc[1];
+        mine[(g + 8) * 16 + 2 * t] = acc[2];
+        mine[(g + 8) * 16 + 2 * t + 1] = acc[3];
+        mine[g * 16 + 8 + 2 * t] = acc[4];
+        mine[g * 16 + 8 + 2 * t + 1] = acc[5];
+        mine[(g + 8) * 16 + 8 + 2 * t] = acc[6];
+        mine[(g + 8) * 16 + 8 + 2 * t + 1] = acc[7];
+        __syncthreads();
+        const int nl = tid & 15, ml = tid >> 4;
+        float sum = red[nl * 16 + ml];
 #pragma unroll
-    for (int v = 1; v < WARPS; ++v) sum += red[v * 256 + nl * 16 + ml];
-    const int n = blockIdx.x * 16 + nl;
-    if (ml < here && n < N) out[((size_t)split * M + m0 + ml) * N + n] = sum;
+        for (int v = 1; v < WARPS; ++v) sum += red[v * 256 + nl * 16 + ml];
+        const int n = tile * 16 + nl;
+        if (ml < here && n < N) out[((size_t)split * M + m0 + ml) * N + n] = sum;
+        __syncthreads();                                   // the next tile reuses `red`
+    }
 }
 """
 
@@ -275,8 +282,9 @@ class Config:
     minb: int = 4           # programs per SM the compiler budgets registers for (4: 64 registers; the 9–16
                             # row kernel then runs 10 % faster, measured: verify8 3.69 instead of 4.07 ms)
     programs: int = TARGET_PROGRAMS     # programs a weight aims at (sets the split of K)
-    stage: int = 0          # >0: weights staged through this many shared-memory slots by cp.async (not yet
-                            # measured on a GPU; the same sums as the register ring, which the GPU test checks)
+    stage: int = 0          # >0: weights staged through this many shared-memory slots by cp.async (measured
+                            # on an H200: no faster than the register ring; the same sums, a GPU test checks)
+    tiles: int = 1          # tiles of 16 weight rows per program: the 32 KB table is filled once for them all
 
     def shared_bytes(self) -> int:
         return SHARED_BYTES + self.stage * 16 * 72 * 4
@@ -391,7 +399,8 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
     if kernel is None:
         raise RuntimeError("the NF4 CUDA kernel is not available: "
                            f"{_failure.get((x.device.index, x.dtype, config, two))}")
-    grid = (-(-n // 16), splits, -(-m // ROWS_PER_PROGRAM))
+    tiles = -(-n // 16)
+    grid = (-(-tiles // max(1, config.tiles)), splits, -(-m // ROWS_PER_PROGRAM))
     kernel(grid=grid, block=(32 * WARPS, 1, 1), args=[x, packed, absmax, pairs, out, m, n, k, per_split],
            shared_mem=config.shared_bytes())
     return out
