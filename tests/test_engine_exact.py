@@ -380,3 +380,12 @@ def test_nf4_kernel_dequantizes_bitsandbytes_weights_exactly():
         expected = (code.to(torch.bfloat16).float()[q].reshape(-1, 64) * absmax[:, None]).reshape(n, k)
         assert torch.equal(ours, expected.to(torch.bfloat16))
         assert ((ours.float() - theirs.float()).abs() <= theirs.float().abs() * 2 ** -7 + 1e-30).all()
+
+
+def test_dense_splits_fill_an_h200_evenly():
+    """132 SMs, 2 programs each: o, down and the head keep 4, 4, 1 splits; qkv (192 tiles of 64 rows) and
+    gate/up (344) split so the last round of programs idles few SMs."""
+    from workers.engine.kernels.linear import balanced_splits
+    assert [balanced_splits(tiles, k_blocks, 132) for tiles, k_blocks in
+            ((64, 32), (64, 86), (500, 32), (192, 32), (344, 32))] == [4, 4, 1, 4, 3]
+    assert balanced_splits(10, 1, 132) == 1                     # never more splits than K blocks

@@ -16,6 +16,8 @@ Kernels (one layer = qkv · attention · o · gate/up · down):
 - `_single_kernel`: one weight, optional split-K; writes the output (no split) or split partials.
 - `_dual_kernel`: two row sets of one stacked weight per program, no split, so the epilogue sees both:
   `silu(gate) · up` (gate/up), or RoPE of the pair (i, i + D/2) of a head plus the K/V cache write (qkv).
+  A dense weight whose `balanced_splits` on the GPU is more than one (qkv and gate/up on an H200: 192 and
+  344 unsplit programs left SMs idle) runs `_single_kernel`'s partials and `_dual_finish_kernel` instead.
 - `_finish_kernel`: one program per row adds the split partials and the residual, stores the new hidden
   state, and RMS-normalises it for the next matmul (or the head).
 
@@ -49,6 +51,24 @@ NF4_BLOCK = 64
 TARGET_PROGRAMS = 256          # enough CTAs to keep every SM of an H200 (132) streaming weights
 STAGES = 4                     # pipeline depth of the dense tiles, best on an H200 (benchmarks/kernel_probe.py)
 NF4_KERNEL = os.environ.get("EVENTSPEC_NF4_KERNEL", "auto")     # auto | cuda | triton (measurements)
+DENSE_DUAL = os.environ.get("EVENTSPEC_DENSE_DUAL", "split")    # split | fused (measurements)
+RESIDENT = 2                   # dense MMA programs resident per SM (STAGES × 24 KB of shared memory each)
+MAX_SPLITS = 8
+
+
+def balanced_splits(tiles: int, k_blocks: int, sms: int, resident: int = RESIDENT) -> int:
+    """Split-K count of a dense weight on a GPU of `sms` SMs: the fewest splits whose programs fill the
+    resident slots most evenly (the last round of programs idles the fewest SMs). A function of the shape
+    and the GPU only. On an H200 (132 SMs) it keeps o, down and the head at 4, 4 and 1 split and gives
+    qkv 4 (192 programs unsplit: 60 SMs ran two, 72 one) and gate/up 3."""
+    slots = sms * resident
+    best_waste, best = None, 1
+    for splits in range(1, min(MAX_SPLITS, k_blocks) + 1):
+        programs = tiles * splits
+        waste = -(-programs // slots) * slots / programs
+        if best_waste is None or waste < best_waste - 1e-9:
+            best_waste, best = waste, splits
+    return best
 
 
 @triton.jit
@@ -328,7 +348,11 @@ class Weight:
         else:
             block_k, block_n, programs = BLOCK_K, BLOCK_N, TARGET_PROGRAMS
         k_blocks = _cdiv(self.k, block_k)
-        splits = max(1, min(k_blocks, round(programs / _cdiv(self.n, block_n))))
+        if self.nf4 or INTERPRET or self.dense.device.type != "cuda":
+            splits = max(1, min(k_blocks, round(programs / _cdiv(self.n, block_n))))
+        else:
+            sms = torch.cuda.get_device_properties(self.dense.device).multi_processor_count
+            splits = balanced_splits(_cdiv(self.n, block_n), k_blocks, sms)
         self.k_split = _cdiv(k_blocks, splits) * block_k
         self.splits = _cdiv(self.k, self.k_split)
 
@@ -358,10 +382,19 @@ class Weight:
             return "dense-mma"
         return "nf4-cuda" if self.tensor_cores else "nf4-rows"
 
+    @property
+    def split_dual(self) -> bool:
+        """qkv and gate/up as split partials plus `_dual_finish_kernel`'s epilogue (NF4 on tensor cores, or a
+        dense weight that splits K), else the fused `_dual_kernel`/`_dual_rows_kernel`."""
+        return self.tensor_cores or (not self.nf4 and self.splits > 1 and DENSE_DUAL == "split")
+
     def partials(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Float32 split partials [splits, M, N] of x @ W.T from the NF4 CUDA kernel."""
+        """Float32 split partials [splits, M, N] of x @ W.T: the NF4 CUDA kernel, or the dense MMA tiles."""
         if out is None:
             out = torch.empty((self.splits, x.shape[0], self.n), dtype=torch.float32, device=x.device)
+        if not self.nf4:
+            _single(x, self, out, max(2, self.splits))
+            return out
         if x.dtype not in self.pairs:
             raise ValueError(f"the NF4 CUDA kernel takes bf16 or fp16 inputs; got {x.dtype}")
         return nf4_cuda.partials(x, self.packed, self.absmax, self.pairs[x.dtype], self.n, self.k, out)
@@ -447,7 +480,7 @@ def linear_residual_norm(x: torch.Tensor, weight: Weight, residual: torch.Tensor
 
 def _dual_from_partials(x: torch.Tensor, weight: Weight, out: torch.Tensor, group: int, half: int, groups: int,
                         rope_args: tuple, *, rope: bool) -> None:
-    """The tensor-core NF4 path of both dual matmuls: split partials, then `_dual_finish_kernel`'s epilogue
+    """The split path of both dual matmuls (`Weight.split_dual`): partials, then `_dual_finish_kernel`'s epilogue
     over `groups` row groups of `group` rows (rows a < half, rows b = a + half); `rope_args` are the cache,
     position, frequency and head arguments (placeholders for gate/up)."""
     block = min(256, triton.next_power_of_2(half))
@@ -462,7 +495,7 @@ def gate_up_silu(x: torch.Tensor, weight: Weight) -> torch.Tensor:
     _check(x, weight)
     m, half = x.shape[0], weight.n // 2
     out = torch.empty((m, half), dtype=x.dtype, device=x.device)
-    if weight.tensor_cores:
+    if weight.split_dual:
         _dual_from_partials(x, weight, out, weight.n, half, 1, (out, out, out, out, 1.0, 0, 0, 0), rope=False)
         return out
     if weight.nf4:
@@ -491,7 +524,7 @@ def qkv_rope_store(x: torch.Tensor, weight: Weight, keys: torch.Tensor, values: 
     if weight.n != (heads + 2 * kv_heads) * d:
         raise ValueError(f"a qkv weight of {weight.n} rows does not fit {heads}+2·{kv_heads} heads of {d}")
     q = torch.empty((m, heads * d), dtype=x.dtype, device=x.device)
-    if weight.tensor_cores:
+    if weight.split_dual:
         _dual_from_partials(x, weight, q, d, d // 2, heads + 2 * kv_heads,
                             (keys, values, start, inv_freq, float(scaling), heads, kv_heads, slots), rope=True)
         return q
