@@ -148,18 +148,25 @@ def _split_partials(weight: Weight, ref: torch.Tensor, splits: int) -> Weight:
     return weight
 
 
-@pytest.mark.parametrize("quantized", [False, True, "partials"])
-def test_fused_layer_kernels_are_row_invariant_and_right(quantized):
-    """Dense, NF4 on this device's kernel, and NF4 as split partials (the CUDA kernel's output form, here
-    made in float64 so the CPU checks the finish kernels' epilogues and their row invariance)."""
+@pytest.mark.parametrize("quantized", [False, "dense-split", True, "partials"])
+def test_fused_layer_kernels_are_row_invariant_and_right(quantized, monkeypatch):
+    """Dense (fused dual kernel, and split K with the dual epilogue kernel), NF4 on this device's kernel, and
+    NF4 as split partials (the CUDA kernel's output form, here made in float64 so the CPU checks the finish
+    kernels' epilogues and their row invariance)."""
+    from workers.engine.kernels import linear as linear_module
     gen = torch.Generator().manual_seed(5)
     dtype = torch.bfloat16
+    monkeypatch.setattr(linear_module, "DENSE_DUAL", "split" if quantized == "dense-split" else "fused")
 
     def weight(n, k):
         w = torch.randn(n, k, generator=gen) / k ** 0.5
-        if not quantized:
+        if quantized in (False, "dense-split"):
             w = w.to(dtype)
-            return Weight(n, k, dense=w.to(DEVICE)), w.double()
+            made = Weight(n, k, dense=w.to(DEVICE))
+            if quantized == "dense-split":
+                made.splits, made.k_split = 2, k // 2
+                assert made.split_dual
+            return made, w.double()
         packed, absmax = nf4.quantize(w)
         ref = nf4.dequantize(packed, absmax, n, k, torch.float32).double()
         made = Weight(n, k, packed=packed.to(DEVICE), absmax=absmax.to(DEVICE), code=nf4.code_tensor(DEVICE))
@@ -170,7 +177,7 @@ def test_fused_layer_kernels_are_row_invariant_and_right(quantized):
     def close(got, ref, tol=3e-2):
         assert ((got.double().cpu() - ref).abs() / (ref.abs() + 1)).max() < tol
 
-    k, inter = 128, 192
+    k, inter = (256 if quantized == "dense-split" else 128), 192
     x = torch.randn(33, k, generator=gen).to(DEVICE, dtype)
     xd = x.double().cpu()
     # o/down: + residual, then the next layer's RMSNorm
