@@ -308,3 +308,32 @@ def test_one_gpu_window_is_the_plans_best_k():
     assert turn_window(all_right, 16) == 16
     assert turn_window(None, 16) == 16
     assert turn_window(plan(Costs(), None, mode="speculative", pipelined=False, k_max=16, max_new_tokens=50), 16) == 16
+
+
+def test_one_gpu_rounds_price_their_measured_overhead():
+    """Measured on an H200 (bf16 target, nf4 draft, c = 0.61): with the window capped at the plan's k,
+    speculative still ran at 0.93x at alpha 0.9 where the plan predicted 1.09x: ~2.8 ms a round went to
+    neither model's steps. The tracker measures that per round; the plan then stands aside at alpha 0.9 and
+    still drafts at alpha 1."""
+    from coordinator.costs import round_overhead_ms
+    ms = 1_000_000
+    target, draft, t = [["prefill", 0, 80 * ms, {}]], [], 80 * ms
+    for _ in range(10):                        # 2 draft steps of 3 ms, 1.5 ms hand-over, verify 5 ms, 1.5 ms
+        draft += [["draft_step", t, t + 3 * ms, {}], ["draft_step", t + 3 * ms, t + 6 * ms, {}]]
+        target.append(["verify", t + 7.5 * ms, t + 12.5 * ms, {"k": 2}])
+        t += 14 * ms
+    # 1.5 ms before each verification and after each but the last: 28.5 ms over 10 rounds
+    assert abs(round_overhead_ms({"target": target, "draft": draft}) - 2.85) < 1e-6
+    assert round_overhead_ms({"target": target[:1], "draft": draft}) is None
+    tracker = CostTracker()
+    tracker.observe(key="a", drafting=False, spans={"target": spans("prefill", [80]) + spans("decode", [5] * 5)})
+    tracker.observe(key="a", drafting=True, spans={"target": target, "draft": draft}, hits=9, misses=1,
+                    shared_device=True)
+    assert abs(tracker.costs().round_overhead_ms - 2.85) < 1e-6
+    busy = Costs(target_step_ms=5.0, draft_step_ms=3.1, verify_base_ms=5.3, verify_per_draft_ms=0.02,
+                 free_drafts=0, round_overhead_ms=2.8)
+    kw = dict(mode="speculative", pipelined=False, k_max=16, max_new_tokens=200)
+    assert plan(Costs(**{**busy.__dict__, "round_overhead_ms": 0.0}), 0.9, **kw).draft
+    assert not plan(busy, 0.9, **kw).draft
+    assert plan(busy, 1.0, **kw).draft
+    assert plan(busy, 0.9, mode="speculative", pipelined=True, k_max=16, max_new_tokens=200).draft
