@@ -11,6 +11,7 @@ every cache length; chunks beyond the rows' positions exit at once.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -28,7 +29,6 @@ def _split_len() -> int:
     measurements. On an H200 (EventGPT, a 641-token prompt, `step_bench.py --profile`) the attention took
     0.49 ms a step at 256 (128 programs, one per SM), 0.40 ms at 128 and 0.39 ms at 64, whose merge costs
     more. A row's sum depends on this value, never on the row count."""
-    import os
     value = int(os.environ.get("EVENTSPEC_ATTENTION_SPLIT", "128"))
     if value < BLOCK_N or value % BLOCK_N:
         raise ValueError(f"EVENTSPEC_ATTENTION_SPLIT must be a positive multiple of {BLOCK_N}; got {value}")

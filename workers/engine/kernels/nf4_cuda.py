@@ -230,7 +230,7 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
                     load_x(xw0, x0_row, b, x_ok0);
 #endif
 #if TWO
-                load_x(xw1, x1_row, b, x_ok1);
+                    load_x(xw1, x1_row, b, x_ok1);
 #endif
                     float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
                     block_mma(part, lt, ring_a[d], ring_b[d], xw0, xw1, two);
