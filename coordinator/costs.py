@@ -123,10 +123,14 @@ def _median(xs) -> float | None:
 
 
 def round_overhead_ms(spans: dict) -> float | None:
-    """One GPU, in turns: the target's time from the end of its prefill to the end of its last verification
-    that neither it (verify, decode) nor the draft (draft steps, the rest of its prefill) computed, per round (None
-    without rounds). Measured on an H200: ~2.8 ms a round at alpha 0.9, which the plan had not priced
-    (speculative ran at 0.93x where it predicted 1.09x)."""
+    """One GPU, in turns: a round's time beyond the k draft forwards and the verification the plan prices, per
+    round (None without rounds). The time from the end of the target's prefill to the end of its last
+    verification that neither it (verify, decode) nor the draft (draft steps, rebases, the rest of its
+    prefill) computed: the messages and hand-overs; plus what each rebase took beyond a draft step. A round's
+    first draft is the rebase's forward (the draft passes the target's own token and proposes the next), so
+    the plan's k draft steps include it. Measured on an H200 (bf16 target, nf4 draft, alpha 0.9): ~1.9 ms of
+    hand-overs a round (four ZeroMQ hops of ~0.27 ms, the rest Python on both sides), rebases 0.3 ms longer
+    than a 3.1 ms draft step."""
     target, draft = spans.get("target", []), spans.get("draft", [])
     prefill_end = max((e for n, _, e, _ in target if n == "prefill"), default=None)
     verifies = [(s, e) for n, s, e, _ in target if n == "verify" and prefill_end is not None and s >= prefill_end]
@@ -134,14 +138,18 @@ def round_overhead_ms(spans: dict) -> float | None:
         return None
     end = max(e for _, e in verifies)
     busy = [(s, min(e, end)) for n, s, e, _ in target + draft
-            if n in ("verify", "decode", "draft_step", "prefill") and s < end and e > prefill_end]
+            if n in ("verify", "decode", "draft_step", "rebase", "prefill") and s < end and e > prefill_end]
     busy = sorted((max(s, prefill_end), e) for s, e in busy)     # a draft prefill running past the target's
     covered, reach = 0, prefill_end         # the union of the busy spans (the workers take turns, but the
     for s, e in busy:                       # draft may step while the target decodes a paused stretch)
         if e > reach:
             covered += e - max(s, reach)
             reach = e
-    return max(0.0, (end - prefill_end - covered) / len(verifies) / 1e6)
+    steps = [e - s for n, s, e, _ in draft if n == "draft_step"]
+    step = statistics.median(steps) if steps else 0
+    beyond = sum(max(0, e - s - step) for n, s, e, a in draft
+                 if n == "rebase" and (a or {}).get("forward") and prefill_end <= s < end)
+    return max(0.0, (end - prefill_end - covered + beyond) / len(verifies) / 1e6)
 
 
 def _overlaps(span, others) -> bool:
