@@ -20,9 +20,9 @@ fi
 if [[ $WHAT == nf4-tune ]]; then   # the NF4 tensor-core kernel: sweep, Nsight Compute, the best configs in the step
     "$PY" -m pytest -q tests/test_nf4_cuda.py 2>&1 | tail -3
     "$PY" benchmarks/kernel_probe.py --sweep nf4-cuda > "$OUT/kernel_probe-nf4-cuda.json" 2> "$OUT/kernel_probe-nf4-cuda.log"
-    ncu --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
+    [[ ${NCU:-1} == 1 ]] && ncu --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
         --section SchedulerStats --section MemoryWorkloadAnalysis -k regex:eventspec_nf4 -s 3 -c 1 \
-        "$PY" benchmarks/ncu_nf4_cuda.py > "$OUT/ncu-nf4-cuda.txt" 2>&1 || true
+        "$PY" benchmarks/ncu_nf4_cuda.py > "$OUT/ncu-nf4-cuda.txt" 2>&1 || true     # NCU=0 skips it
     for config in "" $("$PY" benchmarks/nf4_cuda_pick.py "$OUT/kernel_probe-nf4-cuda.json" 3); do
         name=${config:-default}
         EVENTSPEC_NF4_CUDA=$config "$PY" -m pytest -q tests/test_nf4_cuda.py 2>&1 | tail -1 | sed "s/^/$name: /"

@@ -154,11 +154,10 @@ def graph_ms(launch, copies: int, replays: int = 20) -> float:
     return statistics.median(samples)
 
 
-CUDA_CONFIGS = ([dict(tiles=t, minb=m) for t in (2, 3, 4, 6) for m in (4, 5)]
-                + [dict(tiles=t, programs=p) for t in (2, 3, 4) for p in (1024, 2048)]
-                + [dict(tiles=t, depth=d) for t in (1, 3) for d in (2, 4)]
-                + [dict(minb=m) for m in (3, 5)]
-                + [dict(stage=st, tiles=t) for st in (2, 3) for t in (1, 3)])
+CUDA_CONFIGS = ([dict(depth=d, minb=m) for d in (2, 3, 4, 6, 8) for m in (2, 3, 4) if (d, m) != (3, 4)]
+                + [dict(depth=d, tiles=2, minb=3) for d in (4, 6)]
+                + [dict(depth=d, xring=1, minb=3) for d in (4, 6)]
+                + [dict(depth=6, minb=3, programs=p) for p in (256, 1024)])
 
 
 def cuda_sweep():

@@ -134,16 +134,15 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
     const uint4* x0_row = (const uint4*)(x + (size_t)(m0 + g) * KW) + 2 * t;
     const uint4* x1_row = (const uint4*)(x + (size_t)(m0 + 8 + g) * KW) + 2 * t;
     const uint2 zero2 = make_uint2(0u, 0u);
+    // the ring's x rows: a row past M reads row m0 instead (its column's sums are never stored)
+    const uint4* xc0_row = (const uint4*)(x + (size_t)(m0 + (x_ok0 ? g : 0)) * KW) + 2 * t;
+    const uint4* xc1_row = (const uint4*)(x + (size_t)(m0 + (x_ok1 ? 8 + g : 0)) * KW) + 2 * t;
     const int tiles = (N + 15) >> 4;
 
     // a program takes tiles blockIdx.x, + gridDim.x, ...: the table is filled once for all of them
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const int n_a = tile * 16 + g, n_b = n_a + 8;
         const bool ok_a = n_a < N, ok_b = n_b < N;
-#if !STAGE
-        const uint2* wa_row = (const uint2*)(w + (size_t)n_a * KW) + t;
-        const uint2* wb_row = (const uint2*)(w + (size_t)n_b * KW) + t;
-#endif
         const float2* scales = absmax + (size_t)tile * KB * 8 + g;
 
         float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -192,56 +191,72 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
         (void)ok_a; (void)ok_b; (void)zero2;
 #else
         // a ring of DEPTH blocks of weights and absmax in flight per warp (XRING: and of x rows 0..7); the
-        // loads are issued before the table is complete, so they overlap its stores
+        // loads are issued before the table is complete, so they overlap its stores. Running pointers with
+        // constant offsets: per block, no address arithmetic beyond one pointer step per DEPTH blocks (the
+        // compiler had re-derived every address each block, ~40 % of the loop's instructions). Rows past N
+        // (and x rows past M) read a valid row instead: a column of an MMA never meets another, and their sums
+        // are never stored, so no load needs a predicate
+        const int first = b_begin + warp;
+        const uint2* pa = (const uint2*)(w + (size_t)min(n_a, N - 1) * KW) + t + (size_t)first * 4;
+        const uint2* pb = (const uint2*)(w + (size_t)min(n_b, N - 1) * KW) + t + (size_t)first * 4;
+        const float2* ps = scales + (size_t)first * 8;
+        const uint4* px0 = xc0_row + (size_t)first * 8;
+#if TWO
+        const uint4* px1 = xc1_row + (size_t)first * 8;
+#endif
         uint2 ring_a[DEPTH], ring_b[DEPTH];
-        float ring_sa[DEPTH], ring_sb[DEPTH];
-        // slot d <- block b's weight bytes and scales (zeros past the split or the weight's rows)
-#define FILL_SLOT(d, b) do { \
-            ring_a[d] = zero2; ring_b[d] = zero2; ring_sa[d] = 0.f; ring_sb[d] = 0.f; \
-            if ((b) < b_end) { \
-                const float2 sc = scales[(b) * 8]; \
-                ring_sa[d] = sc.x; ring_sb[d] = sc.y; \
-                if (ok_a) ring_a[d] = wa_row[(b) * 4]; \
-                if (ok_b) ring_b[d] = wb_row[(b) * 4]; \
-            } \
-        } while (0)
+        float2 ring_s[DEPTH];
 #if XRING
-        unsigned ring_x[DEPTH][8];
+        uint4 ring_x[DEPTH][2];
 #endif
 #pragma unroll
         for (int d = 0; d < DEPTH; ++d) {
-            const int bd = b_begin + warp + d * WARPS;
-            FILL_SLOT(d, bd);
+            if (first + d * WARPS < b_end) {
+                ring_a[d] = pa[d * WARPS * 4];
+                ring_b[d] = pb[d * WARPS * 4];
+                ring_s[d] = ps[d * WARPS * 8];
 #if XRING
-            load_x(ring_x[d], x0_row, bd, x_ok0 && bd < b_end);
+                ring_x[d][0] = px0[d * WARPS * 8];
+                ring_x[d][1] = px0[d * WARPS * 8 + 1];
 #endif
+            }
         }
         __syncthreads();
-        for (int b0 = b_begin + warp; b0 < b_end; b0 += DEPTH * WARPS) {
+        for (int b0 = first; b0 < b_end; b0 += DEPTH * WARPS) {
 #pragma unroll
             for (int d = 0; d < DEPTH; ++d) {
-                const int b = b0 + d * WARPS;
-                if (b < b_end) {
-                    unsigned xw1[8];
+                if (b0 + d * WARPS < b_end) {
+                    unsigned xw0[8], xw1[8];
 #if XRING
-                    const unsigned* xw0 = ring_x[d];
+                    const uint4 lo = ring_x[d][0], hi = ring_x[d][1];
 #else
-                    unsigned xw0[8];
-                    load_x(xw0, x0_row, b, x_ok0);
+                    const uint4 lo = px0[d * WARPS * 8], hi = px0[d * WARPS * 8 + 1];
 #endif
+                    xw0[0] = lo.x; xw0[1] = lo.y; xw0[2] = lo.z; xw0[3] = lo.w;
+                    xw0[4] = hi.x; xw0[5] = hi.y; xw0[6] = hi.z; xw0[7] = hi.w;
 #if TWO
-                    load_x(xw1, x1_row, b, x_ok1);
+                    const uint4 lo1 = px1[d * WARPS * 8], hi1 = px1[d * WARPS * 8 + 1];
+                    xw1[0] = lo1.x; xw1[1] = lo1.y; xw1[2] = lo1.z; xw1[3] = lo1.w;
+                    xw1[4] = hi1.x; xw1[5] = hi1.y; xw1[6] = hi1.z; xw1[7] = hi1.w;
 #endif
                     float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
                     block_mma(part, lt, ring_a[d], ring_b[d], xw0, xw1, two);
-                    add_scaled(acc, part, ring_sa[d], ring_sb[d]);
-                    const int nb = b + DEPTH * WARPS;          // refill this slot with the block DEPTH ahead
-                    FILL_SLOT(d, nb);
+                    add_scaled(acc, part, ring_s[d].x, ring_s[d].y);
+                    if (b0 + (DEPTH + d) * WARPS < b_end) {     // refill this slot with the block DEPTH ahead
+                        ring_a[d] = pa[(DEPTH + d) * WARPS * 4];
+                        ring_b[d] = pb[(DEPTH + d) * WARPS * 4];
+                        ring_s[d] = ps[(DEPTH + d) * WARPS * 8];
 #if XRING
-                    load_x(ring_x[d], x0_row, nb, x_ok0 && nb < b_end);
+                        ring_x[d][0] = px0[(DEPTH + d) * WARPS * 8];
+                        ring_x[d][1] = px0[(DEPTH + d) * WARPS * 8 + 1];
 #endif
+                    }
                 }
             }
+            pa += DEPTH * WARPS * 4; pb += DEPTH * WARPS * 4; ps += DEPTH * WARPS * 8; px0 += DEPTH * WARPS * 8;
+#if TWO
+            px1 += DEPTH * WARPS * 8;
+#endif
         }
 #endif
         // C fragment: (weight row g, x rows 2t, 2t + 1), (g + 8, 2t, 2t + 1); the second MMA: x rows + 8
