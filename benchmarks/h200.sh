@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs of issues 10 and 11: a bf16 target beside an nf4 draft, random full-size weights
 # (--synthetic-weights 7b), DSEC-size inputs with mp4 decoding included, 10 samples, one GPU and two.
-#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|step|nf4-tune|attention|all]
+#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-stalls|attention|all]
 # two-gpu needs two GPUs of one host. Needs PyAV (writing and reading the mp4 clips), Triton (the exact
 # step) and bitsandbytes (nf4). Each part is one `coordinator bench` run; bench.json/bench.md are written
 # after every (placement, MPS) session, so a run cut short keeps what it finished. MPS=on,off adds the MPS
@@ -31,6 +31,11 @@ if [[ $WHAT == nf4-tune ]]; then   # the NF4 tensor-core kernel: sweep, Nsight C
     done
     exit 0
 fi
+if [[ $WHAT == nf4-stalls ]]; then   # why the NF4 kernel waits: stall reasons, bank conflicts, L2 requests vs sectors
+    ncu --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum,lts__t_requests_srcunit_tex.sum,lts__t_sectors_srcunit_tex.sum,dram__bytes_read.sum,gpu__time_duration.sum,sm__warps_active.avg.pct_of_peak_sustained_active" \
+        -k regex:eventspec_nf4 -s 3 -c 1 "$PY" benchmarks/ncu_nf4_cuda.py > "$OUT/ncu-stalls.txt" 2>&1
+    exit 0
+fi
 if [[ $WHAT == attention ]]; then    # the attention's cache chunk length: programs per head vs merge work
     for split in 256 128 64; do
         EVENTSPEC_ATTENTION_SPLIT=$split "$PY" benchmarks/step_bench.py --out "$OUT/step-attention-$split.json" \
@@ -56,6 +61,14 @@ fi
 if [[ $WHAT == seed50 || $WHAT == all ]]; then     # the seed profile's goals are at 50 tokens; hf-generate too
     bench --max-new-tokens 50 --alphas 0 --oracle-profile seed --placement same-gpu,two-gpu --bench-mps off \
         --output-dir "$OUT/seed-50"
+fi
+if [[ $WHAT == lossless ]]; then     # drafting forced on (--draft-policy always): every record must match baseline
+    always=(--samples 10 --warmup 1 --max-new-tokens 200 --alphas 0,0.5,1 --oracle-profile seed
+            --modes parallel,speculative --no-hf-generate --placement same-gpu --bench-mps off --draft-policy always)
+    "$PY" -m coordinator bench --input "$DATA/dataset" --synthetic-weights 7b "${always[@]}" \
+        --target-precision bf16 --draft-precision nf4 --output-dir "$OUT/always-bf16"
+    "$PY" -m coordinator bench --input "$DATA/dataset" --synthetic-weights 7b "${always[@]}" --precision nf4 \
+        --output-dir "$OUT/always-nf4"
 fi
 if [[ $WHAT == nf4-target || $WHAT == all ]]; then   # nf4 target: lossless with drafting forced on
     "$PY" -m coordinator bench --input "$DATA/dataset" --synthetic-weights 7b --precision nf4 --samples 10 \
