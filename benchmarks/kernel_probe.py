@@ -157,11 +157,12 @@ def graph_ms(launch, copies: int, replays: int = 20) -> float:
 CUDA_CONFIGS = ([dict(depth=d, minb=m) for d in (2, 3, 4, 6, 8) for m in (2, 3, 4) if (d, m) != (3, 4)]
                 + [dict(depth=d, tiles=2, minb=3) for d in (4, 6)]
                 + [dict(depth=d, xring=1, minb=3) for d in (4, 6)]
-                + [dict(depth=6, minb=3, programs=p) for p in (256, 1024)])
+                + [dict(depth=6, minb=3, programs=p) for p in (256, 1024)]
+                + [dict(probe=1), dict(probe=2)])      # the loads alone; loads and lookups (wrong sums)
 
 
-def cuda_sweep():
-    """nf4_cuda.py's kernel under each `CUDA_CONFIGS` entry beside the step's Triton rows kernel, the dense
+def cuda_sweep(configs_list=None, rows_list=(1, 2, 5, 9, 16, 17)):
+    """nf4_cuda.py's kernel under each `CUDA_CONFIGS` entry (or `configs_list`) beside the step's Triton rows kernel, the dense
     bf16 kernel and bitsandbytes, on the LLaMA-7B shapes, 1 and 9 rows (plus 2, 5, 16, 17 for the step's
     config); timed as back-to-back launches in a CUDA graph over weight copies larger than L2."""
     from dataclasses import replace
@@ -178,9 +179,9 @@ def cuda_sweep():
         rows_ws = [L.Weight(n, k, packed=p, absmax=absmax.clone(), code=code, nf4_kernel="rows") for p in packs]
         dense_copies = max(2, -(-160 * 2**20 // (2 * n * k)))
         denses = [L.Weight(n, k, dense=w.clone()) for _ in range(dense_copies)]
-        for rows in (1, 2, 5, 9, 16, 17):
+        for rows in rows_list:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            configs = [{}] + (CUDA_CONFIGS if rows in (1, 9) else [])
+            configs = [{}] + ((CUDA_CONFIGS if configs_list is None else configs_list) if rows in (1, 9) else [])
             for change in configs:
                 config = replace(nf4_cuda.CONFIG, **change)
                 splits, per = nf4_cuda.splits_for(n, k, config.programs)
@@ -207,12 +208,18 @@ def cuda_sweep():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", choices=sorted(SWEEPS) + ["nf4-rows", "nf4-cuda"], required=True)
+    parser.add_argument("--configs", help="nf4-cuda: ';'-separated configs instead of CUDA_CONFIGS, e.g. "
+                                          "'probe=1;depth=4,minb=3'")
+    parser.add_argument("--rows", default="1,2,5,9,16,17", help="nf4-cuda: rows of x to time")
     args = parser.parse_args()
     if args.sweep == "nf4-rows":
         results = rows_sweep()
         rows_list, grid = (), ()
     elif args.sweep == "nf4-cuda":
-        results = cuda_sweep()
+        configs = None if args.configs is None else [
+            {key: int(value) for key, _, value in (item.partition("=") for item in part.split(",") if item)}
+            for part in args.configs.split(";") if part]
+        results = cuda_sweep(configs, tuple(int(r) for r in args.rows.split(",")))
         rows_list, grid = (), ()
     else:
         rows_list, rep, grid = SWEEPS[args.sweep]

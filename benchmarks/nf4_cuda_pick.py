@@ -15,7 +15,8 @@ def rank(results: list[dict]) -> list[tuple[float, dict]]:
     layer = defaultdict(float)
     seen = defaultdict(set)
     for r in results:
-        if r.get("kind") != "nf4-cuda" or not isinstance(r.get("ms"), float) or r["rows"] not in (1, 9):
+        if (r.get("kind") != "nf4-cuda" or not isinstance(r.get("ms"), float) or r["rows"] not in (1, 9)
+                or r.get("probe")):                   # a probe (loads alone) computes wrong sums: never a pick
             continue
         key = tuple(r.get(k, 0) for k in KEYS)
         layer[key] += r["ms"] * (1.0 if r["rows"] == 1 else 0.25)

@@ -375,3 +375,18 @@ def test_handover_breakdown_names_every_message_of_a_round():
         assert parts[name] == [pytest.approx(ms)], name
     assert parts["gap between draft steps"] == [pytest.approx(0.05), pytest.approx(0.1)]
     assert breakdown(events, {"nobody"}) == {}
+
+
+def test_nf4_sass_counts_instructions_between_the_blocks_first_mmas():
+    """benchmarks/nf4_sass.py's count of SASS instructions per 64-value block: an MMA with a zero accumulator
+    (RZ) starts a block's sum; the 9-16 row kernel starts two (rows 0-7 and 8-15) a few lines apart."""
+    from benchmarks.nf4_sass import block_lengths
+
+    def line(i, text):
+        return f"        /*{i * 16:04x}*/                   {text} ;"
+
+    body = ["LDS R1, [R2]"] * 5 + ["HMMA.16816.F32.BF16 R4, R8, R12, RZ", "HMMA.16816.F32.BF16 R20, R8, R14, RZ"]
+    body += ["HMMA.16816.F32.BF16 R4, R8, R12, R4"] * 3 + ["FFMA R1, R2, R3, R1"] * 4
+    sass = "\n".join(line(i, text) for i, text in enumerate(["S2R R0, SR_TID.X"] + body * 3 + ["EXIT"]))
+    assert block_lengths(sass) == [len(body), len(body)]
+    assert block_lengths("no code") == []

@@ -50,6 +50,7 @@ SOURCE = r"""
 #define DEPTH DEPTH_VALUE
 #define XRING XRING_VALUE
 #define STAGE STAGE_VALUE
+#define PROBE PROBE_VALUE       // measurement only, wrong sums: 1 = the loads alone, 2 = loads and table lookups
 #define TWO TWO_VALUE           // 1: programs may hold 9-16 rows of x (a second MMA per k step); 0: at most 8
 #define ROW_WORDS 72          // a staged row of 8 blocks (64 words) padded so lanes g, g + 1 hit other banks
 #define TABLE_WORDS (256 * 32)
@@ -105,6 +106,25 @@ __device__ __forceinline__ void block_mma(float* part, unsigned lt, uint2 wa, ui
 #endif
     }
 }
+
+#if PROBE
+// what `Config.probe` keeps of a block: its loads (1), or its loads and 16 table lookups (2), folded into
+// one value so nothing is dead code; no MMA
+__device__ __forceinline__ float block_probe(unsigned lt, uint2 wa, uint2 wb, const unsigned* xw0, float scale) {
+    unsigned h = wa.x ^ wa.y ^ wb.x ^ wb.y;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) h ^= xw0[i];
+#if PROBE == 2
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+        unsigned ra = s < 2 ? wa.x : wa.y, rb = s < 2 ? wb.x : wb.y;
+        int lo = 2 * (s & 1);
+        h ^= lut(lt, ra, lo) ^ lut(lt, rb, lo) ^ lut(lt, ra, lo + 1) ^ lut(lt, rb, lo + 1);
+    }
+#endif
+    return __uint_as_float((h & 0x007fffffu) | 0x3f800000u) * scale;
+}
+#endif
 
 extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
         const unsigned* __restrict__ x,            // [M, K / 2] words, two 16-bit values each
@@ -239,9 +259,14 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
                     xw1[0] = lo1.x; xw1[1] = lo1.y; xw1[2] = lo1.z; xw1[3] = lo1.w;
                     xw1[4] = hi1.x; xw1[5] = hi1.y; xw1[6] = hi1.z; xw1[7] = hi1.w;
 #endif
+#if PROBE
+                    acc[0] += block_probe(lt, ring_a[d], ring_b[d], xw0, ring_s[d].x + ring_s[d].y);
+                    (void)xw1;
+#else
                     float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
                     block_mma(part, lt, ring_a[d], ring_b[d], xw0, xw1, two);
                     add_scaled(acc, part, ring_s[d].x, ring_s[d].y);
+#endif
                     if (b0 + (DEPTH + d) * WARPS < b_end) {     // refill this slot with the block DEPTH ahead
                         ring_a[d] = pa[(DEPTH + d) * WARPS * 4];
                         ring_b[d] = pb[(DEPTH + d) * WARPS * 4];
@@ -300,6 +325,8 @@ class Config:
     stage: int = 0          # >0: weights staged through this many shared-memory slots by cp.async (measured
                             # on an H200: no faster than the register ring; the same sums, a GPU test checks)
     tiles: int = 1          # tiles of 16 weight rows per program: the 32 KB table is filled once for them all
+    probe: int = 0          # measurement only (kernel_probe.py), the sums are wrong: 1 = the weight, scale and
+                            # x loads alone, 2 = loads and table lookups, no MMA; which part limits the kernel
 
     def shared_bytes(self) -> int:
         return SHARED_BYTES + self.stage * 16 * 72 * 4
@@ -314,6 +341,8 @@ def _config_from_env() -> Config:
             raise ValueError(f"EVENTSPEC_NF4_CUDA: expected key=int with keys {sorted(Config.__dataclass_fields__)};"
                              f" got {item!r}")
         fields[key] = int(value)
+    if fields.get("probe"):
+        raise ValueError("EVENTSPEC_NF4_CUDA: probe is for benchmarks/kernel_probe.py only (its sums are wrong)")
     return Config(**fields)
 
 
@@ -324,9 +353,10 @@ def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True) -> tup
     """(CUDA C source, kernel name) for 16-bit x of `dtype` under `config`; `two`: programs of 9–16 rows
     (else at most 8: no second MMA, no loads of x rows 8–15; a row's arithmetic is the same in both)."""
     kind = _MMA_TYPE[dtype]
-    name = f"eventspec_nf4_partials_{kind}_d{config.depth}x{config.xring}m{config.minb}s{config.stage}r{1 + two}"
+    name = (f"eventspec_nf4_partials_{kind}_d{config.depth}x{config.xring}m{config.minb}s{config.stage}r{1 + two}"
+            + (f"p{config.probe}" if config.probe else ""))
     text = (SOURCE.replace("DEPTH_VALUE", str(config.depth)).replace("XRING_VALUE", str(config.xring))
-            .replace("STAGE_VALUE", str(config.stage)).replace("TWO_VALUE", str(int(two)))
+            .replace("STAGE_VALUE", str(config.stage)).replace("PROBE_VALUE", str(config.probe)).replace("TWO_VALUE", str(int(two)))
             .replace("MINB_VALUE", str(config.minb)).replace(".DT.DT.", f".{kind}.{kind}."))
     return text.replace("NAME", name), name
 
