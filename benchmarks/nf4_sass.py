@@ -36,10 +36,9 @@ def main() -> int:
     parser.add_argument("--two", action="store_true", help="the 9-16 row kernel (else at most 8 rows)")
     parser.add_argument("--keep", type=Path, help="write the SASS here")
     args = parser.parse_args()
-    os.environ["EVENTSPEC_NF4_CUDA"] = args.config
     import torch
     from workers.engine.kernels import nf4_cuda
-    config = nf4_cuda._config_from_env()
+    config = nf4_cuda.parse_config(args.config, allow_probe=True)
     text, name = nf4_cuda.source(torch.bfloat16, config, args.two)
     cuobjdump = os.environ.get("CUOBJDUMP") or shutil.which("cuobjdump")
     if not shutil.which("nvcc") or not cuobjdump:

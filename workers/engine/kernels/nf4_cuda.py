@@ -50,7 +50,8 @@ SOURCE = r"""
 #define DEPTH DEPTH_VALUE
 #define XRING XRING_VALUE
 #define STAGE STAGE_VALUE
-#define PROBE PROBE_VALUE       // measurement only, wrong sums: 1 = the loads alone, 2 = loads and table lookups
+#define PROBE PROBE_VALUE       // measurement only, wrong sums: 1 = the loads alone, 2 = loads and table lookups,
+                                // 3 = the loads alone and no table fill
 #define TWO TWO_VALUE           // 1: programs may hold 9-16 rows of x (a second MMA per k step); 0: at most 8
 #define ROW_WORDS 72          // a staged row of 8 blocks (64 words) padded so lanes g, g + 1 hit other banks
 #define TABLE_WORDS (256 * 32)
@@ -137,7 +138,7 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
     float* red = (float*)(shared + TABLE_WORDS);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     // the table, one copy per lane: word e * 32 + l = pairs[e]; 16-byte stores of four copies
-    for (int i = tid; i < TABLE_WORDS / 4; i += 32 * WARPS) {
+    for (int i = tid; i < TABLE_WORDS / 4 && PROBE != 3; i += 32 * WARPS) {
         const unsigned v = pairs[i >> 3];
         ((uint4*)shared)[i] = make_uint4(v, v, v, v);
     }
@@ -326,14 +327,15 @@ class Config:
                             # on an H200: no faster than the register ring; the same sums, a GPU test checks)
     tiles: int = 1          # tiles of 16 weight rows per program: the 32 KB table is filled once for them all
     probe: int = 0          # measurement only (kernel_probe.py), the sums are wrong: 1 = the weight, scale and
-                            # x loads alone, 2 = loads and table lookups, no MMA; which part limits the kernel
+                            # x loads alone, 2 = loads and table lookups, no MMA, 3 = 1 without the table
+                            # fill; which part limits the kernel
 
     def shared_bytes(self) -> int:
         return SHARED_BYTES + self.stage * 16 * 72 * 4
 
 
-def _config_from_env() -> Config:
-    text = os.environ.get("EVENTSPEC_NF4_CUDA", "")
+def parse_config(text: str, *, allow_probe: bool = False) -> Config:
+    """A `Config` from 'key=int,key=int' (EVENTSPEC_NF4_CUDA's form); probes only where asked for."""
     fields = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
@@ -341,9 +343,13 @@ def _config_from_env() -> Config:
             raise ValueError(f"EVENTSPEC_NF4_CUDA: expected key=int with keys {sorted(Config.__dataclass_fields__)};"
                              f" got {item!r}")
         fields[key] = int(value)
-    if fields.get("probe"):
+    if fields.get("probe") and not allow_probe:
         raise ValueError("EVENTSPEC_NF4_CUDA: probe is for benchmarks/kernel_probe.py only (its sums are wrong)")
     return Config(**fields)
+
+
+def _config_from_env() -> Config:
+    return parse_config(os.environ.get("EVENTSPEC_NF4_CUDA", ""))
 
 
 CONFIG = _config_from_env()
