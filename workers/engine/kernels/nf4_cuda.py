@@ -51,7 +51,7 @@ SOURCE = r"""
 #define XRING XRING_VALUE
 #define STAGE STAGE_VALUE
 #define PROBE PROBE_VALUE       // measurement only, wrong sums: 1 = the loads alone, 2 = loads and table lookups,
-                                // 3 = the loads alone and no table fill
+                                // 3 = the loads alone and no table fill, 4 = the loads in whole lines
 #define TWO TWO_VALUE           // 1: programs may hold 9-16 rows of x (a second MMA per k step); 0: at most 8
 #define ROW_WORDS 72          // a staged row of 8 blocks (64 words) padded so lanes g, g + 1 hit other banks
 #define TABLE_WORDS (256 * 32)
@@ -210,6 +210,33 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
             asm volatile("cp.async.commit_group;\n");             // one group per step, empty or not
         }
         (void)ok_a; (void)ok_b; (void)zero2;
+#elif PROBE == 4
+        {
+            // probe 4: the tile's weight bytes in the dense kernels' load shape (warp w reads rows 2w, 2w + 1,
+            // 16 bytes a lane, 256 contiguous bytes a row per load: whole lines), the scales and x as the ring
+            // reads them; wrong sums, measurement only
+            const int row = min(tile * 16 + 2 * warp + (lane >> 4), N - 1), piece = lane & 15;
+            const uint4* q = (const uint4*)(w + (size_t)row * KW + (size_t)b_begin * 32) + piece;
+            const int runs = (b_end - b_begin + 7) / 8;              // 8 blocks: 256 bytes of a row
+            unsigned h = 0;
+#pragma unroll 8
+            for (int r = 0; r < runs; ++r) {
+                if (b_begin + r * 8 + (piece >> 1) < b_end) {
+                    const uint4 u = q[r * 16];
+                    h ^= u.x ^ u.y ^ u.z ^ u.w;
+                }
+            }
+            float sc = 0.f;
+#pragma unroll 8
+            for (int b = b_begin + warp; b < b_end; b += WARPS) {
+                const float2 s2 = scales[(size_t)b * 8];
+                const uint4 lo = xc0_row[(size_t)b * 8], hi = xc0_row[(size_t)b * 8 + 1];
+                sc += s2.x + s2.y;
+                h ^= lo.x ^ lo.y ^ lo.z ^ lo.w ^ hi.x ^ hi.y ^ hi.z ^ hi.w;
+            }
+            __syncthreads();                                         // as the ring waits for the table
+            acc[0] += __uint_as_float((h & 0x007fffffu) | 0x3f800000u) * sc;
+        }
 #else
         // a ring of DEPTH blocks of weights and absmax in flight per warp (XRING: and of x rows 0..7); the
         // loads are issued before the table is complete, so they overlap its stores. Running pointers with
@@ -328,7 +355,8 @@ class Config:
     tiles: int = 1          # tiles of 16 weight rows per program: the 32 KB table is filled once for them all
     probe: int = 0          # measurement only (kernel_probe.py), the sums are wrong: 1 = the weight, scale and
                             # x loads alone, 2 = loads and table lookups, no MMA, 3 = 1 without the table
-                            # fill; which part limits the kernel
+                            # fill, 4 = the weight loads in whole 128-byte lines (the dense kernels' shape);
+                            # which part limits the kernel
 
     def shared_bytes(self) -> int:
         return SHARED_BYTES + self.stage * 16 * 72 * 4
