@@ -8,7 +8,7 @@ import json
 import sys
 from collections import defaultdict
 
-KEYS = ("depth", "xring", "minb", "programs", "stage", "tiles")
+KEYS = ("depth", "xring", "minb", "programs", "tiles")
 
 
 def rank(results: list[dict]) -> list[tuple[float, dict]]:
@@ -16,7 +16,7 @@ def rank(results: list[dict]) -> list[tuple[float, dict]]:
     seen = defaultdict(set)
     for r in results:
         if (r.get("kind") != "nf4-cuda" or not isinstance(r.get("ms"), float) or r["rows"] not in (1, 9)
-                or r.get("probe")):                   # a probe (loads alone) computes wrong sums: never a pick
+                or r.get("probe") or r.get("stage")):  # a probe computes wrong sums; staging (older files) is gone
             continue
         key = tuple(r.get(k, 0) for k in KEYS)
         layer[key] += r["ms"] * (1.0 if r["rows"] == 1 else 0.25)

@@ -76,10 +76,10 @@ def test_partials_are_right_and_row_invariant(dtype, shape):
 
 @cuda
 @pytest.mark.parametrize("shape", [(256, 4096), (4096, 11008), (40, 320)])
-def test_staging_and_tiles_per_program_give_the_same_bits(shape):
-    """`Config.stage` (cp.async into shared memory) keeps each warp's blocks and their order, and
-    `Config.tiles` only changes which program computes a tile: their partials must equal the register
-    ring's, one tile per program, bit for bit, for 1, 9 and 17 rows, a partial tile and a short split."""
+def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
+    """`Config.depth` and `xring` change only how far ahead each warp loads, and `Config.tiles` only which
+    program computes a tile: their partials must equal the default's, bit for bit, for 1, 9 and 17 rows, a
+    partial tile and a short split."""
     from dataclasses import replace
     if nf4_cuda.unavailable_reason("cuda"):
         pytest.skip("NF4 CUDA kernel unavailable")
@@ -92,10 +92,9 @@ def test_staging_and_tiles_per_program_give_the_same_bits(shape):
     for rows in (1, 9, 17):
         x = torch.randn(rows, k, generator=gen).to("cuda", torch.bfloat16)
         ring = torch.full((splits, rows, n), float("nan"), device="cuda")
-        nf4_cuda.partials(x, packed, tiles, pairs, n, k, ring, per, replace(nf4_cuda.CONFIG, stage=0, tiles=1))
+        nf4_cuda.partials(x, packed, tiles, pairs, n, k, ring, per, replace(nf4_cuda.CONFIG, depth=3, xring=0, tiles=1))
         assert not ring.isnan().any()
-        for stage, per_program in ((3, 1), (0, 3), (2, 3)):
+        for change in (dict(tiles=3), dict(depth=2), dict(depth=6, minb=3), dict(xring=1, minb=3)):
             other = torch.full((splits, rows, n), float("nan"), device="cuda")
-            config = replace(nf4_cuda.CONFIG, stage=stage, tiles=per_program)
-            nf4_cuda.partials(x, packed, tiles, pairs, n, k, other, per, config)
-            assert torch.equal(ring, other), f"{rows} rows, stage {stage}, {per_program} tiles per program"
+            nf4_cuda.partials(x, packed, tiles, pairs, n, k, other, per, replace(nf4_cuda.CONFIG, **change))
+            assert torch.equal(ring, other), f"{rows} rows, {change}"

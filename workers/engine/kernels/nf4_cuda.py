@@ -49,11 +49,9 @@ SOURCE = r"""
 #define WARPS 8
 #define DEPTH DEPTH_VALUE
 #define XRING XRING_VALUE
-#define STAGE STAGE_VALUE
 #define PROBE PROBE_VALUE       // measurement only, wrong sums: 1 = the loads alone, 2 = loads and table lookups,
                                 // 3 = the loads alone and no table fill, 4 = the loads in whole lines
 #define TWO TWO_VALUE           // 1: programs may hold 9-16 rows of x (a second MMA per k step); 0: at most 8
-#define ROW_WORDS 72          // a staged row of 8 blocks (64 words) padded so lanes g, g + 1 hit other banks
 #define TABLE_WORDS (256 * 32)
 
 __device__ __forceinline__ void mma(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
@@ -71,18 +69,6 @@ __device__ __forceinline__ unsigned lut(unsigned lane_base, unsigned word, int b
     unsigned v;
     asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(lane_base + (entry << 7)));
     return v;
-}
-
-__device__ __forceinline__ void load_x(unsigned* xw, const uint4* row, int b, bool ok) {
-    uint4 lo = make_uint4(0u, 0u, 0u, 0u), hi = lo;
-    if (ok) { lo = row[b * 8]; hi = row[b * 8 + 1]; }
-    xw[0] = lo.x; xw[1] = lo.y; xw[2] = lo.z; xw[3] = lo.w; xw[4] = hi.x; xw[5] = hi.y; xw[6] = hi.z; xw[7] = hi.w;
-}
-
-// cp.async of one 16-byte piece of a staged weight row into shared memory; zeros where `ok` is false
-__device__ __forceinline__ void stage_copy(unsigned* dst, const unsigned char* src, bool ok) {
-    const unsigned addr = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(addr), "l"(src), "r"(ok ? 16 : 0));
 }
 
 // acc += part · the block's absmax (rows g and g + 8), explicit FMAs so every variant rounds alike
@@ -152,9 +138,6 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
     const bool two = TWO && here > 8;                // the same for every lane
     const bool x_ok0 = g < here, x_ok1 = 8 + g < here;
     const unsigned lt = (unsigned)__cvta_generic_to_shared(shared) + 4u * lane;
-    const uint4* x0_row = (const uint4*)(x + (size_t)(m0 + g) * KW) + 2 * t;
-    const uint4* x1_row = (const uint4*)(x + (size_t)(m0 + 8 + g) * KW) + 2 * t;
-    const uint2 zero2 = make_uint2(0u, 0u);
     // the ring's x rows: a row past M reads row m0 instead (its column's sums are never stored)
     const uint4* xc0_row = (const uint4*)(x + (size_t)(m0 + (x_ok0 ? g : 0)) * KW) + 2 * t;
     const uint4* xc1_row = (const uint4*)(x + (size_t)(m0 + (x_ok1 ? 8 + g : 0)) * KW) + 2 * t;
@@ -163,54 +146,10 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
     // a program takes tiles blockIdx.x, + gridDim.x, ...: the table is filled once for all of them
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const int n_a = tile * 16 + g, n_b = n_a + 8;
-        const bool ok_a = n_a < N, ok_b = n_b < N;
         const float2* scales = absmax + (size_t)tile * KB * 8 + g;
 
         float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#if STAGE
-        // STAGE slots of shared memory, each the tile's 16 rows × 8 blocks (one per warp), filled by cp.async in
-        // runs of 256 bytes per row (16 threads per row): far fewer L1 wavefronts than 8 rows per warp load.
-        // Warp w still takes blocks b_begin + w, + 8, + 16, ... in order: the same sums as the register ring.
-        unsigned* slots = shared + TABLE_WORDS + WARPS * 256;
-        const int nstages = (b_end - b_begin + WARPS - 1) / WARPS;
-        const int cr = tid >> 4, cj = tid & 15;                   // copy task: row cr, 16-byte piece cj
-        const bool c_row_ok = tile * 16 + cr < N;
-        const unsigned char* csrc = w + (size_t)(tile * 16 + (c_row_ok ? cr : 0)) * KW + (size_t)b_begin * 32 + cj * 16;
-#pragma unroll
-        for (int s = 0; s < STAGE; ++s) {
-            if (s < nstages)
-                stage_copy(slots + s * 16 * ROW_WORDS + cr * ROW_WORDS + cj * 4, csrc + s * 256,
-                           c_row_ok && b_begin + s * WARPS + (cj >> 1) < b_end);
-            asm volatile("cp.async.commit_group;\n");
-        }
-        __syncthreads();
-        for (int s = 0; s < nstages; ++s) {
-            asm volatile("cp.async.wait_group %0;\n" :: "n"(STAGE - 1));
-            __syncthreads();
-            const unsigned* slot = slots + (s % STAGE) * 16 * ROW_WORDS;
-            const int b = b_begin + s * WARPS + warp;
-            if (b < b_end) {
-                const uint2 wa = *(const uint2*)(slot + g * ROW_WORDS + warp * 8 + 2 * t);
-                const uint2 wb = *(const uint2*)(slot + (g + 8) * ROW_WORDS + warp * 8 + 2 * t);
-                const float2 sc = scales[b * 8];
-                unsigned xw0[8], xw1[8];
-                load_x(xw0, x0_row, b, x_ok0);
-#if TWO
-                load_x(xw1, x1_row, b, x_ok1);
-#endif
-                float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-                block_mma(part, lt, wa, wb, xw0, xw1, two);
-                add_scaled(acc, part, sc.x, sc.y);
-            }
-            __syncthreads();                                       // every warp is done with this slot
-            const int next = s + STAGE;
-            if (next < nstages)
-                stage_copy(slots + (s % STAGE) * 16 * ROW_WORDS + cr * ROW_WORDS + cj * 4, csrc + next * 256,
-                           c_row_ok && b_begin + next * WARPS + (cj >> 1) < b_end);
-            asm volatile("cp.async.commit_group;\n");             // one group per step, empty or not
-        }
-        (void)ok_a; (void)ok_b; (void)zero2;
-#elif PROBE == 4
+#if PROBE == 4
         {
             // probe 4: the tile's weight bytes in the dense kernels' load shape (warp w reads rows 2w, 2w + 1,
             // 16 bytes a lane, 256 contiguous bytes a row per load: whole lines), the scales and x as the ring
@@ -350,8 +289,6 @@ class Config:
     minb: int = 4           # programs per SM the compiler budgets registers for (4: 64 registers; the 9–16
                             # row kernel then runs 10 % faster, measured: verify8 3.69 instead of 4.07 ms)
     programs: int = TARGET_PROGRAMS     # programs a weight aims at (sets the split of K)
-    stage: int = 0          # >0: weights staged through this many shared-memory slots by cp.async (measured
-                            # on an H200: no faster than the register ring; the same sums, a GPU test checks)
     tiles: int = 1          # tiles of 16 weight rows per program: the 32 KB table is filled once for them all
     probe: int = 0          # measurement only (kernel_probe.py), the sums are wrong: 1 = the weight, scale and
                             # x loads alone, 2 = loads and table lookups, no MMA, 3 = 1 without the table
@@ -359,7 +296,7 @@ class Config:
                             # which part limits the kernel
 
     def shared_bytes(self) -> int:
-        return SHARED_BYTES + self.stage * 16 * 72 * 4
+        return SHARED_BYTES
 
 
 def parse_config(text: str, *, allow_probe: bool = False) -> Config:
@@ -387,10 +324,10 @@ def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True) -> tup
     """(CUDA C source, kernel name) for 16-bit x of `dtype` under `config`; `two`: programs of 9–16 rows
     (else at most 8: no second MMA, no loads of x rows 8–15; a row's arithmetic is the same in both)."""
     kind = _MMA_TYPE[dtype]
-    name = (f"eventspec_nf4_partials_{kind}_d{config.depth}x{config.xring}m{config.minb}s{config.stage}r{1 + two}"
+    name = (f"eventspec_nf4_partials_{kind}_d{config.depth}x{config.xring}m{config.minb}r{1 + two}"
             + (f"p{config.probe}" if config.probe else ""))
     text = (SOURCE.replace("DEPTH_VALUE", str(config.depth)).replace("XRING_VALUE", str(config.xring))
-            .replace("STAGE_VALUE", str(config.stage)).replace("PROBE_VALUE", str(config.probe)).replace("TWO_VALUE", str(int(two)))
+            .replace("PROBE_VALUE", str(config.probe)).replace("TWO_VALUE", str(int(two)))
             .replace("MINB_VALUE", str(config.minb)).replace(".DT.DT.", f".{kind}.{kind}."))
     return text.replace("NAME", name), name
 
