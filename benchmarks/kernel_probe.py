@@ -158,6 +158,7 @@ CUDA_CONFIGS = ([dict(depth=d, minb=m) for d in (2, 3, 4, 6, 8) for m in (2, 3, 
                 + [dict(depth=d, tiles=2, minb=3) for d in (4, 6)]
                 + [dict(depth=d, xring=1, minb=3) for d in (4, 6)]
                 + [dict(depth=6, minb=3, programs=p) for p in (256, 1024)]
+                + [dict(persist=1, slots=sl, minb=m) for sl, m in ((4, 3), (8, 2), (8, 4), (12, 2))]
                 + [dict(probe=1), dict(probe=2)])      # the loads alone; loads and lookups (wrong sums)
 
 

@@ -77,9 +77,10 @@ def test_partials_are_right_and_row_invariant(dtype, shape):
 @cuda
 @pytest.mark.parametrize("shape", [(256, 4096), (4096, 11008), (40, 320)])
 def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
-    """`Config.depth` and `xring` change only how far ahead each warp loads, and `Config.tiles` only which
-    program computes a tile: their partials must equal the default's, bit for bit, for 1, 9 and 17 rows, a
-    partial tile and a short split."""
+    """`Config.depth` and `xring` change only how far ahead each warp loads, and `Config.tiles` and `persist`
+    (persistent programs with a shared-memory ring) only which program computes a tile and when its blocks
+    arrive: their partials must equal the default's, bit for bit, for 1, 9 and 17 rows, a partial tile and a
+    short split."""
     from dataclasses import replace
     if nf4_cuda.unavailable_reason("cuda"):
         pytest.skip("NF4 CUDA kernel unavailable")
@@ -94,7 +95,8 @@ def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
         ring = torch.full((splits, rows, n), float("nan"), device="cuda")
         nf4_cuda.partials(x, packed, tiles, pairs, n, k, ring, per, replace(nf4_cuda.CONFIG, depth=3, xring=0, tiles=1))
         assert not ring.isnan().any()
-        for change in (dict(tiles=3), dict(depth=2), dict(depth=6, minb=3), dict(xring=1, minb=3)):
+        for change in (dict(tiles=3), dict(depth=2), dict(depth=6, minb=3), dict(xring=1, minb=3),
+                       dict(persist=1), dict(persist=1, slots=3, minb=2)):
             other = torch.full((splits, rows, n), float("nan"), device="cuda")
             nf4_cuda.partials(x, packed, tiles, pairs, n, k, other, per, replace(nf4_cuda.CONFIG, **change))
             assert torch.equal(ring, other), f"{rows} rows, {change}"

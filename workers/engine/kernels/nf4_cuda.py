@@ -25,6 +25,10 @@ streams ~1 TB/s on an H200. Here a packed byte becomes one MMA operand register 
   Compute: L1/TEX 74 % busy at 1.2 TB/s).
   Each warp keeps `Config.depth` blocks of weight bytes in flight (registers); x, small and read by every
   program on the same K range, is loaded when its block is computed (or rides in the ring: `xring`).
+- `Config.persist` (off by default, not yet measured): persistent programs over (tile, split) items with a
+  per-lane shared-memory ring of `Config.slots` blocks that runs on across items; the same sums.
+- `Config.probe` builds measurement-only variants (loads alone, loads and lookups, no table fill, whole-line
+  loads) whose sums are wrong: which part of the kernel limits it (BENCHMARKS.md, fourth session).
 
 Row-invariant: a column of an MMA depends only on its own row of x, every row runs the same instructions
 (rows past M are zeros in the second MMA), and all sums have a fixed order; M = 1 and M = 9 give the same
@@ -52,6 +56,8 @@ SOURCE = r"""
 #define PROBE PROBE_VALUE       // measurement only, wrong sums: 1 = the loads alone, 2 = loads and table lookups,
                                 // 3 = the loads alone and no table fill, 4 = the loads in whole lines
 #define TWO TWO_VALUE           // 1: programs may hold 9-16 rows of x (a second MMA per k step); 0: at most 8
+#define PERSIST PERSIST_VALUE   // 1: persistent programs with a shared-memory ring of SLOTS blocks per lane
+#define SLOTS SLOTS_VALUE
 #define TABLE_WORDS (256 * 32)
 
 __device__ __forceinline__ void mma(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
@@ -113,6 +119,7 @@ __device__ __forceinline__ float block_probe(unsigned lt, uint2 wa, uint2 wb, co
 }
 #endif
 
+#if !PERSIST
 extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
         const unsigned* __restrict__ x,            // [M, K / 2] words, two 16-bit values each
         const unsigned char* __restrict__ w,       // [N, K / 2] packed bytes (bitsandbytes' layout)
@@ -271,6 +278,125 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
         __syncthreads();                                   // the next tile reuses `red`
     }
 }
+#else
+// cp.async of `bytes` (8) from global to this thread's shared address
+__device__ __forceinline__ void copy8(void* dst, const void* src) {
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" :: "r"(addr), "l"(src));
+}
+
+// Persistent programs (Config.persist): gridDim.x programs take the items (tile, split) blockIdx.x, + gridDim.x,
+// ... in turn, all 8 warps in step (one reduction per item, as one program per item does), and fill the table
+// once. Each lane keeps SLOTS blocks of its own weight bytes and scales in flight in shared memory (cp.async,
+// read back only by the lane that copied them), SLOTS blocks ahead along its warp's whole sequence of blocks,
+// across items: no wave of programs and no ring starting cold at each item. Each item's sums are the default
+// kernel's (the same blocks per warp in the same order, the same reduction), bit for bit.
+extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
+        const unsigned* __restrict__ x, const unsigned char* __restrict__ w, const float2* __restrict__ absmax,
+        const unsigned* __restrict__ pairs, float* __restrict__ out, int M, int N, int K, int split_blocks) {
+    extern __shared__ unsigned shared[];
+    float* red = (float*)(shared + TABLE_WORDS);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int KB = K >> 6, KW = K >> 1;
+    const int m0 = blockIdx.z * 16;
+    const int here = min(16, M - m0);
+    const bool two = TWO && here > 8;
+    const bool x_ok0 = g < here, x_ok1 = 8 + g < here;
+    const unsigned lt = (unsigned)__cvta_generic_to_shared(shared) + 4u * lane;
+    const uint4* xc0_row = (const uint4*)(x + (size_t)(m0 + (x_ok0 ? g : 0)) * KW) + 2 * t;
+    const uint4* xc1_row = (const uint4*)(x + (size_t)(m0 + (x_ok1 ? 8 + g : 0)) * KW) + 2 * t;
+    const int tiles = (N + 15) >> 4, n_splits = (KB + split_blocks - 1) / split_blocks;
+    const int items = tiles * n_splits, P = gridDim.x;
+    // this lane's slots: 16 weight bytes (rows g and g + 8) and the two scales, SLOTS of each
+    uint4* wring = (uint4*)(shared + TABLE_WORDS + WARPS * 256) + (warp * SLOTS) * 32 + lane;
+    float2* sring = (float2*)(shared + TABLE_WORDS + WARPS * 256 + WARPS * SLOTS * 128) + (warp * SLOTS) * 32 + lane;
+
+    // the producer: the next block of this warp's sequence to copy (item f_item, its f_j-th block of this warp)
+    int f_item = blockIdx.x, f_j = 0, f_nw = 0, f_b0 = 0, f_tile = 0;
+#define ITEM_SETUP(item, nw, b0, tl) do { \
+        const int sp_ = (item) / tiles; \
+        (tl) = (item) - sp_ * tiles; \
+        const int bb_ = sp_ * split_blocks, be_ = min(bb_ + split_blocks, KB); \
+        (b0) = bb_ + warp; \
+        (nw) = be_ - bb_ > warp ? (be_ - bb_ - warp + WARPS - 1) / WARPS : 0; \
+    } while (0)
+    if (f_item < items) ITEM_SETUP(f_item, f_nw, f_b0, f_tile);
+    while (f_item < items && f_j >= f_nw) { f_item += P; f_j = 0; if (f_item < items) ITEM_SETUP(f_item, f_nw, f_b0, f_tile); }
+    int fill_slot = 0;
+#define FILL() do { \
+        if (f_item < items) { \
+            const int b_ = f_b0 + f_j * WARPS; \
+            const int na_ = min(f_tile * 16 + g, N - 1), nb_ = min(f_tile * 16 + 8 + g, N - 1); \
+            unsigned* dst_ = (unsigned*)(wring + fill_slot * 32); \
+            copy8(dst_, w + (size_t)na_ * KW + (size_t)b_ * 32 + t * 8); \
+            copy8(dst_ + 2, w + (size_t)nb_ * KW + (size_t)b_ * 32 + t * 8); \
+            copy8(sring + fill_slot * 32, absmax + ((size_t)f_tile * KB + b_) * 8 + g); \
+            ++f_j; \
+            while (f_item < items && f_j >= f_nw) { \
+                f_item += P; f_j = 0; \
+                if (f_item < items) ITEM_SETUP(f_item, f_nw, f_b0, f_tile); \
+            } \
+        } \
+        asm volatile("cp.async.commit_group;\n"); \
+        fill_slot = (fill_slot + 1) % SLOTS; \
+    } while (0)
+#pragma unroll
+    for (int s = 0; s < SLOTS; ++s) FILL();
+    // the table, one copy per lane, while the first copies are in flight
+    for (int i = tid; i < TABLE_WORDS / 4; i += 32 * WARPS) {
+        const unsigned v = pairs[i >> 3];
+        ((uint4*)shared)[i] = make_uint4(v, v, v, v);
+    }
+    __syncthreads();
+
+    int use_slot = 0;
+    for (int item = blockIdx.x; item < items; item += P) {
+        int nw, b0, tile;
+        ITEM_SETUP(item, nw, b0, tile);
+        const int split = item / tiles;
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int j = 0; j < nw; ++j) {
+            asm volatile("cp.async.wait_group %0;\n" :: "n"(SLOTS - 1));
+            const uint4 wv = wring[use_slot * 32];
+            const float2 sc = sring[use_slot * 32];
+            const int b = b0 + j * WARPS;
+            unsigned xw0[8], xw1[8];
+            const uint4 lo = xc0_row[(size_t)b * 8], hi = xc0_row[(size_t)b * 8 + 1];
+            xw0[0] = lo.x; xw0[1] = lo.y; xw0[2] = lo.z; xw0[3] = lo.w;
+            xw0[4] = hi.x; xw0[5] = hi.y; xw0[6] = hi.z; xw0[7] = hi.w;
+#if TWO
+            const uint4 lo1 = xc1_row[(size_t)b * 8], hi1 = xc1_row[(size_t)b * 8 + 1];
+            xw1[0] = lo1.x; xw1[1] = lo1.y; xw1[2] = lo1.z; xw1[3] = lo1.w;
+            xw1[4] = hi1.x; xw1[5] = hi1.y; xw1[6] = hi1.z; xw1[7] = hi1.w;
+#endif
+            float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            block_mma(part, lt, make_uint2(wv.x, wv.y), make_uint2(wv.z, wv.w), xw0, xw1, two);
+            add_scaled(acc, part, sc.x, sc.y);
+            FILL();                                            // into the slot just read (its values are in use)
+            use_slot = (use_slot + 1) % SLOTS;
+        }
+        float* mine = red + warp * 256;
+        mine[g * 16 + 2 * t] = acc[0];
+        mine[g * 16 + 2 * t + 1] = acc[1];
+        mine[(g + 8) * 16 + 2 * t] = acc[2];
+        mine[(g + 8) * 16 + 2 * t + 1] = acc[3];
+        mine[g * 16 + 8 + 2 * t] = acc[4];
+        mine[g * 16 + 8 + 2 * t + 1] = acc[5];
+        mine[(g + 8) * 16 + 8 + 2 * t] = acc[6];
+        mine[(g + 8) * 16 + 8 + 2 * t + 1] = acc[7];
+        __syncthreads();
+        const int nl = tid & 15, ml = tid >> 4;
+        float sum = red[nl * 16 + ml];
+#pragma unroll
+        for (int v = 1; v < WARPS; ++v) sum += red[v * 256 + nl * 16 + ml];
+        const int n = tile * 16 + nl;
+        if (ml < here && n < N) out[((size_t)split * M + m0 + ml) * N + n] = sum;
+        __syncthreads();
+    }
+    asm volatile("cp.async.wait_all;\n");
+}
+#endif
 """
 
 _MMA_TYPE = {torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -290,13 +416,17 @@ class Config:
                             # row kernel then runs 10 % faster, measured: verify8 3.69 instead of 4.07 ms)
     programs: int = TARGET_PROGRAMS     # programs a weight aims at (sets the split of K)
     tiles: int = 1          # tiles of 16 weight rows per program: the 32 KB table is filled once for them all
+    persist: int = 0        # 1: persistent programs (resident ones only, no waves) that fill the table once and
+                            # keep `slots` blocks per lane in flight in shared memory across items (not yet
+                            # measured on a GPU; the same sums as the default, a GPU test checks)
+    slots: int = 8          # persist: blocks of weights and scales in flight per lane (shared memory, cp.async)
     probe: int = 0          # measurement only (kernel_probe.py), the sums are wrong: 1 = the weight, scale and
                             # x loads alone, 2 = loads and table lookups, no MMA, 3 = 1 without the table
                             # fill, 4 = the weight loads in whole 128-byte lines (the dense kernels' shape);
                             # which part limits the kernel
 
     def shared_bytes(self) -> int:
-        return SHARED_BYTES
+        return SHARED_BYTES + (WARPS * self.slots * 32 * (16 + 8) if self.persist else 0)
 
 
 def parse_config(text: str, *, allow_probe: bool = False) -> Config:
@@ -325,9 +455,10 @@ def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True) -> tup
     (else at most 8: no second MMA, no loads of x rows 8–15; a row's arithmetic is the same in both)."""
     kind = _MMA_TYPE[dtype]
     name = (f"eventspec_nf4_partials_{kind}_d{config.depth}x{config.xring}m{config.minb}r{1 + two}"
-            + (f"p{config.probe}" if config.probe else ""))
+            + (f"p{config.probe}" if config.probe else "") + (f"q{config.slots}" if config.persist else ""))
     text = (SOURCE.replace("DEPTH_VALUE", str(config.depth)).replace("XRING_VALUE", str(config.xring))
-            .replace("PROBE_VALUE", str(config.probe)).replace("TWO_VALUE", str(int(two)))
+            .replace("PROBE_VALUE", str(config.probe))
+            .replace("PERSIST_VALUE", str(int(bool(config.persist)))).replace("SLOTS_VALUE", str(max(1, config.slots))).replace("TWO_VALUE", str(int(two)))
             .replace("MINB_VALUE", str(config.minb)).replace(".DT.DT.", f".{kind}.{kind}."))
     return text.replace("NAME", name), name
 
@@ -365,6 +496,13 @@ def unavailable_reason(device) -> str | None:
             if _compile(device, dtype, CONFIG, two) is None:
                 return _failure[(device.index, dtype, CONFIG, two)]
     return None
+
+
+def resident_programs(device, config: Config) -> int:
+    """Programs of `config` that fit on the device at once: SMs × min(minb, shared memory per SM ÷ a program's)."""
+    props = torch.cuda.get_device_properties(device)
+    per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024) or 228 * 1024
+    return props.multi_processor_count * max(1, min(config.minb, (per_sm - 1024) // config.shared_bytes()))
 
 
 def splits_for(n: int, k: int, programs: int | None = None) -> tuple[int, int]:
@@ -416,7 +554,10 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
         raise RuntimeError("the NF4 CUDA kernel is not available: "
                            f"{_failure.get((x.device.index, x.dtype, config, two))}")
     tiles = -(-n // 16)
-    grid = (-(-tiles // max(1, config.tiles)), splits, -(-m // ROWS_PER_PROGRAM))
+    if config.persist:      # as many programs as can be resident at once; each takes items until none is left
+        grid = (min(tiles * splits, resident_programs(x.device, config)), 1, -(-m // ROWS_PER_PROGRAM))
+    else:
+        grid = (-(-tiles // max(1, config.tiles)), splits, -(-m // ROWS_PER_PROGRAM))
     kernel(grid=grid, block=(32 * WARPS, 1, 1), args=[x, packed, absmax, pairs, out, m, n, k, per_split],
            shared_mem=config.shared_bytes())
     return out
