@@ -100,6 +100,31 @@ __device__ __forceinline__ void block_mma(float* part, unsigned lt, uint2 wa, ui
     }
 }
 
+// The 8 warps' sums of one tile, added in warp order through shared memory `red` and stored as the split's
+// partial (rows past M or N are not stored); every thread of the program calls it, `red` is free again after
+__device__ __forceinline__ void reduce_tile(float* red, const float* acc, float* out, int tid, int tile, int split,
+                                            int M, int N, int m0, int here) {
+    const int lane = tid & 31, g = lane >> 2, t = lane & 3;
+    // C fragment: (weight row g, x rows 2t, 2t + 1), (g + 8, 2t, 2t + 1); the second MMA: x rows + 8
+    float* mine = red + (tid >> 5) * 256;
+    mine[g * 16 + 2 * t] = acc[0];
+    mine[g * 16 + 2 * t + 1] = acc[1];
+    mine[(g + 8) * 16 + 2 * t] = acc[2];
+    mine[(g + 8) * 16 + 2 * t + 1] = acc[3];
+    mine[g * 16 + 8 + 2 * t] = acc[4];
+    mine[g * 16 + 8 + 2 * t + 1] = acc[5];
+    mine[(g + 8) * 16 + 8 + 2 * t] = acc[6];
+    mine[(g + 8) * 16 + 8 + 2 * t + 1] = acc[7];
+    __syncthreads();
+    const int nl = tid & 15, ml = tid >> 4;
+    float sum = red[nl * 16 + ml];
+#pragma unroll
+    for (int v = 1; v < WARPS; ++v) sum += red[v * 256 + nl * 16 + ml];
+    const int n = tile * 16 + nl;
+    if (ml < here && n < N) out[((size_t)split * M + m0 + ml) * N + n] = sum;
+    __syncthreads();                                       // the next tile reuses `red`
+}
+
 #if PROBE
 // what `Config.probe` keeps of a block: its loads (1), or its loads and 16 table lookups (2), folded into
 // one value so nothing is dead code; no MMA
@@ -258,24 +283,7 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
 #endif
         }
 #endif
-        // C fragment: (weight row g, x rows 2t, 2t + 1), (g + 8, 2t, 2t + 1); the second MMA: x rows + 8
-        float* mine = red + warp * 256;
-        mine[g * 16 + 2 * t] = acc[0];
-        mine[g * 16 + 2 * t + 1] = acc[1];
-        mine[(g + 8) * 16 + 2 * t] = acc[2];
-        mine[(g + 8) * 16 + 2 * t + 1] = acc[3];
-        mine[g * 16 + 8 + 2 * t] = acc[4];
-        mine[g * 16 + 8 + 2 * t + 1] = acc[5];
-        mine[(g + 8) * 16 + 8 + 2 * t] = acc[6];
-        mine[(g + 8) * 16 + 8 + 2 * t + 1] = acc[7];
-        __syncthreads();
-        const int nl = tid & 15, ml = tid >> 4;
-        float sum = red[nl * 16 + ml];
-#pragma unroll
-        for (int v = 1; v < WARPS; ++v) sum += red[v * 256 + nl * 16 + ml];
-        const int n = tile * 16 + nl;
-        if (ml < here && n < N) out[((size_t)split * M + m0 + ml) * N + n] = sum;
-        __syncthreads();                                   // the next tile reuses `red`
+        reduce_tile(red, acc, out, tid, tile, split, M, N, m0, here);
     }
 }
 #else
@@ -376,23 +384,7 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
             FILL();                                            // into the slot just read (its values are in use)
             use_slot = (use_slot + 1) % SLOTS;
         }
-        float* mine = red + warp * 256;
-        mine[g * 16 + 2 * t] = acc[0];
-        mine[g * 16 + 2 * t + 1] = acc[1];
-        mine[(g + 8) * 16 + 2 * t] = acc[2];
-        mine[(g + 8) * 16 + 2 * t + 1] = acc[3];
-        mine[g * 16 + 8 + 2 * t] = acc[4];
-        mine[g * 16 + 8 + 2 * t + 1] = acc[5];
-        mine[(g + 8) * 16 + 8 + 2 * t] = acc[6];
-        mine[(g + 8) * 16 + 8 + 2 * t + 1] = acc[7];
-        __syncthreads();
-        const int nl = tid & 15, ml = tid >> 4;
-        float sum = red[nl * 16 + ml];
-#pragma unroll
-        for (int v = 1; v < WARPS; ++v) sum += red[v * 256 + nl * 16 + ml];
-        const int n = tile * 16 + nl;
-        if (ml < here && n < N) out[((size_t)split * M + m0 + ml) * N + n] = sum;
-        __syncthreads();
+        reduce_tile(red, acc, out, tid, tile, split, M, N, m0, here);
     }
     asm volatile("cp.async.wait_all;\n");
 }
