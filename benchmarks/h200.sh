@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs of issues 10 and 11: a bf16 target beside an nf4 draft, random full-size weights
 # (--synthetic-weights 7b), DSEC-size inputs with mp4 decoding included, 10 samples, one GPU and two.
-#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-stalls|attention|all]
+#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-persist|nf4-stalls|attention|all]
 # two-gpu needs two GPUs of one host. Needs PyAV (writing and reading the mp4 clips), Triton (the exact
 # step) and bitsandbytes (nf4). Each part is one `coordinator bench` run; bench.json/bench.md are written
 # after every (placement, MPS) session, so a run cut short keeps what it finished. MPS=on,off adds the MPS
@@ -26,6 +26,18 @@ if [[ $WHAT == nf4-tune ]]; then   # the NF4 tensor-core kernel: sweep, Nsight C
     for config in "" $("$PY" benchmarks/nf4_cuda_pick.py "$OUT/kernel_probe-nf4-cuda.json" 3); do
         name=${config:-default}
         EVENTSPEC_NF4_CUDA=$config "$PY" -m pytest -q tests/test_nf4_cuda.py 2>&1 | tail -1 | sed "s/^/$name: /"
+        EVENTSPEC_NF4_CUDA=$config "$PY" benchmarks/step_bench.py --out "$OUT/step-nf4-${name//[=,]/_}.json" \
+            --precisions nf4 --kinds eventgpt --repeats 15 --no-previous | tail -1 | cut -c1-400
+    done
+    exit 0
+fi
+if [[ $WHAT == nf4-persist ]]; then   # persistent NF4 programs (Config.persist): bits, launch times, the step
+    "$PY" -m pytest -q tests/test_nf4_cuda.py 2>&1 | tail -3
+    "$PY" benchmarks/kernel_probe.py --sweep nf4-cuda --rows 1,9 --configs \
+        "persist=1,slots=4,minb=3;persist=1,slots=8,minb=2;persist=1,slots=8,minb=4;persist=1,slots=12,minb=2;probe=1" \
+        > "$OUT/kernel_probe-persist.json" 2> "$OUT/kernel_probe-persist.log"
+    for config in "" "persist=1,slots=8,minb=2" "persist=1,slots=4,minb=3"; do
+        name=${config:-default}
         EVENTSPEC_NF4_CUDA=$config "$PY" benchmarks/step_bench.py --out "$OUT/step-nf4-${name//[=,]/_}.json" \
             --precisions nf4 --kinds eventgpt --repeats 15 --no-previous | tail -1 | cut -c1-400
     done
