@@ -4,7 +4,7 @@ by message, from a bench run's events (every message and span is timestamped wit
 
     python benchmarks/handover.py OUT/events.jsonl[.gz] OUT/bench.json[.gz]
 
-For every drafting `speculative` request (its `draft_plan` drafted) and every verification: draft step end
+For every `speculative` request that drafted and every verification: draft step end
 -> DRAFT sent -> coordinator -> VERIFY sent -> target -> verify span start, and verify end -> VERIFY_RESULT
 -> coordinator -> REBASE -> draft -> rebase span start; plus the gaps between consecutive draft steps.
 Prints the median and mean of each part in ms.
@@ -80,8 +80,7 @@ def main(argv: list[str]) -> int:
         events = [json.loads(line) for line in f if line.strip()]
     with _open(argv[1]) as f:
         records = json.load(f)["records"]
-    drafting = {r["request_id"] for r in records
-                if r["mode"] == "speculative" and (r.get("draft_plan") or {}).get("draft")}
+    drafting = {r["request_id"] for r in records if r["mode"] == "speculative" and (r.get("drafted_tokens") or 0) > 0}
     parts = breakdown(events, drafting)
     if not parts:
         print("no drafting speculative request with verifications in these events", file=sys.stderr)
