@@ -72,6 +72,8 @@ def malformed() -> list[tuple[str, list[bytes]]]:
         ("tokens not a list", [_body(m.Verify(request_id="fz"), tokens="abc")]),
         ("tokens with strings", [_body(m.Verify(request_id="fz"), tokens=[1, "two"])]),
         ("tokens with floats", [_body(m.Verify(request_id="fz"), tokens=[1.5])]),
+        ("tokens with a bool", [_body(m.Verify(request_id="fz"), tokens=[1, True])]),
+        ("token id beyond int64", [_body(m.Rebase(request_id="fz"), committed=[1] * 300 + [2 ** 64 - 1])]),
         ("negative token id", [_body(m.Rebase(request_id="fz"), committed=[3, -1])]),
         ("token id too large", [_body(m.Verify(request_id="fz"), tokens=[2 ** 40])]),
         ("done spans malformed", [_body(m.Done(request_id="fz"), spans=[["prefill", 1]])]),
