@@ -34,7 +34,7 @@ fi
 if [[ $WHAT == nf4-persist ]]; then   # persistent NF4 programs (Config.persist): bits, launch times, the step
     "$PY" -m pytest -q tests/test_nf4_cuda.py 2>&1 | tail -3
     "$PY" benchmarks/kernel_probe.py --sweep nf4-cuda --rows 1,9 --configs \
-        "persist=1,slots=4,minb=3;persist=1,slots=8,minb=2;persist=1,slots=8,minb=4;persist=1,slots=12,minb=2;probe=1" \
+        "persist=1,slots=4,minb=3;persist=1,slots=8,minb=2;persist=1,slots=8,minb=4;persist=1,slots=12,minb=2;probe=1;persist=1,slots=8,minb=2,probe=1" \
         > "$OUT/kernel_probe-persist.json" 2> "$OUT/kernel_probe-persist.log"
     for config in "" "persist=1,slots=8,minb=2" "persist=1,slots=4,minb=3"; do
         name=${config:-default}

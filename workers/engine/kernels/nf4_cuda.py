@@ -378,9 +378,14 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
             xw1[0] = lo1.x; xw1[1] = lo1.y; xw1[2] = lo1.z; xw1[3] = lo1.w;
             xw1[4] = hi1.x; xw1[5] = hi1.y; xw1[6] = hi1.z; xw1[7] = hi1.w;
 #endif
+#if PROBE
+            acc[0] += block_probe(lt, make_uint2(wv.x, wv.y), make_uint2(wv.z, wv.w), xw0, sc.x + sc.y);
+            (void)xw1;
+#else
             float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
             block_mma(part, lt, make_uint2(wv.x, wv.y), make_uint2(wv.z, wv.w), xw0, xw1, two);
             add_scaled(acc, part, sc.x, sc.y);
+#endif
             FILL();                                            // into the slot just read (its values are in use)
             use_slot = (use_slot + 1) % SLOTS;
         }
@@ -415,7 +420,7 @@ class Config:
     probe: int = 0          # measurement only (kernel_probe.py), the sums are wrong: 1 = the weight, scale and
                             # x loads alone, 2 = loads and table lookups, no MMA, 3 = 1 without the table
                             # fill, 4 = the weight loads in whole 128-byte lines (the dense kernels' shape);
-                            # which part limits the kernel
+                            # which part limits the kernel (with persist: 1 and 2 only)
 
     def shared_bytes(self) -> int:
         return SHARED_BYTES + (WARPS * self.slots * 32 * (16 + 8) if self.persist else 0)
