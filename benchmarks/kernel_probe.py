@@ -6,10 +6,13 @@ over tile configurations, for the three sweeps BENCHMARKS.md quotes:
     python benchmarks/kernel_probe.py --sweep fma > fma.json         # float32 FMAs instead of MMAs
     python benchmarks/kernel_probe.py --sweep nf4-rows > rows.json   # NF4 one row per program (kernels/nf4_rows.py)
     python benchmarks/kernel_probe.py --sweep nf4-cuda > cuda.json   # NF4 on tensor cores (kernels/nf4_cuda.py)
+    python benchmarks/kernel_probe.py --sweep nf4-cuda --rows 1 --configs "probe=1;persist=1,slots=8"
+                                                                     # chosen nf4_cuda.Config changes only
 
 Shapes: LLaMA-7B qkv (12288×4096) and down_proj (4096×11008). Times from triton.testing.do_bench (median,
 ms); GB/s = weight bytes read ÷ time. The last line on stderr per (kind, shape, rows) is the best config.
-The probe variants (`PROBE`, `FMA`, `WA=False`) compute wrong or slower results on purpose: timing only.
+The probe variants (`PROBE`, `FMA`, `WA=False`, `nf4_cuda.Config.probe`) compute wrong or slower results on
+purpose: timing only.
 The H200 outputs of 2026-11-30 are in benchmarks/2026-11-30-h200/kernel_probe-*.json.
 """
 import argparse
