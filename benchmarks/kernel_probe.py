@@ -220,9 +220,9 @@ def main():
         results = rows_sweep()
         rows_list, grid = (), ()
     elif args.sweep == "nf4-cuda":
+        from workers.engine.kernels import nf4_cuda
         configs = None if args.configs is None else [
-            {key: int(value) for key, _, value in (item.partition("=") for item in part.split(",") if item)}
-            for part in args.configs.split(";") if part]
+            nf4_cuda.parse_changes(part, allow_probe=True) for part in args.configs.split(";") if part]
         results = cuda_sweep(configs, tuple(int(r) for r in args.rows.split(",")))
         rows_list, grid = (), ()
     else:

@@ -100,6 +100,19 @@ __device__ __forceinline__ void block_mma(float* part, unsigned lt, uint2 wa, ui
     }
 }
 
+// a block's 16 words of an x row (two 16-byte loads) as the 8 words of the lane's B fragments
+__device__ __forceinline__ void unpack_x(unsigned* xw, uint4 lo, uint4 hi) {
+    xw[0] = lo.x; xw[1] = lo.y; xw[2] = lo.z; xw[3] = lo.w; xw[4] = hi.x; xw[5] = hi.y; xw[6] = hi.z; xw[7] = hi.w;
+}
+
+// the lookup table, one copy per lane: word e * 32 + l = pairs[e]; 16-byte stores of four copies
+__device__ __forceinline__ void fill_table(unsigned* shared, const unsigned* pairs, int tid) {
+    for (int i = tid; i < TABLE_WORDS / 4; i += 32 * WARPS) {
+        const unsigned v = pairs[i >> 3];
+        ((uint4*)shared)[i] = make_uint4(v, v, v, v);
+    }
+}
+
 // The 8 warps' sums of one tile, added in warp order through shared memory `red` and stored as the split's
 // partial (rows past M or N are not stored); every thread of the program calls it, `red` is free again after
 __device__ __forceinline__ void reduce_tile(float* red, const float* acc, float* out, int tid, int tile, int split,
@@ -155,11 +168,7 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
     extern __shared__ unsigned shared[];
     float* red = (float*)(shared + TABLE_WORDS);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    // the table, one copy per lane: word e * 32 + l = pairs[e]; 16-byte stores of four copies
-    for (int i = tid; i < TABLE_WORDS / 4 && PROBE != 3; i += 32 * WARPS) {
-        const unsigned v = pairs[i >> 3];
-        ((uint4*)shared)[i] = make_uint4(v, v, v, v);
-    }
+    if (PROBE != 3) fill_table(shared, pairs, tid);
 
     const int g = lane >> 2, t = lane & 3;
     const int KB = K >> 6, KW = K >> 1;
@@ -251,12 +260,9 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
 #else
                     const uint4 lo = px0[d * WARPS * 8], hi = px0[d * WARPS * 8 + 1];
 #endif
-                    xw0[0] = lo.x; xw0[1] = lo.y; xw0[2] = lo.z; xw0[3] = lo.w;
-                    xw0[4] = hi.x; xw0[5] = hi.y; xw0[6] = hi.z; xw0[7] = hi.w;
+                    unpack_x(xw0, lo, hi);
 #if TWO
-                    const uint4 lo1 = px1[d * WARPS * 8], hi1 = px1[d * WARPS * 8 + 1];
-                    xw1[0] = lo1.x; xw1[1] = lo1.y; xw1[2] = lo1.z; xw1[3] = lo1.w;
-                    xw1[4] = hi1.x; xw1[5] = hi1.y; xw1[6] = hi1.z; xw1[7] = hi1.w;
+                    unpack_x(xw1, px1[d * WARPS * 8], px1[d * WARPS * 8 + 1]);
 #endif
 #if PROBE
                     acc[0] += block_probe(lt, ring_a[d], ring_b[d], xw0, ring_s[d].x + ring_s[d].y);
@@ -351,11 +357,7 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
     } while (0)
 #pragma unroll
     for (int s = 0; s < SLOTS; ++s) FILL();
-    // the table, one copy per lane, while the first copies are in flight
-    for (int i = tid; i < TABLE_WORDS / 4; i += 32 * WARPS) {
-        const unsigned v = pairs[i >> 3];
-        ((uint4*)shared)[i] = make_uint4(v, v, v, v);
-    }
+    fill_table(shared, pairs, tid);                    // while the first copies are in flight
     __syncthreads();
 
     int use_slot = 0;
@@ -370,13 +372,9 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
             const float2 sc = sring[use_slot * 32];
             const int b = b0 + j * WARPS;
             unsigned xw0[8], xw1[8];
-            const uint4 lo = xc0_row[(size_t)b * 8], hi = xc0_row[(size_t)b * 8 + 1];
-            xw0[0] = lo.x; xw0[1] = lo.y; xw0[2] = lo.z; xw0[3] = lo.w;
-            xw0[4] = hi.x; xw0[5] = hi.y; xw0[6] = hi.z; xw0[7] = hi.w;
+            unpack_x(xw0, xc0_row[(size_t)b * 8], xc0_row[(size_t)b * 8 + 1]);
 #if TWO
-            const uint4 lo1 = xc1_row[(size_t)b * 8], hi1 = xc1_row[(size_t)b * 8 + 1];
-            xw1[0] = lo1.x; xw1[1] = lo1.y; xw1[2] = lo1.z; xw1[3] = lo1.w;
-            xw1[4] = hi1.x; xw1[5] = hi1.y; xw1[6] = hi1.z; xw1[7] = hi1.w;
+            unpack_x(xw1, xc1_row[(size_t)b * 8], xc1_row[(size_t)b * 8 + 1]);
 #endif
 #if PROBE
             acc[0] += block_probe(lt, make_uint2(wv.x, wv.y), make_uint2(wv.z, wv.w), xw0, sc.x + sc.y);
@@ -426,8 +424,8 @@ class Config:
         return SHARED_BYTES + (WARPS * self.slots * 32 * (16 + 8) if self.persist else 0)
 
 
-def parse_config(text: str, *, allow_probe: bool = False) -> Config:
-    """A `Config` from 'key=int,key=int' (EVENTSPEC_NF4_CUDA's form); probes only where asked for."""
+def parse_changes(text: str, *, allow_probe: bool = False) -> dict:
+    """The `Config` fields named in 'key=int,key=int' (EVENTSPEC_NF4_CUDA's form); probes only where asked for."""
     fields = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
@@ -437,7 +435,12 @@ def parse_config(text: str, *, allow_probe: bool = False) -> Config:
         fields[key] = int(value)
     if fields.get("probe") and not allow_probe:
         raise ValueError("EVENTSPEC_NF4_CUDA: probe is for benchmarks/kernel_probe.py only (its sums are wrong)")
-    return Config(**fields)
+    return fields
+
+
+def parse_config(text: str, *, allow_probe: bool = False) -> Config:
+    """A `Config` from 'key=int,key=int', the other fields at their defaults."""
+    return Config(**parse_changes(text, allow_probe=allow_probe))
 
 
 def _config_from_env() -> Config:
