@@ -25,8 +25,10 @@ streams ~1 TB/s on an H200. Here a packed byte becomes one MMA operand register 
   Compute: L1/TEX 74 % busy at 1.2 TB/s).
   Each warp keeps `Config.depth` blocks of weight bytes in flight (registers); x, small and read by every
   program on the same K range, is loaded when its block is computed (or rides in the ring: `xring`).
-- `Config.persist` (off by default, not yet measured): persistent programs over (tile, split) items with a
-  per-lane shared-memory ring of `Config.slots` blocks that runs on across items; the same sums.
+- `Config.bulk` (sm_90+): the tile's weight rows and scales arrive by bulk copies (the tensor memory
+  accelerator, one thread a 256-byte row piece) in a ring of `Config.slots` shared-memory stages counted by
+  mbarriers, instead of each lane's register ring; the same sums. Persistent programs with a per-lane cp.async
+  ring (fifth session) were slower in every shape and are gone (BENCHMARKS.md).
 - `Config.probe` builds measurement-only variants (loads alone, loads and lookups, no table fill, whole-line
   loads) whose sums are wrong: which part of the kernel limits it (BENCHMARKS.md, fourth session).
 
@@ -38,7 +40,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -48,6 +50,7 @@ SHARED_BYTES = 4 * TABLE_WORDS + 4 * WARPS * 16 * 16
 ROWS_PER_PROGRAM = 16
 TARGET_PROGRAMS = 512          # programs a weight aims at (an H200 has 132 SMs, ~3 programs resident on each)
 MIN_SPLIT_BLOCKS = 16          # NF4 blocks per split at least (8 warps × 2)
+STAGE_BYTES = 16 * 288 + 8 * 64     # a bulk stage: 16 weight rows of 8 blocks (256 bytes + 32 padding) + scales
 
 SOURCE = r"""
 #define WARPS 8
@@ -56,7 +59,7 @@ SOURCE = r"""
 #define PROBE PROBE_VALUE       // measurement only, wrong sums: 1 = the loads alone, 2 = loads and table lookups,
                                 // 3 = the loads alone and no table fill, 4 = the loads in whole lines
 #define TWO TWO_VALUE           // 1: programs may hold 9-16 rows of x (a second MMA per k step); 0: at most 8
-#define PERSIST PERSIST_VALUE   // 1: persistent programs with a shared-memory ring of SLOTS blocks per lane
+#define BULK BULK_VALUE         // 1: bulk copies (sm_90's tensor memory accelerator) into SLOTS stages of shared memory
 #define SLOTS SLOTS_VALUE
 #define TABLE_WORDS (256 * 32)
 
@@ -157,7 +160,7 @@ __device__ __forceinline__ float block_probe(unsigned lt, uint2 wa, uint2 wb, co
 }
 #endif
 
-#if !PERSIST
+#if !BULK
 extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
         const unsigned* __restrict__ x,            // [M, K / 2] words, two 16-bit values each
         const unsigned char* __restrict__ w,       // [N, K / 2] packed bytes (bitsandbytes' layout)
@@ -293,103 +296,135 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
     }
 }
 #else
-// cp.async of `bytes` (8) from global to this thread's shared address
-__device__ __forceinline__ void copy8(void* dst, const void* src) {
-    const unsigned addr = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" :: "r"(addr), "l"(src));
+// Bulk-copy programs (Config.bulk, sm_90+): the tensor memory accelerator streams the tile's weight bytes and
+// scales into a ring of SLOTS stages in shared memory, one stage = 8 blocks (one per warp) of the 16 weight
+// rows (16 copies of 256 bytes, one per row, and one of the 8 blocks' 512 bytes of scales), each stage's
+// arrival counted by an mbarrier; warp w computes block w of every stage, so each warp sums the default
+// kernel's blocks in the default's order, bit for bit. One thread's copy puts a whole row's 256 bytes in
+// flight, where the register ring needs a load per lane and block: far more bytes in flight per SM.
+#define STAGE_ROW 288                       // a row's 256 bytes + 32 of padding: a warp's 8-byte reads hit 32 banks
+#define STAGE_BYTES (16 * STAGE_ROW + 8 * 64)
+
+__device__ __forceinline__ void bar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ void bar_expect(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
+}
+// until the barrier's phase of parity `parity` has completed
+__device__ __forceinline__ void bar_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+__device__ __forceinline__ void bulk_copy(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+__device__ __forceinline__ uint2 lds64(unsigned addr) {
+    uint2 v;
+    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr) : "memory");
+    return v;
 }
 
-// Persistent programs (Config.persist): gridDim.x programs take the items (tile, split) blockIdx.x, + gridDim.x,
-// ... in turn, all 8 warps in step (one reduction per item, as one program per item does), and fill the table
-// once. Each lane keeps SLOTS blocks of its own weight bytes and scales in flight in shared memory (cp.async,
-// read back only by the lane that copied them), SLOTS blocks ahead along its warp's whole sequence of blocks,
-// across items: no wave of programs and no ring starting cold at each item. Each item's sums are the default
-// kernel's (the same blocks per warp in the same order, the same reduction), bit for bit.
+// stage j of the program's split into the stage at `dst` (all lanes of warp 0 call it): lane r < 16 copies
+// weight row r's blocks, lane 16 the scales; the stage's barrier expects their bytes
+__device__ __forceinline__ void issue_stage(int j, int blocks_left, unsigned dst, unsigned bar,
+                                            const unsigned char* row_src, const unsigned char* scale_src, int lane) {
+    const int nb = min(8, blocks_left - 8 * j);
+    if (lane == 0) bar_expect(bar, nb * (16 * 32 + 64));
+    __syncwarp();
+    if (lane < 16) bulk_copy(dst + lane * STAGE_ROW, row_src + j * 256, nb * 32, bar);
+    else if (lane == 16) bulk_copy(dst + 16 * STAGE_ROW, scale_src + j * 512, nb * 64, bar);
+}
+
 extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
         const unsigned* __restrict__ x, const unsigned char* __restrict__ w, const float2* __restrict__ absmax,
         const unsigned* __restrict__ pairs, float* __restrict__ out, int M, int N, int K, int split_blocks) {
+#if __CUDA_ARCH__ >= 900
     extern __shared__ unsigned shared[];
     float* red = (float*)(shared + TABLE_WORDS);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int KB = K >> 6, KW = K >> 1;
-    const int m0 = blockIdx.z * 16;
+    const int tile = blockIdx.x, split = blockIdx.y, m0 = blockIdx.z * 16;
+    const int b_begin = split * split_blocks;
+    const int b_end = min(b_begin + split_blocks, KB);
+    const int n_stages = (b_end - b_begin + 7) >> 3;
     const int here = min(16, M - m0);
     const bool two = TWO && here > 8;
     const bool x_ok0 = g < here, x_ok1 = 8 + g < here;
     const unsigned lt = (unsigned)__cvta_generic_to_shared(shared) + 4u * lane;
-    const uint4* xc0_row = (const uint4*)(x + (size_t)(m0 + (x_ok0 ? g : 0)) * KW) + 2 * t;
-    const uint4* xc1_row = (const uint4*)(x + (size_t)(m0 + (x_ok1 ? 8 + g : 0)) * KW) + 2 * t;
-    const int tiles = (N + 15) >> 4, n_splits = (KB + split_blocks - 1) / split_blocks;
-    const int items = tiles * n_splits, P = gridDim.x;
-    // this lane's slots: 16 weight bytes (rows g and g + 8) and the two scales, SLOTS of each
-    uint4* wring = (uint4*)(shared + TABLE_WORDS + WARPS * 256) + (warp * SLOTS) * 32 + lane;
-    float2* sring = (float2*)(shared + TABLE_WORDS + WARPS * 256 + WARPS * SLOTS * 128) + (warp * SLOTS) * 32 + lane;
-
-    // the producer: the next block of this warp's sequence to copy (item f_item, its f_j-th block of this warp)
-    int f_item = blockIdx.x, f_j = 0, f_nw = 0, f_b0 = 0, f_tile = 0;
-#define ITEM_SETUP(item, nw, b0, tl) do { \
-        const int sp_ = (item) / tiles; \
-        (tl) = (item) - sp_ * tiles; \
-        const int bb_ = sp_ * split_blocks, be_ = min(bb_ + split_blocks, KB); \
-        (b0) = bb_ + warp; \
-        (nw) = be_ - bb_ > warp ? (be_ - bb_ - warp + WARPS - 1) / WARPS : 0; \
-    } while (0)
-    if (f_item < items) ITEM_SETUP(f_item, f_nw, f_b0, f_tile);
-    while (f_item < items && f_j >= f_nw) { f_item += P; f_j = 0; if (f_item < items) ITEM_SETUP(f_item, f_nw, f_b0, f_tile); }
-    int fill_slot = 0;
-#define FILL() do { \
-        if (f_item < items) { \
-            const int b_ = f_b0 + f_j * WARPS; \
-            const int na_ = min(f_tile * 16 + g, N - 1), nb_ = min(f_tile * 16 + 8 + g, N - 1); \
-            unsigned* dst_ = (unsigned*)(wring + fill_slot * 32); \
-            copy8(dst_, w + (size_t)na_ * KW + (size_t)b_ * 32 + t * 8); \
-            copy8(dst_ + 2, w + (size_t)nb_ * KW + (size_t)b_ * 32 + t * 8); \
-            copy8(sring + fill_slot * 32, absmax + ((size_t)f_tile * KB + b_) * 8 + g); \
-            ++f_j; \
-            while (f_item < items && f_j >= f_nw) { \
-                f_item += P; f_j = 0; \
-                if (f_item < items) ITEM_SETUP(f_item, f_nw, f_b0, f_tile); \
-            } \
-        } \
-        asm volatile("cp.async.commit_group;\n"); \
-        fill_slot = (fill_slot + 1) % SLOTS; \
-    } while (0)
-#pragma unroll
-    for (int s = 0; s < SLOTS; ++s) FILL();
-    fill_table(shared, pairs, tid);                    // while the first copies are in flight
+    const unsigned stage0 = (unsigned)__cvta_generic_to_shared(shared + TABLE_WORDS + WARPS * 256);
+    const unsigned full0 = stage0 + SLOTS * STAGE_BYTES, empty0 = full0 + 8 * SLOTS;   // barriers, 8 bytes each
+    // warp 0's copy sources: row `lane` of the tile (rows past N copy row N - 1; their sums are never stored)
+    const unsigned char* row_src = w + (size_t)min(tile * 16 + (lane & 15), N - 1) * KW + (size_t)b_begin * 32;
+    const unsigned char* scale_src = (const unsigned char*)(absmax + ((size_t)tile * KB + b_begin) * 8);
+    if (tid == 0) {
+        for (int s = 0; s < SLOTS; ++s) {
+            bar_init(full0 + 8 * s, 1);
+            bar_init(empty0 + 8 * s, WARPS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    if (warp == 0) {
+        for (int j = 0; j < SLOTS && j < n_stages; ++j)
+            issue_stage(j, b_end - b_begin, stage0 + j * STAGE_BYTES, full0 + 8 * j, row_src, scale_src, lane);
+    }
+    if (PROBE != 3) fill_table(shared, pairs, tid);                // while the first stages are in flight
     __syncthreads();
 
-    int use_slot = 0;
-    for (int item = blockIdx.x; item < items; item += P) {
-        int nw, b0, tile;
-        ITEM_SETUP(item, nw, b0, tile);
-        const int split = item / tiles;
-        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        for (int j = 0; j < nw; ++j) {
-            asm volatile("cp.async.wait_group %0;\n" :: "n"(SLOTS - 1));
-            const uint4 wv = wring[use_slot * 32];
-            const float2 sc = sring[use_slot * 32];
-            const int b = b0 + j * WARPS;
-            unsigned xw0[8], xw1[8];
-            unpack_x(xw0, xc0_row[(size_t)b * 8], xc0_row[(size_t)b * 8 + 1]);
+    const uint4* px0 = (const uint4*)(x + (size_t)(m0 + (x_ok0 ? g : 0)) * KW) + 2 * t + (size_t)(b_begin + warp) * 8;
 #if TWO
-            unpack_x(xw1, xc1_row[(size_t)b * 8], xc1_row[(size_t)b * 8 + 1]);
+    const uint4* px1 = (const uint4*)(x + (size_t)(m0 + (x_ok1 ? 8 + g : 0)) * KW) + 2 * t + (size_t)(b_begin + warp) * 8;
+#endif
+    const unsigned mine_a = g * STAGE_ROW + warp * 32 + t * 8, mine_b = mine_a + 8 * STAGE_ROW;
+    const unsigned mine_s = 16 * STAGE_ROW + warp * 64 + g * 8;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int s = 0;
+    unsigned parity = 0;
+    for (int j = 0; j < n_stages; ++j) {
+        const unsigned st = stage0 + s * STAGE_BYTES;
+        bar_wait(full0 + 8 * s, parity);
+        if (b_begin + 8 * j + warp < b_end) {
+            const uint2 wa = lds64(st + mine_a), wb = lds64(st + mine_b);
+            const uint2 sv = lds64(st + mine_s);
+            const float2 sc = make_float2(__uint_as_float(sv.x), __uint_as_float(sv.y));
+            unsigned xw0[8], xw1[8];
+            unpack_x(xw0, px0[0], px0[1]);
+#if TWO
+            unpack_x(xw1, px1[0], px1[1]);
 #endif
 #if PROBE
-            acc[0] += block_probe(lt, make_uint2(wv.x, wv.y), make_uint2(wv.z, wv.w), xw0, sc.x + sc.y);
+            acc[0] += block_probe(lt, wa, wb, xw0, sc.x + sc.y);
             (void)xw1;
 #else
             float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-            block_mma(part, lt, make_uint2(wv.x, wv.y), make_uint2(wv.z, wv.w), xw0, xw1, two);
+            block_mma(part, lt, wa, wb, xw0, xw1, two);
             add_scaled(acc, part, sc.x, sc.y);
 #endif
-            FILL();                                            // into the slot just read (its values are in use)
-            use_slot = (use_slot + 1) % SLOTS;
         }
-        reduce_tile(red, acc, out, tid, tile, split, M, N, m0, here);
+        __syncwarp();
+        if (lane == 0) bar_arrive(empty0 + 8 * s);                  // this warp is done with the stage
+        if (warp == 0 && j + SLOTS < n_stages) {                    // refill it with stage j + SLOTS
+            if (lane == 0) bar_wait(empty0 + 8 * s, parity);        // once every warp is done with it
+            __syncwarp();
+            issue_stage(j + SLOTS, b_end - b_begin, st, full0 + 8 * s, row_src, scale_src, lane);
+        }
+        px0 += 64;
+#if TWO
+        px1 += 64;
+#endif
+        if (++s == SLOTS) { s = 0; parity ^= 1u; }
     }
-    asm volatile("cp.async.wait_all;\n");
+    reduce_tile(red, acc, out, tid, tile, split, M, N, m0, here);
+#endif
 }
 #endif
 """
@@ -411,17 +446,16 @@ class Config:
                             # row kernel then runs 10 % faster, measured: verify8 3.69 instead of 4.07 ms)
     programs: int = TARGET_PROGRAMS     # programs a weight aims at (sets the split of K)
     tiles: int = 1          # tiles of 16 weight rows per program: the 32 KB table is filled once for them all
-    persist: int = 0        # 1: persistent programs (resident ones only, no waves) that fill the table once and
-                            # keep `slots` blocks per lane in flight in shared memory across items (not yet
-                            # measured on a GPU; the same sums as the default, a GPU test checks)
-    slots: int = 8          # persist: blocks of weights and scales in flight per lane (shared memory, cp.async)
+    bulk: int = 0           # 1: bulk copies into `slots` shared-memory stages of 8 blocks (sm_90+; elsewhere the
+                            # register ring); one program per (tile, split), `tiles` and `depth` unused
+    slots: int = 4          # bulk: stages in flight per program (4.5 KB of weights and scales each)
     probe: int = 0          # measurement only (kernel_probe.py), the sums are wrong: 1 = the weight, scale and
                             # x loads alone, 2 = loads and table lookups, no MMA, 3 = 1 without the table
                             # fill, 4 = the weight loads in whole 128-byte lines (the dense kernels' shape);
-                            # which part limits the kernel (with persist: 1 and 2 only)
+                            # which part limits the kernel (with bulk: 1–3)
 
     def shared_bytes(self) -> int:
-        return SHARED_BYTES + (WARPS * self.slots * 32 * (16 + 8) if self.persist else 0)
+        return SHARED_BYTES + (self.slots * (STAGE_BYTES + 16) if self.bulk else 0)
 
 
 def parse_changes(text: str, *, allow_probe: bool = False) -> dict:
@@ -455,10 +489,10 @@ def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True) -> tup
     (else at most 8: no second MMA, no loads of x rows 8–15; a row's arithmetic is the same in both)."""
     kind = _MMA_TYPE[dtype]
     name = (f"eventspec_nf4_partials_{kind}_d{config.depth}x{config.xring}m{config.minb}r{1 + two}"
-            + (f"p{config.probe}" if config.probe else "") + (f"q{config.slots}" if config.persist else ""))
+            + (f"p{config.probe}" if config.probe else "") + (f"b{config.slots}" if config.bulk else ""))
     text = (SOURCE.replace("DEPTH_VALUE", str(config.depth)).replace("XRING_VALUE", str(config.xring))
             .replace("PROBE_VALUE", str(config.probe))
-            .replace("PERSIST_VALUE", str(int(bool(config.persist)))).replace("SLOTS_VALUE", str(max(1, config.slots))).replace("TWO_VALUE", str(int(two)))
+            .replace("BULK_VALUE", str(int(bool(config.bulk)))).replace("SLOTS_VALUE", str(max(1, config.slots))).replace("TWO_VALUE", str(int(two)))
             .replace("MINB_VALUE", str(config.minb)).replace(".DT.DT.", f".{kind}.{kind}."))
     return text.replace("NAME", name), name
 
@@ -491,18 +525,19 @@ def unavailable_reason(device) -> str | None:
     major, _ = torch.cuda.get_device_capability(device)
     if major < 8:
         return "bf16 MMAs need compute capability 8.0 or newer"
+    config = CONFIG if major >= 9 else replace(CONFIG, bulk=0)
     for dtype in _MMA_TYPE:
         for two in (False, True):
-            if _compile(device, dtype, CONFIG, two) is None:
-                return _failure[(device.index, dtype, CONFIG, two)]
+            if _compile(device, dtype, replace(config, bulk=0), two) is None:
+                return _failure[(device.index, dtype, replace(config, bulk=0), two)]
+            if config.bulk:
+                _compile(device, dtype, config, two)     # where it fails, `partials` keeps the register ring
     return None
 
 
-def resident_programs(device, config: Config) -> int:
-    """Programs of `config` that fit on the device at once: SMs × min(minb, shared memory per SM ÷ a program's)."""
-    props = torch.cuda.get_device_properties(device)
-    per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024) or 228 * 1024
-    return props.multi_processor_count * max(1, min(config.minb, (per_sm - 1024) // config.shared_bytes()))
+def bulk_possible(device, packed: torch.Tensor) -> bool:
+    """Bulk copies need sm_90 or newer and 16-byte aligned weight rows."""
+    return torch.cuda.get_device_capability(device)[0] >= 9 and packed.data_ptr() % 16 == 0
 
 
 def splits_for(n: int, k: int, programs: int | None = None) -> tuple[int, int]:
@@ -549,13 +584,18 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
     if x.data_ptr() % 16 or packed.data_ptr() % 8:
         raise ValueError("x must be 16-byte aligned and the packed weight 8-byte aligned")
     two = m > 8
-    kernel = _compile(x.device, x.dtype, config, two)
+    kernel = None
+    if config.bulk and bulk_possible(x.device, packed):
+        kernel = _compile(x.device, x.dtype, config, two)
+    if kernel is None:                                   # the same sums from the register ring
+        config = replace(config, bulk=0)
+        kernel = _compile(x.device, x.dtype, config, two)
     if kernel is None:
         raise RuntimeError("the NF4 CUDA kernel is not available: "
                            f"{_failure.get((x.device.index, x.dtype, config, two))}")
     tiles = -(-n // 16)
-    if config.persist:      # as many programs as can be resident at once; each takes items until none is left
-        grid = (min(tiles * splits, resident_programs(x.device, config)), 1, -(-m // ROWS_PER_PROGRAM))
+    if config.bulk:
+        grid = (tiles, splits, -(-m // ROWS_PER_PROGRAM))
     else:
         grid = (-(-tiles // max(1, config.tiles)), splits, -(-m // ROWS_PER_PROGRAM))
     kernel(grid=grid, block=(32 * WARPS, 1, 1), args=[x, packed, absmax, pairs, out, m, n, k, per_split],
