@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs of issues 10 and 11: a bf16 target beside an nf4 draft, random full-size weights
 # (--synthetic-weights 7b), DSEC-size inputs with mp4 decoding included, 10 samples, one GPU and two.
-#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-bulk|nf4-stalls|attention|all]
+#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|prefill|nf4-stalls|attention|all]
 # two-gpu needs two GPUs of one host. Needs PyAV (writing and reading the mp4 clips), Triton (the exact
 # step) and bitsandbytes (nf4). Each part is one `coordinator bench` run; bench.json/bench.md are written
 # after every (placement, MPS) session, so a run cut short keeps what it finished. MPS=on,off adds the MPS
@@ -31,26 +31,11 @@ if [[ $WHAT == nf4-tune ]]; then   # the NF4 tensor-core kernel: sweep, Nsight C
     done
     exit 0
 fi
-if [[ $WHAT == nf4-bulk ]]; then   # bulk-copy NF4 programs (Config.bulk): bits, launch times, the step, then a
-    # one-GPU bench (bf16 target + nf4 draft) with the faster of default and the best bulk config
-    "$PY" -m pytest -q tests/test_nf4_cuda.py 2>&1 | tail -3
-    "$PY" benchmarks/kernel_probe.py --sweep nf4-cuda --rows 1,9 --configs \
-        "bulk=1,slots=3,minb=4;bulk=1,slots=4,minb=3;bulk=1,slots=6,minb=3;bulk=1,slots=8,minb=2;probe=1;bulk=1,slots=6,minb=3,probe=1" \
-        > "$OUT/kernel_probe-bulk.json" 2> "$OUT/kernel_probe-bulk.log"
-    for config in "" "bulk=1,slots=4,minb=3" "bulk=1,slots=6,minb=3" "bulk=1,slots=3,minb=4"; do
-        name=${config:-default}
-        EVENTSPEC_NF4_CUDA=$config "$PY" benchmarks/step_bench.py --out "$OUT/step-nf4-${name//[=,]/_}.json" \
-            --precisions nf4 --kinds eventgpt --repeats 15 --no-previous | tail -1 | cut -c1-400
-    done
-    best=$("$PY" -c "import json,glob,sys
-rows=[(json.load(open(f))['runs'][0]['decode_ms'],f) for f in glob.glob(sys.argv[1]+'/step-nf4-*.json')]
-f=min(rows)[1].rsplit('step-nf4-',1)[1][:-5]
-print('' if f=='default' else ','.join(a+'='+b for a,b in zip(*[iter(f.split('_'))]*2)))" "$OUT")
-    echo "bench with EVENTSPEC_NF4_CUDA=$best"
-    [[ -f "$DATA/dataset/EventGPT_Instruction_Subset.json" ]] || "$PY" -m coordinator make-demo "$DATA" --profile dsec --clips 10
-    EVENTSPEC_NF4_CUDA=$best "$PY" -m coordinator bench --input "$DATA/dataset" --synthetic-weights 7b --target-precision bf16 \
-        --draft-precision nf4 --samples 5 --warmup 1 --max-new-tokens 200 --alphas 0,0.9,1 --oracle-profile seed \
-        --no-hf-generate --placement same-gpu --bench-mps off --modes speculative --output-dir "$OUT/same-gpu-bulk"
+if [[ $WHAT == prefill ]]; then   # each worker's prefill (vision tower + language model): time, kernels by GPU time
+    "$PY" benchmarks/step_bench.py --out "$OUT/prefill-eventgpt-nf4.json" --kinds eventgpt --precisions nf4 \
+        --repeats 5 --prefill --no-previous | cut -c1-3000
+    "$PY" benchmarks/step_bench.py --out "$OUT/prefill-videollava-bf16.json" --kinds videollava --precisions bf16 \
+        --repeats 5 --prefill --no-previous | cut -c1-3000
     exit 0
 fi
 if [[ $WHAT == nf4-stalls ]]; then   # why the NF4 kernel waits: stall reasons, bank conflicts, L2 requests vs sectors

@@ -6,7 +6,7 @@ over tile configurations, for the three sweeps BENCHMARKS.md quotes:
     python benchmarks/kernel_probe.py --sweep fma > fma.json         # float32 FMAs instead of MMAs
     python benchmarks/kernel_probe.py --sweep nf4-rows > rows.json   # NF4 one row per program (kernels/nf4_rows.py)
     python benchmarks/kernel_probe.py --sweep nf4-cuda > cuda.json   # NF4 on tensor cores (kernels/nf4_cuda.py)
-    python benchmarks/kernel_probe.py --sweep nf4-cuda --rows 1 --configs "probe=1;bulk=1,slots=6"
+    python benchmarks/kernel_probe.py --sweep nf4-cuda --rows 1 --configs "probe=1;depth=4,minb=3"
                                                                      # chosen nf4_cuda.Config changes only
 
 Shapes: LLaMA-7B qkv (12288×4096) and down_proj (4096×11008). Times from triton.testing.do_bench (median,
@@ -161,7 +161,6 @@ CUDA_CONFIGS = ([dict(depth=d, minb=m) for d in (2, 3, 4, 6, 8) for m in (2, 3, 
                 + [dict(depth=d, tiles=2, minb=3) for d in (4, 6)]
                 + [dict(depth=d, xring=1, minb=3) for d in (4, 6)]
                 + [dict(depth=6, minb=3, programs=p) for p in (256, 1024)]
-                + [dict(bulk=1, slots=sl, minb=m) for sl, m in ((4, 3), (6, 3), (8, 2), (3, 4))]
                 + [dict(probe=1), dict(probe=2)])      # the loads alone; loads and lookups (wrong sums)
 
 

@@ -8,7 +8,7 @@ import json
 import sys
 from collections import defaultdict
 
-KEYS = ("depth", "xring", "minb", "programs", "tiles", "bulk", "slots")
+KEYS = ("depth", "xring", "minb", "programs", "tiles")
 
 
 def rank(results: list[dict]) -> list[tuple[float, dict]]:

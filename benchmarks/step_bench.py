@@ -1,7 +1,7 @@
 """Step-level benchmark of the exact engine on one GPU: exactness, decode and verification times, floors.
 
     python benchmarks/step_bench.py --out OUT.json [--precisions bf16,nf4] [--kinds videollava,eventgpt]
-                                    [--profile] [--no-previous]
+                                    [--profile] [--prefill] [--no-previous]
 
 For each (model, precision): a full-size random-weight model (`--synthetic-weights 7b` geometry) with its
 real prompt length is prefilled once, then
@@ -120,8 +120,32 @@ def kernel_profile(step, prompt, rows: int, steps: int = 5, top: int = 12) -> di
             "kernels": [{"name": name[:90], "ms": ms, "calls": calls} for name, ms, calls in kernels[:top]]}
 
 
+def prefill_profile(step, prompt, repeats: int = 5, top: int = 15) -> dict:
+    """The prefill (vision tower, projector and the language model over the whole prompt, the worker's path):
+    median wall ms over `repeats`, then GPU time per kernel name of one more (torch.profiler) and how much
+    of its wall time no kernel runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def once():
+        engine = TokenEngine(step)
+        engine.start(prompt)              # ends in the first token's .tolist(): a device sync
+    once()
+    wall = median_ms(once, repeats)
+    if not torch.cuda.is_available():     # the CPU dry run: the time only
+        return {"prefill_ms": wall}
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.monotonic_ns()
+        once()
+        wall_profiled = (time.monotonic_ns() - t0) / 1e6
+    kernels = [(e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages()
+               if getattr(e, "device_time_total", 0) > 0]
+    kernels.sort(key=lambda item: -item[1])
+    return {"prefill_ms": wall, "wall_ms_profiled": wall_profiled, "kernel_ms": sum(ms for _, ms, _ in kernels),
+            "kernels": [{"name": name[:90], "ms": ms, "calls": calls} for name, ms, calls in kernels[:top]]}
+
+
 def bench_one(kind: str, precision: str, repeats: int, tbs: float | None, copy_tbs: float, size: str = "7b",
-              device: str = "cuda", profile: bool = False, previous: bool = True) -> dict:
+              device: str = "cuda", profile: bool = False, previous: bool = True, prefill: bool = False) -> dict:
     lm = synthetic_model(kind, size=size, precision=precision, device=device, seed=0)
     prompt, prompt_len = synthetic_prefill_inputs(lm)
     max_cache = prompt_len + 200 + 33
@@ -132,6 +156,8 @@ def bench_one(kind: str, precision: str, repeats: int, tbs: float | None, copy_t
     capture_s = (time.monotonic_ns() - t0) / 1e9
     result = {"kind": kind, "precision": precision, "prompt_len": prompt_len, "capture_s": round(capture_s, 1),
               "eager_buckets": sorted(step.eager_buckets)}
+    if prefill:
+        result["prefill"] = prefill_profile(step, prompt)
     result.update(exactness(step, prompt))
     result.update(timings(step, prompt, repeats))
     if profile and device == "cuda":
@@ -173,6 +199,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--size", default="7b", help="7b, or tiny-test for a dry run on the CPU (TRITON_INTERPRET=1)")
     parser.add_argument("--profile", action="store_true", help="GPU time per kernel of a decode and a verify-8 step")
+    parser.add_argument("--prefill", action="store_true", help="time and profile the prefill (kernels by GPU time)")
     parser.add_argument("--no-previous", action="store_true", help="skip the previous step (cuBLAS/bitsandbytes)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -188,7 +215,7 @@ def main() -> int:
         for precision in args.precisions.split(","):
             t0 = time.monotonic_ns()
             run = bench_one(kind, precision, args.repeats, tbs, copy_tbs, args.size, device, args.profile,
-                            not args.no_previous)
+                            not args.no_previous, args.prefill)
             run["wall_s"] = round((time.monotonic_ns() - t0) / 1e9, 1)
             print(json.dumps(run), flush=True)
             report["runs"].append(run)

@@ -77,10 +77,9 @@ def test_partials_are_right_and_row_invariant(dtype, shape):
 @cuda
 @pytest.mark.parametrize("shape", [(256, 4096), (4096, 11008), (40, 320)])
 def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
-    """`Config.depth` and `xring` change only how far ahead each warp loads, `Config.tiles` only which program
-    computes a tile, and `bulk` (bulk copies into shared-memory stages, 2 and 6 of them: the ring wraps, the
-    last stage is partial) only how the blocks arrive: their partials must equal the default's, bit for bit,
-    for 1, 9 and 17 rows, a partial tile and a short split."""
+    """`Config.depth` and `xring` change only how far ahead each warp loads and `Config.tiles` only which
+    program computes a tile: their partials must equal the default's, bit for bit, for 1, 9 and 17 rows, a
+    partial tile and a short split."""
     from dataclasses import replace
     if nf4_cuda.unavailable_reason("cuda"):
         pytest.skip("NF4 CUDA kernel unavailable")
@@ -95,32 +94,8 @@ def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
         ring = torch.full((splits, rows, n), float("nan"), device="cuda")
         nf4_cuda.partials(x, packed, tiles, pairs, n, k, ring, per, replace(nf4_cuda.CONFIG, depth=3, xring=0, tiles=1))
         assert not ring.isnan().any()
-        for change in (dict(tiles=3), dict(depth=2), dict(depth=6, minb=3), dict(xring=1, minb=3),
-                       dict(bulk=1), dict(bulk=1, slots=2, minb=2), dict(bulk=1, slots=6, minb=3)):
+        for change in (dict(tiles=3), dict(depth=2), dict(depth=6, minb=3), dict(xring=1, minb=3)):
             other = torch.full((splits, rows, n), float("nan"), device="cuda")
             nf4_cuda.partials(x, packed, tiles, pairs, n, k, other, per, replace(nf4_cuda.CONFIG, **change))
             assert torch.equal(ring, other), f"{rows} rows, {change}"
 
-
-@cuda
-def test_bulk_copies_fall_back_to_the_register_ring_for_rows_not_16_byte_aligned():
-    """Bulk copies need 16-byte aligned sources; a packed weight that is only 8-byte aligned (a view into a
-    larger buffer) takes the register ring and gives the same bits."""
-    from dataclasses import replace
-    if nf4_cuda.unavailable_reason("cuda"):
-        pytest.skip("NF4 CUDA kernel unavailable")
-    n, k = 64, 1024
-    gen = torch.Generator().manual_seed(5)
-    packed, absmax = nf4.quantize(torch.randn(n, k, generator=gen))
-    buffer = torch.empty(packed.numel() + 8, dtype=packed.dtype, device="cuda")
-    shifted = buffer[8:].view(packed.shape)
-    shifted.copy_(packed.cuda())
-    assert shifted.data_ptr() % 16 == 8
-    tiles = nf4_cuda.tile_absmax(absmax.cuda(), n, k)
-    pairs = nf4_cuda.pair_table(nf4.code_tensor("cuda"), torch.bfloat16)
-    splits, per = nf4_cuda.splits_for(n, k)
-    x = torch.randn(3, k, generator=gen).to("cuda", torch.bfloat16)
-    ring, bulk = (torch.full((splits, 3, n), float("nan"), device="cuda") for _ in range(2))
-    nf4_cuda.partials(x, packed.cuda(), tiles, pairs, n, k, ring, per, replace(nf4_cuda.CONFIG, bulk=0))
-    nf4_cuda.partials(x, shifted, tiles, pairs, n, k, bulk, per, replace(nf4_cuda.CONFIG, bulk=1))
-    assert not ring.isnan().any() and torch.equal(ring, bulk)

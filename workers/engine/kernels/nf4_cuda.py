@@ -25,10 +25,10 @@ streams ~1 TB/s on an H200. Here a packed byte becomes one MMA operand register 
   Compute: L1/TEX 74 % busy at 1.2 TB/s).
   Each warp keeps `Config.depth` blocks of weight bytes in flight (registers); x, small and read by every
   program on the same K range, is loaded when its block is computed (or rides in the ring: `xring`).
-- `Config.bulk` (sm_90+): the tile's weight rows and scales arrive by bulk copies (the tensor memory
-  accelerator, one thread a 256-byte row piece) in a ring of `Config.slots` shared-memory stages counted by
-  mbarriers, instead of each lane's register ring; the same sums. Persistent programs with a per-lane cp.async
-  ring (fifth session) were slower in every shape and are gone (BENCHMARKS.md).
+- Two other ways of feeding the MMAs were built, proved bit-identical on an H200 and measured slower in
+  every shape, so they are gone (BENCHMARKS.md, fifth session; the source is in commit 999609c and its parent):
+  persistent programs with a per-lane cp.async ring in shared memory across items, and bulk copies (the
+  tensor memory accelerator, one 256-byte row piece a copy) into mbarrier-counted shared-memory stages.
 - `Config.probe` builds measurement-only variants (loads alone, loads and lookups, no table fill, whole-line
   loads) whose sums are wrong: which part of the kernel limits it (BENCHMARKS.md, fourth session).
 
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -50,7 +50,6 @@ SHARED_BYTES = 4 * TABLE_WORDS + 4 * WARPS * 16 * 16
 ROWS_PER_PROGRAM = 16
 TARGET_PROGRAMS = 512          # programs a weight aims at (an H200 has 132 SMs, ~3 programs resident on each)
 MIN_SPLIT_BLOCKS = 16          # NF4 blocks per split at least (8 warps × 2)
-STAGE_BYTES = 16 * 288 + 8 * 64     # a bulk stage: 16 weight rows of 8 blocks (256 bytes + 32 padding) + scales
 
 SOURCE = r"""
 #define WARPS 8
@@ -59,8 +58,6 @@ SOURCE = r"""
 #define PROBE PROBE_VALUE       // measurement only, wrong sums: 1 = the loads alone, 2 = loads and table lookups,
                                 // 3 = the loads alone and no table fill, 4 = the loads in whole lines
 #define TWO TWO_VALUE           // 1: programs may hold 9-16 rows of x (a second MMA per k step); 0: at most 8
-#define BULK BULK_VALUE         // 1: bulk copies (sm_90's tensor memory accelerator) into SLOTS stages of shared memory
-#define SLOTS SLOTS_VALUE
 #define TABLE_WORDS (256 * 32)
 
 __device__ __forceinline__ void mma(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
@@ -160,7 +157,6 @@ __device__ __forceinline__ float block_probe(unsigned lt, uint2 wa, uint2 wb, co
 }
 #endif
 
-#if !BULK
 extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
         const unsigned* __restrict__ x,            // [M, K / 2] words, two 16-bit values each
         const unsigned char* __restrict__ w,       // [N, K / 2] packed bytes (bitsandbytes' layout)
@@ -295,138 +291,6 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
         reduce_tile(red, acc, out, tid, tile, split, M, N, m0, here);
     }
 }
-#else
-// Bulk-copy programs (Config.bulk, sm_90+): the tensor memory accelerator streams the tile's weight bytes and
-// scales into a ring of SLOTS stages in shared memory, one stage = 8 blocks (one per warp) of the 16 weight
-// rows (16 copies of 256 bytes, one per row, and one of the 8 blocks' 512 bytes of scales), each stage's
-// arrival counted by an mbarrier; warp w computes block w of every stage, so each warp sums the default
-// kernel's blocks in the default's order, bit for bit. One thread's copy puts a whole row's 256 bytes in
-// flight, where the register ring needs a load per lane and block: far more bytes in flight per SM.
-#define STAGE_ROW 288                       // a row's 256 bytes + 32 of padding: a warp's 8-byte reads hit 32 banks
-#define STAGE_BYTES (16 * STAGE_ROW + 8 * 64)
-
-__device__ __forceinline__ void bar_init(unsigned bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void bar_arrive(unsigned bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
-}
-__device__ __forceinline__ void bar_expect(unsigned bar, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
-}
-// until the barrier's phase of parity `parity` has completed
-__device__ __forceinline__ void bar_wait(unsigned bar, unsigned parity) {
-    unsigned done;
-    do {
-        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-    } while (!done);
-}
-__device__ __forceinline__ void bulk_copy(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-                 :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
-}
-__device__ __forceinline__ uint2 lds64(unsigned addr) {
-    uint2 v;
-    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr) : "memory");
-    return v;
-}
-
-// stage j of the program's split into the stage at `dst` (all lanes of warp 0 call it): lane r < 16 copies
-// weight row r's blocks, lane 16 the scales; the stage's barrier expects their bytes
-__device__ __forceinline__ void issue_stage(int j, int blocks_left, unsigned dst, unsigned bar,
-                                            const unsigned char* row_src, const unsigned char* scale_src, int lane) {
-    const int nb = min(8, blocks_left - 8 * j);
-    if (lane == 0) bar_expect(bar, nb * (16 * 32 + 64));
-    __syncwarp();
-    if (lane < 16) bulk_copy(dst + lane * STAGE_ROW, row_src + j * 256, nb * 32, bar);
-    else if (lane == 16) bulk_copy(dst + 16 * STAGE_ROW, scale_src + j * 512, nb * 64, bar);
-}
-
-extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
-        const unsigned* __restrict__ x, const unsigned char* __restrict__ w, const float2* __restrict__ absmax,
-        const unsigned* __restrict__ pairs, float* __restrict__ out, int M, int N, int K, int split_blocks) {
-#if __CUDA_ARCH__ >= 900
-    extern __shared__ unsigned shared[];
-    float* red = (float*)(shared + TABLE_WORDS);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int KB = K >> 6, KW = K >> 1;
-    const int tile = blockIdx.x, split = blockIdx.y, m0 = blockIdx.z * 16;
-    const int b_begin = split * split_blocks;
-    const int b_end = min(b_begin + split_blocks, KB);
-    const int n_stages = (b_end - b_begin + 7) >> 3;
-    const int here = min(16, M - m0);
-    const bool two = TWO && here > 8;
-    const bool x_ok0 = g < here, x_ok1 = 8 + g < here;
-    const unsigned lt = (unsigned)__cvta_generic_to_shared(shared) + 4u * lane;
-    const unsigned stage0 = (unsigned)__cvta_generic_to_shared(shared + TABLE_WORDS + WARPS * 256);
-    const unsigned full0 = stage0 + SLOTS * STAGE_BYTES, empty0 = full0 + 8 * SLOTS;   // barriers, 8 bytes each
-    // warp 0's copy sources: row `lane` of the tile (rows past N copy row N - 1; their sums are never stored)
-    const unsigned char* row_src = w + (size_t)min(tile * 16 + (lane & 15), N - 1) * KW + (size_t)b_begin * 32;
-    const unsigned char* scale_src = (const unsigned char*)(absmax + ((size_t)tile * KB + b_begin) * 8);
-    if (tid == 0) {
-        for (int s = 0; s < SLOTS; ++s) {
-            bar_init(full0 + 8 * s, 1);
-            bar_init(empty0 + 8 * s, WARPS);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
-    if (warp == 0) {
-        for (int j = 0; j < SLOTS && j < n_stages; ++j)
-            issue_stage(j, b_end - b_begin, stage0 + j * STAGE_BYTES, full0 + 8 * j, row_src, scale_src, lane);
-    }
-    if (PROBE != 3) fill_table(shared, pairs, tid);                // while the first stages are in flight
-    __syncthreads();
-
-    const uint4* px0 = (const uint4*)(x + (size_t)(m0 + (x_ok0 ? g : 0)) * KW) + 2 * t + (size_t)(b_begin + warp) * 8;
-#if TWO
-    const uint4* px1 = (const uint4*)(x + (size_t)(m0 + (x_ok1 ? 8 + g : 0)) * KW) + 2 * t + (size_t)(b_begin + warp) * 8;
-#endif
-    const unsigned mine_a = g * STAGE_ROW + warp * 32 + t * 8, mine_b = mine_a + 8 * STAGE_ROW;
-    const unsigned mine_s = 16 * STAGE_ROW + warp * 64 + g * 8;
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    int s = 0;
-    unsigned parity = 0;
-    for (int j = 0; j < n_stages; ++j) {
-        const unsigned st = stage0 + s * STAGE_BYTES;
-        bar_wait(full0 + 8 * s, parity);
-        if (b_begin + 8 * j + warp < b_end) {
-            const uint2 wa = lds64(st + mine_a), wb = lds64(st + mine_b);
-            const uint2 sv = lds64(st + mine_s);
-            const float2 sc = make_float2(__uint_as_float(sv.x), __uint_as_float(sv.y));
-            unsigned xw0[8], xw1[8];
-            unpack_x(xw0, px0[0], px0[1]);
-#if TWO
-            unpack_x(xw1, px1[0], px1[1]);
-#endif
-#if PROBE
-            acc[0] += block_probe(lt, wa, wb, xw0, sc.x + sc.y);
-            (void)xw1;
-#else
-            float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-            block_mma(part, lt, wa, wb, xw0, xw1, two);
-            add_scaled(acc, part, sc.x, sc.y);
-#endif
-        }
-        __syncwarp();
-        if (lane == 0) bar_arrive(empty0 + 8 * s);                  // this warp is done with the stage
-        if (warp == 0 && j + SLOTS < n_stages) {                    // refill it with stage j + SLOTS
-            if (lane == 0) bar_wait(empty0 + 8 * s, parity);        // once every warp is done with it
-            __syncwarp();
-            issue_stage(j + SLOTS, b_end - b_begin, st, full0 + 8 * s, row_src, scale_src, lane);
-        }
-        px0 += 64;
-#if TWO
-        px1 += 64;
-#endif
-        if (++s == SLOTS) { s = 0; parity ^= 1u; }
-    }
-    reduce_tile(red, acc, out, tid, tile, split, M, N, m0, here);
-#endif
-}
-#endif
 """
 
 _MMA_TYPE = {torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -446,16 +310,13 @@ class Config:
                             # row kernel then runs 10 % faster, measured: verify8 3.69 instead of 4.07 ms)
     programs: int = TARGET_PROGRAMS     # programs a weight aims at (sets the split of K)
     tiles: int = 1          # tiles of 16 weight rows per program: the 32 KB table is filled once for them all
-    bulk: int = 0           # 1: bulk copies into `slots` shared-memory stages of 8 blocks (sm_90+; elsewhere the
-                            # register ring); one program per (tile, split), `tiles` and `depth` unused
-    slots: int = 4          # bulk: stages in flight per program (4.5 KB of weights and scales each)
     probe: int = 0          # measurement only (kernel_probe.py), the sums are wrong: 1 = the weight, scale and
                             # x loads alone, 2 = loads and table lookups, no MMA, 3 = 1 without the table
                             # fill, 4 = the weight loads in whole 128-byte lines (the dense kernels' shape);
-                            # which part limits the kernel (with bulk: 1–3)
+                            # which part limits the kernel
 
     def shared_bytes(self) -> int:
-        return SHARED_BYTES + (self.slots * (STAGE_BYTES + 16) if self.bulk else 0)
+        return SHARED_BYTES
 
 
 def parse_changes(text: str, *, allow_probe: bool = False) -> dict:
@@ -489,10 +350,10 @@ def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True) -> tup
     (else at most 8: no second MMA, no loads of x rows 8–15; a row's arithmetic is the same in both)."""
     kind = _MMA_TYPE[dtype]
     name = (f"eventspec_nf4_partials_{kind}_d{config.depth}x{config.xring}m{config.minb}r{1 + two}"
-            + (f"p{config.probe}" if config.probe else "") + (f"b{config.slots}" if config.bulk else ""))
+            + (f"p{config.probe}" if config.probe else "") )
     text = (SOURCE.replace("DEPTH_VALUE", str(config.depth)).replace("XRING_VALUE", str(config.xring))
             .replace("PROBE_VALUE", str(config.probe))
-            .replace("BULK_VALUE", str(int(bool(config.bulk)))).replace("SLOTS_VALUE", str(max(1, config.slots))).replace("TWO_VALUE", str(int(two)))
+            .replace("TWO_VALUE", str(int(two)))
             .replace("MINB_VALUE", str(config.minb)).replace(".DT.DT.", f".{kind}.{kind}."))
     return text.replace("NAME", name), name
 
@@ -525,19 +386,11 @@ def unavailable_reason(device) -> str | None:
     major, _ = torch.cuda.get_device_capability(device)
     if major < 8:
         return "bf16 MMAs need compute capability 8.0 or newer"
-    config = CONFIG if major >= 9 else replace(CONFIG, bulk=0)
     for dtype in _MMA_TYPE:
         for two in (False, True):
-            if _compile(device, dtype, replace(config, bulk=0), two) is None:
-                return _failure[(device.index, dtype, replace(config, bulk=0), two)]
-            if config.bulk:
-                _compile(device, dtype, config, two)     # where it fails, `partials` keeps the register ring
+            if _compile(device, dtype, CONFIG, two) is None:
+                return _failure[(device.index, dtype, CONFIG, two)]
     return None
-
-
-def bulk_possible(device, packed: torch.Tensor) -> bool:
-    """Bulk copies need sm_90 or newer and 16-byte aligned weight rows."""
-    return torch.cuda.get_device_capability(device)[0] >= 9 and packed.data_ptr() % 16 == 0
 
 
 def splits_for(n: int, k: int, programs: int | None = None) -> tuple[int, int]:
@@ -584,20 +437,12 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
     if x.data_ptr() % 16 or packed.data_ptr() % 8:
         raise ValueError("x must be 16-byte aligned and the packed weight 8-byte aligned")
     two = m > 8
-    kernel = None
-    if config.bulk and bulk_possible(x.device, packed):
-        kernel = _compile(x.device, x.dtype, config, two)
-    if kernel is None:                                   # the same sums from the register ring
-        config = replace(config, bulk=0)
-        kernel = _compile(x.device, x.dtype, config, two)
+    kernel = _compile(x.device, x.dtype, config, two)
     if kernel is None:
         raise RuntimeError("the NF4 CUDA kernel is not available: "
                            f"{_failure.get((x.device.index, x.dtype, config, two))}")
     tiles = -(-n // 16)
-    if config.bulk:
-        grid = (tiles, splits, -(-m // ROWS_PER_PROGRAM))
-    else:
-        grid = (-(-tiles // max(1, config.tiles)), splits, -(-m // ROWS_PER_PROGRAM))
+    grid = (-(-tiles // max(1, config.tiles)), splits, -(-m // ROWS_PER_PROGRAM))
     kernel(grid=grid, block=(32 * WARPS, 1, 1), args=[x, packed, absmax, pairs, out, m, n, k, per_split],
            shared_mem=config.shared_bytes())
     return out
