@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs of issues 10 and 11: a bf16 target beside an nf4 draft, random full-size weights
 # (--synthetic-weights 7b), DSEC-size inputs with mp4 decoding included, 10 samples, one GPU and two.
-#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|prefill|nf4-stalls|attention|all]
+#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|all]
 # two-gpu needs two GPUs of one host. Needs PyAV (writing and reading the mp4 clips), Triton (the exact
 # step) and bitsandbytes (nf4). Each part is one `coordinator bench` run; bench.json/bench.md are written
 # after every (placement, MPS) session, so a run cut short keeps what it finished. MPS=on,off adds the MPS
@@ -36,6 +36,13 @@ if [[ $WHAT == prefill ]]; then   # each worker's prefill (vision tower + langua
         --repeats 5 --prefill --no-previous | cut -c1-3000
     "$PY" benchmarks/step_bench.py --out "$OUT/prefill-videollava-bf16.json" --kinds videollava --precisions bf16 \
         --repeats 5 --prefill --no-previous | cut -c1-3000
+    exit 0
+fi
+if [[ $WHAT == nf4-layout ]]; then   # tile-major weight bytes (Config.layout): bits, then launch times at 1 and 9 rows
+    "$PY" -m pytest -q tests/test_nf4_cuda.py 2>&1 | tail -3
+    "$PY" benchmarks/kernel_probe.py --sweep nf4-cuda --rows 1,9 --configs \
+        "layout=1;layout=1,depth=4,minb=3;layout=1,depth=2;probe=1;layout=1,probe=1" \
+        > "$OUT/kernel_probe-layout.json" 2> "$OUT/kernel_probe-layout.log"
     exit 0
 fi
 if [[ $WHAT == nf4-stalls ]]; then   # why the NF4 kernel waits: stall reasons, bank conflicts, L2 requests vs sectors

@@ -180,6 +180,7 @@ def cuda_sweep(configs_list=None, rows_list=(1, 2, 5, 9, 16, 17)):
         scales = [nf4_cuda.tile_absmax(absmax, n, k) for _ in range(copies)]
         cores = L.Weight(n, k, packed=packed, absmax=absmax, code=code)
         rows_ws = [L.Weight(n, k, packed=p, absmax=absmax.clone(), code=code, nf4_kernel="rows") for p in packs]
+        tiled = None
         dense_copies = max(2, -(-160 * 2**20 // (2 * n * k)))
         denses = [L.Weight(n, k, dense=w.clone()) for _ in range(dense_copies)]
         for rows in rows_list:
@@ -188,9 +189,12 @@ def cuda_sweep(configs_list=None, rows_list=(1, 2, 5, 9, 16, 17)):
             for change in configs:
                 config = replace(nf4_cuda.CONFIG, **change)
                 splits, per = nf4_cuda.splits_for(n, k, config.programs)
+                if config.layout and tiled is None:       # the same weights, tile-major
+                    tiled = [nf4_cuda.tile_packed(p, n, k) for p in packs]
+                weights = tiled if config.layout else packs
                 out = torch.empty((splits, rows, n), dtype=torch.float32, device="cuda")
                 try:
-                    ms = graph_ms(lambda c: nf4_cuda.partials(x, packs[c], scales[c], cores.pairs[x.dtype], n, k, out,
+                    ms = graph_ms(lambda c: nf4_cuda.partials(x, weights[c], scales[c], cores.pairs[x.dtype], n, k, out,
                                                               per, config), copies)
                     gbs = cores.bytes_read() / ms / 1e6
                 except Exception as exc:  # noqa: BLE001 - a config that fails is reported, not fatal

@@ -77,9 +77,9 @@ def test_partials_are_right_and_row_invariant(dtype, shape):
 @cuda
 @pytest.mark.parametrize("shape", [(256, 4096), (4096, 11008), (40, 320)])
 def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
-    """`Config.depth` and `xring` change only how far ahead each warp loads and `Config.tiles` only which
-    program computes a tile: their partials must equal the default's, bit for bit, for 1, 9 and 17 rows, a
-    partial tile and a short split."""
+    """`Config.depth` and `xring` change only how far ahead each warp loads, `Config.tiles` only which
+    program computes a tile and `layout` (tile-major weight bytes) only where a lane finds its bytes: their
+    partials must equal the default's, bit for bit, for 1, 9 and 17 rows, a partial tile and a short split."""
     from dataclasses import replace
     if nf4_cuda.unavailable_reason("cuda"):
         pytest.skip("NF4 CUDA kernel unavailable")
@@ -94,8 +94,21 @@ def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
         ring = torch.full((splits, rows, n), float("nan"), device="cuda")
         nf4_cuda.partials(x, packed, tiles, pairs, n, k, ring, per, replace(nf4_cuda.CONFIG, depth=3, xring=0, tiles=1))
         assert not ring.isnan().any()
-        for change in (dict(tiles=3), dict(depth=2), dict(depth=6, minb=3), dict(xring=1, minb=3)):
+        for change in (dict(tiles=3), dict(depth=2), dict(depth=6, minb=3), dict(xring=1, minb=3), dict(layout=1),
+                       dict(layout=1, depth=4, minb=3)):
             other = torch.full((splits, rows, n), float("nan"), device="cuda")
-            nf4_cuda.partials(x, packed, tiles, pairs, n, k, other, per, replace(nf4_cuda.CONFIG, **change))
+            weight = nf4_cuda.tile_packed(packed, n, k) if change.get("layout") else packed
+            nf4_cuda.partials(x, weight, tiles, pairs, n, k, other, per, replace(nf4_cuda.CONFIG, **change))
             assert torch.equal(ring, other), f"{rows} rows, {change}"
 
+
+
+def test_tile_packed_puts_a_blocks_16_rows_in_512_contiguous_bytes():
+    n, k = 20, 128
+    packed = torch.arange(n * k // 2, dtype=torch.int64).remainder(251).to(torch.uint8)
+    tiled = nf4_cuda.tile_packed(packed, n, k)
+    assert tiled.shape == (2, 2, 16, 32)
+    rows = packed.reshape(n, k // 2)
+    assert torch.equal(tiled[1, 1, 3], rows[16 + 3, 32:64])        # tile 1, block 1, row 3 of the tile
+    assert torch.equal(tiled[0, 0].reshape(-1)[32 * 5: 32 * 6], rows[5, :32])
+    assert not tiled[1, :, 4:].any()                               # rows past n are zeros
