@@ -24,6 +24,8 @@ pairs = nf4_cuda.pair_table(nf4.code_tensor("cuda"), torch.bfloat16)
 x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
 splits, _ = nf4_cuda.splits_for(n, k)
 out = torch.empty((splits, rows, n), device="cuda")
+if nf4_cuda.CONFIG.layout:
+    packed = nf4_cuda.tile_packed(packed, n, k)
 for _ in range(5):
     nf4_cuda.partials(x, packed, tiles, pairs, n, k, out)
 torch.cuda.synchronize()

@@ -396,3 +396,34 @@ def test_dense_splits_fill_an_h200_evenly():
     assert [balanced_splits(tiles, k_blocks, 132) for tiles, k_blocks in
             ((64, 32), (64, 86), (500, 32), (192, 32), (344, 32))] == [4, 4, 1, 4, 3]
     assert balanced_splits(10, 1, 132) == 1                     # never more splits than K blocks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes NF4 needs CUDA")
+@pytest.mark.parametrize("kind", ["eventgpt", "videollava"])
+def test_prefill_reads_tile_major_nf4_bytes_as_bitsandbytes_did(kind):
+    """The exact step lays the NF4 bytes out tile-major; transformers' forward (prefill) then dequantizes
+    them itself and must give bitsandbytes' logits bit for bit. A second step model over the same modules
+    (a grown KV cache) reuses the tile-major weights and decodes the same tokens."""
+    pytest.importorskip("bitsandbytes")
+    from workers.engine.kernels import nf4_cuda
+    from workers.models.synthetic import synthetic_model, synthetic_prefill_inputs
+    lm = synthetic_model(kind, size="tiny-test", precision="nf4", device="cuda", seed=3)
+    prompt, prompt_len = synthetic_prefill_inputs(lm)
+    with torch.inference_mode():
+        before = lm.model(**prompt).logits.clone()
+    step = ExactStepModel(lm.model, max_cache_len=prompt_len + 40, buckets=(1, 2, 5))
+    qkv = step.layers_w[0].qkv
+    if not qkv.tensor_cores:
+        pytest.skip(f"NF4 CUDA kernel unavailable: {qkv.nf4_kernel_note}")
+    assert qkv.tile_major == bool(nf4_cuda.CONFIG.layout)
+    with torch.inference_mode():
+        after = lm.model(**prompt).logits
+    assert torch.equal(after, before)
+    engine = TokenEngine(step)
+    engine.start(prompt)
+    tokens = [engine.step() for _ in range(8)]
+    again = ExactStepModel(lm.model, max_cache_len=prompt_len + 80, buckets=(1, 2, 5))
+    assert again.layers_w[0].qkv is qkv
+    engine2 = TokenEngine(again)
+    engine2.start(prompt)
+    assert [engine2.step() for _ in range(8)] == tokens

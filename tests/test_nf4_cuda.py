@@ -59,9 +59,11 @@ def test_partials_are_right_and_row_invariant(dtype, shape):
     splits, _ = nf4_cuda.splits_for(n, k)
     x = torch.randn(33, k, generator=gen).to("cuda", dtype)
 
+    weight = nf4_cuda.tile_packed(packed, n, k) if nf4_cuda.CONFIG.layout else packed
+
     def run(rows):
         out = torch.full((splits, rows, n), float("nan"), device="cuda")
-        return nf4_cuda.partials(x[:rows].contiguous(), packed, tiles, pairs, n, k, out)
+        return nf4_cuda.partials(x[:rows].contiguous(), weight, tiles, pairs, n, k, out)
 
     full = run(33)
     assert not full.isnan().any()
@@ -79,7 +81,8 @@ def test_partials_are_right_and_row_invariant(dtype, shape):
 def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
     """`Config.depth` and `xring` change only how far ahead each warp loads, `Config.tiles` only which
     program computes a tile and `layout` (tile-major weight bytes) only where a lane finds its bytes: their
-    partials must equal the default's, bit for bit, for 1, 9 and 17 rows, a partial tile and a short split."""
+    partials must equal bitsandbytes' row-major layout's, bit for bit, for 1, 9 and 17 rows, a partial tile
+    and a short split."""
     from dataclasses import replace
     if nf4_cuda.unavailable_reason("cuda"):
         pytest.skip("NF4 CUDA kernel unavailable")
@@ -92,10 +95,12 @@ def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
     for rows in (1, 9, 17):
         x = torch.randn(rows, k, generator=gen).to("cuda", torch.bfloat16)
         ring = torch.full((splits, rows, n), float("nan"), device="cuda")
-        nf4_cuda.partials(x, packed, tiles, pairs, n, k, ring, per, replace(nf4_cuda.CONFIG, depth=3, xring=0, tiles=1))
+        nf4_cuda.partials(x, packed, tiles, pairs, n, k, ring, per,
+                          replace(nf4_cuda.CONFIG, depth=3, xring=0, tiles=1, layout=0))
         assert not ring.isnan().any()
-        for change in (dict(tiles=3), dict(depth=2), dict(depth=6, minb=3), dict(xring=1, minb=3), dict(layout=1),
-                       dict(layout=1, depth=4, minb=3)):
+        for change in (dict(tiles=3, layout=0), dict(depth=2, layout=0), dict(depth=6, minb=3, layout=0),
+                       dict(xring=1, minb=3, layout=0), dict(layout=1), dict(layout=1, depth=2),
+                       dict(layout=1, depth=4, minb=3), dict(layout=1, tiles=3)):
             other = torch.full((splits, rows, n), float("nan"), device="cuda")
             weight = nf4_cuda.tile_packed(packed, n, k) if change.get("layout") else packed
             nf4_cuda.partials(x, weight, tiles, pairs, n, k, other, per, replace(nf4_cuda.CONFIG, **change))
@@ -112,3 +117,42 @@ def test_tile_packed_puts_a_blocks_16_rows_in_512_contiguous_bytes():
     assert torch.equal(tiled[1, 1, 3], rows[16 + 3, 32:64])        # tile 1, block 1, row 3 of the tile
     assert torch.equal(tiled[0, 0].reshape(-1)[32 * 5: 32 * 6], rows[5, :32])
     assert not tiled[1, :, 4:].any()                               # rows past n are zeros
+
+
+@cuda
+def test_dequantize_tiled_rounds_as_bitsandbytes_dequantization():
+    """The prefill's weights from tile-major bytes are bitsandbytes' own dequantized weights, bit for bit,
+    for any rows of a stacked weight (row ranges that do not start or end on a tile)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from workers.engine.kernels.nf4_dequant import dequantize_tiled
+    n, k = 72, 512
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    q, state = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    want = bnb.functional.dequantize_4bit(q, state)
+    packed = q.reshape(-1)
+    tiled = nf4_cuda.tile_packed(packed, n, k)
+    absmax = nf4_cuda.tile_absmax(state.absmax.float(), n, k)
+    got = dequantize_tiled(tiled, absmax, state.code, 0, n, k, torch.bfloat16)
+    assert torch.equal(got, want)
+    assert torch.equal(dequantize_tiled(tiled, absmax, state.code, 21, 30, k, torch.bfloat16), want[21:51])
+
+
+@pytest.mark.parametrize("shape", [(40, 320), (72, 512)])
+def test_dequantize_tiled_gives_the_row_major_dequantization(shape):
+    """The tile-major bytes dequantize to the rows `nf4.dequantize` gives from bitsandbytes' own layout (code ·
+    absmax in float32, rounded to bf16), for the whole weight and for rows not aligned to tiles."""
+    from workers.engine.kernels import usable_on
+    from workers.engine.kernels.nf4_dequant import dequantize_tiled
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not usable_on(device):
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    n, k = shape
+    packed, absmax = nf4.quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(n)))
+    want = nf4.dequantize(packed, absmax, n, k, torch.bfloat16).to(device)
+    tiled = nf4_cuda.tile_packed(packed.to(device), n, k)
+    scales = nf4_cuda.tile_absmax(absmax.to(device), n, k)
+    code = nf4.code_tensor(device)
+    assert torch.equal(dequantize_tiled(tiled, scales, code, 0, n, k, torch.bfloat16), want)
+    assert torch.equal(dequantize_tiled(tiled, scales, code, 5, 30, k, torch.bfloat16), want[5:35])
+    with pytest.raises(ValueError, match="outside"):
+        dequantize_tiled(tiled, scales, code, n - 3, 20, k, torch.bfloat16)

@@ -13,6 +13,7 @@ the kernels; two different GPUs, or this step against transformers' own forward,
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -59,6 +60,13 @@ def _stack(modules, nf4_kernel: str = "auto") -> Weight:
             mod.weight.data = dense[offset: offset + mod.out_features]
             offset += mod.out_features
         return Weight(n, k, dense=dense)
+    earlier = getattr(modules[0], "_eventspec_tile_major", None)
+    if earlier is not None:     # a step model built before over these modules laid their bytes out tile-major
+        weight, _ = earlier
+        if [getattr(m, "_eventspec_tile_major", (None,))[0] is weight for m in modules] != [True] * len(modules) \
+                or weight.n != n:
+            raise ValueError("these NF4 modules were stacked differently by an earlier exact step")
+        return weight
     parts = [nf4.unpack_bnb(m.weight) for m in modules]
     packed = torch.cat([p for p, _, _ in parts]).contiguous()
     absmax = torch.cat([a for _, a, _ in parts]).contiguous()
@@ -67,7 +75,30 @@ def _stack(modules, nf4_kernel: str = "auto") -> Weight:
         # bitsandbytes keeps reading its own parameter (prefill): make it a view of the stacked bytes
         mod.weight.data = packed[offset: offset + p.numel()].view(mod.weight.data.shape)
         offset += p.numel()
-    return Weight(n, k, packed=packed, absmax=absmax, code=parts[0][2], nf4_kernel=nf4_kernel)
+    weight = Weight(n, k, packed=packed, absmax=absmax, code=parts[0][2], nf4_kernel=nf4_kernel)
+    if weight.tile_major:
+        _read_tile_major(modules, weight)
+    return weight
+
+
+def _tile_major_forward(x: torch.Tensor, *, weight: Weight, row0: int, rows: int) -> torch.Tensor:
+    """A stacked NF4 module's forward once its bytes are tile-major: its rows dequantized as bitsandbytes
+    rounds them, then one dense matmul (what bitsandbytes' 4-bit forward does for more than one row)."""
+    return torch.nn.functional.linear(x, weight.dense_rows(row0, rows, x.dtype))
+
+
+def _read_tile_major(modules, weight: Weight) -> None:
+    """The step laid the stacked bytes out tile-major (`nf4_cuda.tile_packed`), so bitsandbytes can no longer
+    read them: each module's forward (transformers' prefill, `hf-generate`) dequantizes its own rows of the
+    stacked weight instead, and its parameter becomes a flat view of the tile-major bytes (no copy is kept)."""
+    flat = weight.packed.reshape(-1)
+    row0 = 0
+    for mod in modules:
+        size = mod.weight.data.numel()
+        mod.weight.data = flat[:size].view(mod.weight.data.shape)      # same size; its contents are not read
+        mod.forward = functools.partial(_tile_major_forward, weight=weight, row0=row0, rows=mod.out_features)
+        mod._eventspec_tile_major = (weight, row0)
+        row0 += mod.out_features
 
 
 class ExactStepModel(CudaGraphStepModel):

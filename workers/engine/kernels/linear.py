@@ -336,6 +336,7 @@ class Weight:
         if self.packed is not None and self.k % NF4_BLOCK:
             raise ValueError(f"NF4 weights need K divisible by {NF4_BLOCK}; got K = {self.k}")
         self.tensor_cores = False           # NF4 on nf4_cuda.py's kernel
+        self.tile_major = False             # NF4 bytes re-laid out by nf4_cuda.tile_packed
         self.nf4_kernel_note = None         # why not, when an NF4 weight could not use it
         if self.nf4:
             self._choose_nf4_kernel()
@@ -370,6 +371,12 @@ class Weight:
         self.pairs = {dtype: nf4_cuda.pair_table(self.code, dtype) for dtype in (torch.bfloat16, torch.float16)}
         # only the kernel's tiled layout is kept (nf4_cuda.tile_absmax); `absmax` then holds that
         self.absmax = nf4_cuda.tile_absmax(self.absmax, self.n, self.k)
+        # and, where `nf4_cuda.Config.layout` says so (the default), the bytes tile-major (`tile_packed`): a
+        # warp's load is 256 contiguous bytes. Whoever else reads them (transformers' prefill through
+        # bitsandbytes) must then read the tile-major form: `exact._stack` re-points the modules
+        self.tile_major = bool(nf4_cuda.CONFIG.layout)
+        if self.tile_major:
+            self.packed = nf4_cuda.tile_packed(self.packed, self.n, self.k)
 
     @property
     def nf4(self) -> bool:
@@ -404,7 +411,14 @@ class Weight:
             return self.packed, self.absmax, self.code
         return self.dense, x, x          # unused pointers
 
+    def dense_rows(self, row0: int, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows row0 .. row0 + rows - 1 as a dense weight of `dtype` (a tile-major NF4 weight; prefill)."""
+        from .nf4_dequant import dequantize_tiled
+        return dequantize_tiled(self.packed, self.absmax, self.code, row0, rows, self.k, dtype)
+
     def bytes_read(self) -> int:
+        if self.nf4 and self.tile_major:
+            return self.n * self.k // 2 + 4 * self.absmax.numel()
         if self.nf4:
             return self.packed.numel() + 4 * self.absmax.numel()
         return self.dense.numel() * self.dense.element_size()
