@@ -31,10 +31,10 @@ def _dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, row0, rows, K, KB
     scale = tl.load(absmax_ptr + ((tile * KB + b) * 8 + in_tile % 8) * 2 + in_tile // 8, mask=ok, other=0.0)
     high = tl.load(code_ptr + (byte >> 4)) * scale[:, None]
     low = tl.load(code_ptr + (byte & 15)) * scale[:, None]
-    col = b * 64 + 2 * j
+    values = tl.interleave(high, low)                                 # columns 2j, 2j + 1: one 64-value row
+    col = b * 64 + tl.arange(0, 64)
     dst = out_ptr + r[:, None].to(tl.int64) * K + col[None, :]
-    tl.store(dst, cast(high, out_ptr.dtype.element_ty, INTERPRET), mask=ok[:, None])
-    tl.store(dst + 1, cast(low, out_ptr.dtype.element_ty, INTERPRET), mask=ok[:, None])
+    tl.store(dst, cast(values, out_ptr.dtype.element_ty, INTERPRET), mask=ok[:, None])
 
 
 def dequantize_tiled(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, row0: int, rows: int,
