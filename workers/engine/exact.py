@@ -4,7 +4,9 @@ rows, any bucket) or as one row of a rebase — the property lossless speculativ
 
 Owns: reading the decoder's weights once into the form the kernels take (q/k/v and gate/up stacked so each
 layer runs four matmuls; NF4 weights stay packed, their double-quantized absmax expanded to float32; the
-modules' own parameters become views of the stacked tensors, so no weight is held twice) and the step
+modules' own parameters become views of the stacked tensors, so no weight is held twice; NF4 bytes that
+the tensor-core kernel takes tile-major are read by the modules' prefill through their own dequantization)
+and the step
 body (`_compute`) that `CudaGraphStepModel` captures per bucket. Prefill stays transformers' path; its K/V
 land in the same static cache the step reads, and the first answer token comes from prefill in every mode.
 
