@@ -98,7 +98,11 @@ def _read_tile_major(modules, weight: Weight) -> None:
     for mod in modules:
         size = mod.weight.data.numel()
         mod.weight.data = flat[:size].view(mod.weight.data.shape)      # same size; its contents are not read
-        mod.forward = functools.partial(_tile_major_forward, weight=weight, row0=row0, rows=mod.out_features)
+        forward = functools.partial(_tile_major_forward, weight=weight, row0=row0, rows=mod.out_features)
+        if hasattr(mod, "_old_forward"):     # accelerate's hooks wrap `forward` and call this one
+            mod._old_forward = forward
+        else:
+            mod.forward = forward
         mod._eventspec_tile_major = (weight, row0)
         row0 += mod.out_features
 
