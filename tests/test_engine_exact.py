@@ -429,10 +429,11 @@ def test_prefill_reads_tile_major_nf4_bytes_as_bitsandbytes_did(kind):
     assert [engine2.step() for _ in range(8)] == tokens
 
 
-def test_tile_major_modules_compute_their_own_rows_and_are_stacked_once():
+def test_tile_major_modules_compute_their_own_rows_and_are_stacked_once(monkeypatch):
     """Once a stacked NF4 weight is tile-major, each module's forward (transformers' prefill) multiplies by
     its own rows dequantized from the stacked bytes, and stacking the same modules again (a step model
     rebuilt for a larger cache) returns the same weight instead of reading the bytes as bitsandbytes' rows."""
+    from workers.engine import exact as exact_module
     from workers.engine.exact import _read_tile_major, _stack
     from workers.engine.kernels import nf4_cuda
 
@@ -463,9 +464,12 @@ def test_tile_major_modules_compute_their_own_rows_and_are_stacked_once():
     weight.packed, weight.tile_major = nf4_cuda.tile_packed(packed, n, k), True
     _read_tile_major(modules, weight)
     x = torch.randn(3, k, generator=gen).to(torch.bfloat16)
-    for mod, (p, a) in zip(modules, parts):
-        rows = nf4.dequantize(p, a, mod.out_features, k, torch.bfloat16)
-        assert torch.equal(mod(x), torch.nn.functional.linear(x, rows))
+    for policy in ("stack", "module"):          # the whole stack dequantized once, or each module's rows
+        monkeypatch.setattr(exact_module, "PREFILL_DEQUANT", policy)
+        for mod, (p, a) in zip(modules, parts):
+            rows = nf4.dequantize(p, a, mod.out_features, k, torch.bfloat16)
+            assert torch.equal(mod(x), torch.nn.functional.linear(x, rows)), policy
+    exact_module.release_dense()
     assert _stack(modules) is weight
     with pytest.raises(ValueError, match="stacked differently"):
         _stack(modules[:2])
