@@ -429,11 +429,10 @@ def test_prefill_reads_tile_major_nf4_bytes_as_bitsandbytes_did(kind):
     assert [engine2.step() for _ in range(8)] == tokens
 
 
-def test_tile_major_modules_compute_their_own_rows_and_are_stacked_once(monkeypatch):
+def test_tile_major_modules_compute_their_own_rows_and_are_stacked_once():
     """Once a stacked NF4 weight is tile-major, each module's forward (transformers' prefill) multiplies by
     its own rows dequantized from the stacked bytes, and stacking the same modules again (a step model
     rebuilt for a larger cache) returns the same weight instead of reading the bytes as bitsandbytes' rows."""
-    from workers.engine import exact as exact_module
     from workers.engine.exact import _read_tile_major, _stack
     from workers.engine.kernels import nf4_cuda
 
@@ -448,28 +447,25 @@ def test_tile_major_modules_compute_their_own_rows_and_are_stacked_once(monkeypa
     dense = [torch.randn(n, k, generator=gen) for n in sizes]
     modules, parts = [], []
     for w in dense:
-        packed, absmax = nf4.quantize(w)
-        mod = torch.nn.Linear(k, w.shape[0], bias=False)
+        packed, absmax = (t.to(DEVICE) for t in nf4.quantize(w))
+        mod = torch.nn.Linear(k, w.shape[0], bias=False, device=DEVICE)
         param = Params4bit(packed.reshape(-1, 1), requires_grad=False)
         param.quant_state = QuantState()
-        param.quant_state.absmax, param.quant_state.code = absmax, nf4.code_tensor("cpu")
+        param.quant_state.absmax, param.quant_state.code = absmax, nf4.code_tensor(DEVICE)
         mod.weight = param
         modules.append(mod)
         parts.append((packed, absmax))
     n = sum(sizes)
     packed = torch.cat([p for p, _ in parts])
-    weight = Weight(n, k, packed=packed, absmax=torch.cat([a for _, a in parts]), code=nf4.code_tensor("cpu"),
+    weight = Weight(n, k, packed=packed, absmax=torch.cat([a for _, a in parts]), code=nf4.code_tensor(DEVICE),
                     nf4_kernel="rows")
     weight.absmax = nf4_cuda.tile_absmax(weight.absmax, n, k)     # what the tensor-core path keeps
     weight.packed, weight.tile_major = nf4_cuda.tile_packed(packed, n, k), True
     _read_tile_major(modules, weight)
-    x = torch.randn(3, k, generator=gen).to(torch.bfloat16)
-    for policy in ("stack", "module"):          # the whole stack dequantized once, or each module's rows
-        monkeypatch.setattr(exact_module, "PREFILL_DEQUANT", policy)
-        for mod, (p, a) in zip(modules, parts):
-            rows = nf4.dequantize(p, a, mod.out_features, k, torch.bfloat16)
-            assert torch.equal(mod(x), torch.nn.functional.linear(x, rows)), policy
-    exact_module.release_dense()
+    x = torch.randn(3, k, generator=gen).to(DEVICE, torch.bfloat16)
+    for mod, (p, a) in zip(modules, parts):
+        rows = nf4.dequantize(p, a, mod.out_features, k, torch.bfloat16)
+        assert torch.equal(mod(x), torch.nn.functional.linear(x, rows))
     assert _stack(modules) is weight
     with pytest.raises(ValueError, match="stacked differently"):
         _stack(modules[:2])

@@ -193,12 +193,8 @@ class HFBackend(Backend):
         gen_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
         if eos_id < 0:
             gen_kwargs.update(min_new_tokens=max_new_tokens, eos_token_id=None)
-        from workers.engine.exact import release_dense
-        try:
-            with torch.inference_mode():
-                out = self.lm.model.generate(**kwargs, **gen_kwargs)
-        finally:
-            release_dense()          # tile-major NF4 modules keep their last dense stack while they run
+        with torch.inference_mode():
+            out = self.lm.model.generate(**kwargs, **gen_kwargs)
         n_in = kwargs["input_ids"].shape[1] if "input_ids" in kwargs and out.shape[1] > max_new_tokens else 0
         return [int(t) for t in out[0, n_in:]]
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -84,29 +83,12 @@ def _stack(modules, nf4_kernel: str = "auto") -> Weight:
     return weight
 
 
-# How a tile-major module's forward gets its dense rows (measurement knob): "stack" dequantizes the whole
-# stacked weight once for its modules (q, k, v or gate, up run one after another: 4 launches a layer, not 7;
-# the prefill is launch-bound on the CPU), "module" its own rows each time. The same values either way.
-PREFILL_DEQUANT = os.environ.get("EVENTSPEC_NF4_PREFILL", "stack")
-if PREFILL_DEQUANT not in ("stack", "module"):
-    raise ValueError(f"EVENTSPEC_NF4_PREFILL must be stack or module; got {PREFILL_DEQUANT!r}")
-_last_dense: list = []       # "stack": [weight, dtype, its dense rows] of the stack used last
-
-
-def release_dense() -> None:
-    """Drop the cached dense stack (after a prefill: the step never reads it)."""
-    _last_dense.clear()
-
-
 def _tile_major_forward(x: torch.Tensor, *, weight: Weight, row0: int, rows: int) -> torch.Tensor:
     """A stacked NF4 module's forward once its bytes are tile-major: its rows dequantized as bitsandbytes
-    rounds them, then one dense matmul (what bitsandbytes' 4-bit forward does for more than one row)."""
-    if PREFILL_DEQUANT == "module":
-        return torch.nn.functional.linear(x, weight.dense_rows(row0, rows, x.dtype))
-    if not _last_dense or _last_dense[0] is not weight or _last_dense[1] != x.dtype:
-        _last_dense[:] = [weight, x.dtype, None]             # one stack's dense weight at a time
-        _last_dense[2] = weight.dense_rows(0, weight.n, x.dtype)
-    return torch.nn.functional.linear(x, _last_dense[2][row0: row0 + rows])
+    rounds them, then one dense matmul (what bitsandbytes' 4-bit forward does for more than one row).
+    Dequantizing a whole stack once for its modules (4 launches a layer instead of 7) measured no faster
+    on an H200: a prefill of 51.6 vs 47.6 ms (BENCHMARKS.md, fifth session)."""
+    return torch.nn.functional.linear(x, weight.dense_rows(row0, rows, x.dtype))
 
 
 def _read_tile_major(modules, weight: Weight) -> None:
@@ -161,10 +143,7 @@ class ExactStepModel(CudaGraphStepModel):
             torch.cuda.empty_cache()
 
     def prefill(self, prompt):
-        try:
-            out = super().prefill(prompt)
-        finally:
-            release_dense()
+        out = super().prefill(prompt)
         with torch.inference_mode():
             self._valid_u8.copy_(self._valid)
         return out
