@@ -98,6 +98,16 @@ def timings(step, prompt, repeats: int) -> dict:
     return out
 
 
+def kernels_by_time(prof, per: int, top: int) -> tuple[float, list[dict]]:
+    """(GPU ms of every kernel, the `top` kernel names by GPU time) of a torch.profiler run over `per` repeats,
+    per repeat."""
+    kernels = [(e.key, e.device_time_total / 1e3 / per, e.count / per) for e in prof.key_averages()
+               if getattr(e, "device_time_total", 0) > 0]
+    kernels.sort(key=lambda item: -item[1])
+    return (sum(ms for _, ms, _ in kernels),
+            [{"name": name[:90], "ms": ms, "calls": calls} for name, ms, calls in kernels[:top]])
+
+
 def kernel_profile(step, prompt, rows: int, steps: int = 5, top: int = 12) -> dict:
     """GPU time per kernel name in a step of `rows` rows (torch.profiler over `steps` graph replays): where
     a step's time goes, and how much of the wall time no kernel runs (launch gaps)."""
@@ -112,12 +122,8 @@ def kernel_profile(step, prompt, rows: int, steps: int = 5, top: int = 12) -> di
             step.forward([5] * rows)
         wall_ms = (time.monotonic_ns() - t0) / 1e6 / steps
     step.crop(base)
-    kernels = [(e.key, e.device_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()
-               if getattr(e, "device_time_total", 0) > 0]
-    busy = sum(ms for _, ms, _ in kernels)
-    kernels.sort(key=lambda item: -item[1])
-    return {"rows": rows, "wall_ms_profiled": wall_ms, "kernel_ms": busy,
-            "kernels": [{"name": name[:90], "ms": ms, "calls": calls} for name, ms, calls in kernels[:top]]}
+    busy, kernels = kernels_by_time(prof, steps, top)
+    return {"rows": rows, "wall_ms_profiled": wall_ms, "kernel_ms": busy, "kernels": kernels}
 
 
 def prefill_profile(step, prompt, repeats: int = 5, top: int = 15) -> dict:
@@ -137,11 +143,8 @@ def prefill_profile(step, prompt, repeats: int = 5, top: int = 15) -> dict:
         t0 = time.monotonic_ns()
         once()
         wall_profiled = (time.monotonic_ns() - t0) / 1e6
-    kernels = [(e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages()
-               if getattr(e, "device_time_total", 0) > 0]
-    kernels.sort(key=lambda item: -item[1])
-    return {"prefill_ms": wall, "wall_ms_profiled": wall_profiled, "kernel_ms": sum(ms for _, ms, _ in kernels),
-            "kernels": [{"name": name[:90], "ms": ms, "calls": calls} for name, ms, calls in kernels[:top]]}
+    busy, kernels = kernels_by_time(prof, 1, top)
+    return {"prefill_ms": wall, "wall_ms_profiled": wall_profiled, "kernel_ms": busy, "kernels": kernels}
 
 
 def bench_one(kind: str, precision: str, repeats: int, tbs: float | None, copy_tbs: float, size: str = "7b",

@@ -107,7 +107,6 @@ def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
             assert torch.equal(ring, other), f"{rows} rows, {change}"
 
 
-
 def test_tile_packed_puts_a_blocks_16_rows_in_512_contiguous_bytes():
     n, k = 20, 128
     packed = torch.arange(n * k // 2, dtype=torch.int64).remainder(251).to(torch.uint8)

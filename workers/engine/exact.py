@@ -64,11 +64,9 @@ def _stack(modules, nf4_kernel: str = "auto") -> Weight:
         return Weight(n, k, dense=dense)
     earlier = getattr(modules[0], "_eventspec_tile_major", None)
     if earlier is not None:     # a step model built before over these modules laid their bytes out tile-major
-        weight, _ = earlier
-        if [getattr(m, "_eventspec_tile_major", (None,))[0] is weight for m in modules] != [True] * len(modules) \
-                or weight.n != n:
+        if earlier.n != n or not all(getattr(m, "_eventspec_tile_major", None) is earlier for m in modules):
             raise ValueError("these NF4 modules were stacked differently by an earlier exact step")
-        return weight
+        return earlier
     parts = [nf4.unpack_bnb(m.weight) for m in modules]
     packed = torch.cat([p for p, _, _ in parts]).contiguous()
     absmax = torch.cat([a for _, a, _ in parts]).contiguous()
@@ -105,7 +103,7 @@ def _read_tile_major(modules, weight: Weight) -> None:
             mod._old_forward = forward
         else:
             mod.forward = forward
-        mod._eventspec_tile_major = (weight, row0)
+        mod._eventspec_tile_major = weight
         row0 += mod.out_features
 
 

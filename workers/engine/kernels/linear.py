@@ -417,10 +417,8 @@ class Weight:
         return dequantize_tiled(self.packed, self.absmax, self.code, row0, rows, self.k, dtype)
 
     def bytes_read(self) -> int:
-        if self.nf4 and self.tile_major:
+        if self.nf4:        # the weight's own bytes (a tile-major copy's padding rows are not the weight's)
             return self.n * self.k // 2 + 4 * self.absmax.numel()
-        if self.nf4:
-            return self.packed.numel() + 4 * self.absmax.numel()
         return self.dense.numel() * self.dense.element_size()
 
 

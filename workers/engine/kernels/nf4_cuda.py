@@ -365,7 +365,7 @@ def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True) -> tup
     (else at most 8: no second MMA, no loads of x rows 8–15; a row's arithmetic is the same in both)."""
     kind = _MMA_TYPE[dtype]
     name = (f"eventspec_nf4_partials_{kind}_d{config.depth}x{config.xring}m{config.minb}r{1 + two}"
-            + (f"p{config.probe}" if config.probe else "") + ("t" if config.layout else "") )
+            + (f"p{config.probe}" if config.probe else "") + ("t" if config.layout else ""))
     text = (SOURCE.replace("DEPTH_VALUE", str(config.depth)).replace("XRING_VALUE", str(config.xring))
             .replace("PROBE_VALUE", str(config.probe))
             .replace("TWO_VALUE", str(int(two))).replace("TILED_VALUE", str(int(bool(config.layout))))
@@ -459,8 +459,8 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
         raise ValueError(f"expected float32 partials of shape {(splits, m, n)}; got {tuple(out.shape)} {out.dtype}")
     if absmax.shape != (-(-n // 16), k // 64, 8, 2):
         raise ValueError(f"absmax must come from tile_absmax: shape {(-(-n // 16), k // 64, 8, 2)}; got {tuple(absmax.shape)}")
-    want = (-(-n // 16), k // 64, 16, 32) if config.layout else None
-    if want is not None and tuple(packed.shape) != want:
+    want = (-(-n // 16), k // 64, 16, 32)
+    if config.layout and tuple(packed.shape) != want:
         raise ValueError(f"Config.layout=1 reads tile_packed weights of shape {want}; got {tuple(packed.shape)}")
     if x.data_ptr() % 16 or packed.data_ptr() % 8:
         raise ValueError("x must be 16-byte aligned and the packed weight 8-byte aligned")
