@@ -1,6 +1,6 @@
 """The benchmark tools' pure parts, on made-up inputs: benchmarks/handover.py (a one-GPU round's hand-over,
-message by message, from a bench run's events) and benchmarks/nf4_sass.py (instructions per block of the
-NF4 kernel's SASS)."""
+message by message, from a bench run's events), benchmarks/nf4_sass.py (instructions per block of the
+NF4 kernel's SASS) and benchmarks/kernel_fit.py (launch time against bytes)."""
 from __future__ import annotations
 
 import pytest
@@ -51,3 +51,16 @@ def test_nf4_sass_counts_instructions_between_the_blocks_first_mmas():
     sass = "\n".join(line(i, text) for i, text in enumerate(["S2R R0, SR_TID.X"] + body * 3 + ["EXIT"]))
     assert block_lengths(sass) == [len(body), len(body)]
     assert block_lengths("no code") == []
+
+
+def test_kernel_fit_recovers_the_fixed_cost_and_the_rate_of_a_line():
+    """benchmarks/kernel_fit.py: µs = fixed + MB ÷ rate over the shapes of one variant; one layer is the sum."""
+    from benchmarks.kernel_fit import table
+    mb_us = {(4096, 4096): (10.0, 7.0), (12288, 4096): (30.0, 17.0), (22016, 4096): (50.0, 27.0)}   # 2 µs + MB/2
+    results = [dict(kind="bf16-mma", n=n, k=k, rows=1, ms=us / 1e3, gbs=mb / (us / 1e3))
+               for (n, k), (mb, us) in mb_us.items()]
+    results.append(dict(kind="bf16-mma", n=1, k=1, rows=9, ms=1.0, gbs=1.0))      # another row count: left out
+    (row,) = table(results, rows=1)
+    assert row["variant"] == "bf16-mma" and row["shapes"] == 3
+    assert row["fixed_us"] == pytest.approx(2.0) and row["marginal_tbs"] == pytest.approx(2.0)
+    assert row["layer_us"] == pytest.approx(51.0)

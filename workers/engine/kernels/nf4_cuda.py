@@ -17,8 +17,9 @@ streams ~1 TB/s on an H200. Here a packed byte becomes one MMA operand register 
 - The weight bytes are laid out tile-major once (`tile_packed`, `Config.layout`, the default): a block's 16
   rows of a tile are 512 contiguous bytes, so a warp's load of 8 rows is 256 contiguous bytes (two whole
   lines) instead of 8 pieces of 32 bytes in 8 lines of bitsandbytes' row-major bytes; 14–19 % faster a launch,
-  8–12 % a step on an H200 (BENCHMARKS.md, fifth session). The loads then stream at ~2.2 TB/s marginal, against
-  3.7 TB/s for the dense bf16 kernel: what still limits this kernel.
+  8–12 % a step on an H200 (BENCHMARKS.md, fifth session). The loads alone then stream at ~2.7 TB/s marginal
+  (2.2 row-major), against 3.8 TB/s for the dense bf16 kernel: what still limits this kernel
+  (`benchmarks/kernel_fit.py`).
 - A 64-value NF4 block is 4 MMAs into a zeroed accumulator, multiplied by the block's absmax (float32 FMA)
   and added to the running sum; so a weight is code · absmax with the code rounded to 16 bits, where
   bitsandbytes rounds code · absmax (the same quantized values; results agree to that rounding).
