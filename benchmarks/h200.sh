@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs of issues 10 and 11: a bf16 target beside an nf4 draft, random full-size weights
 # (--synthetic-weights 7b), DSEC-size inputs with mp4 decoding included, 10 samples, one GPU and two.
-#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|all]
+#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|step-ab|all]
 # two-gpu needs two GPUs of one host. Needs PyAV (writing and reading the mp4 clips), Triton (the exact
 # step) and bitsandbytes (nf4). Each part is one `coordinator bench` run; bench.json/bench.md are written
 # after every (placement, MPS) session, so a run cut short keeps what it finished. MPS=on,off adds the MPS
@@ -48,6 +48,19 @@ fi
 if [[ $WHAT == nf4-stalls ]]; then   # why the NF4 kernel waits: stall reasons, bank conflicts, L2 requests vs sectors
     ncu --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum,lts__t_requests_srcunit_tex.sum,lts__t_sectors_srcunit_tex.sum,dram__bytes_read.sum,gpu__time_duration.sum,sm__warps_active.avg.pct_of_peak_sustained_active" \
         -k regex:eventspec_nf4 -s 3 -c 1 "$PY" benchmarks/ncu_nf4_cuda.py > "$OUT/ncu-stalls.txt" 2>&1
+    exit 0
+fi
+if [[ $WHAT == step-ab ]]; then   # same call: the fused attention and NF4 layout 2 against what they replace
+    "$PY" -m pytest -q tests/test_nf4_cuda.py tests/test_engine_exact.py 2>&1 | tail -3
+    "$PY" benchmarks/kernel_probe.py --sweep nf4-cuda --rows 1,9 --configs \
+        "layout=1;layout=2;layout=2,depth=4,minb=3;layout=2,depth=2;layout=1,probe=1;layout=2,probe=1" \
+        > "$OUT/kernel_probe-layout2.json" 2> "$OUT/kernel_probe-layout2.log"
+    for ab in "two-pass 1 bf16,nf4" "fused 1 bf16,nf4" "fused 2 nf4"; do
+        read -r attention layout precisions <<< "$ab"
+        EVENTSPEC_ATTENTION=$attention EVENTSPEC_NF4_CUDA=layout=$layout "$PY" benchmarks/step_bench.py \
+            --out "$OUT/step-$attention-layout$layout.json" --kinds eventgpt,videollava --precisions "$precisions" \
+            --repeats 9 --profile --no-previous | cut -c1-400
+    done
     exit 0
 fi
 if [[ $WHAT == attention ]]; then    # the attention's cache chunk length: programs per head vs merge work

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -213,7 +214,7 @@ def main() -> int:
     tbs = datasheet_tbs(name)
     copy_tbs = measured_copy_tbs(torch.device("cuda")) if device == "cuda" else 1.0
     report = {"device": name, "datasheet_tbs": tbs, "measured_copy_tbs": copy_tbs, "torch": torch.__version__,
-              "runs": []}
+              "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("EVENTSPEC_")}, "runs": []}
     for kind in args.kinds.split(","):
         for precision in args.precisions.split(","):
             t0 = time.monotonic_ns()

@@ -216,19 +216,27 @@ def test_fused_layer_kernels_are_row_invariant_and_right(quantized, monkeypatch)
     assert not keys[0, :start].any() and not keys[0, start + 9:].any()
 
 
-@pytest.mark.parametrize("split_len", [128, 64])
-def test_attention_is_row_invariant_and_right(split_len, monkeypatch):
-    """Both the step's chunk length and a short one (EVENTSPEC_ATTENTION_SPLIT, 10 chunks merged)."""
-    from workers.engine.kernels import attention as attention_module
-    monkeypatch.setattr(attention_module, "SPLIT_LEN", split_len)
-    heads, kv_heads, d, slots, start = 4, 2, 32, 600, 530
+def _attention_inputs(start: int, heads=4, kv_heads=2, d=32, slots=600, dtype=torch.bfloat16):
+    """A cache of `slots` positions (the first 3 prompt padding), 33 query rows, row 0 at `start`."""
     gen = torch.Generator().manual_seed(7)
-    keys = torch.randn(kv_heads, slots, d, generator=gen).to(DEVICE, torch.bfloat16)
-    values = torch.randn(kv_heads, slots, d, generator=gen).to(DEVICE, torch.bfloat16)
+    keys = torch.randn(kv_heads, slots, d, generator=gen).to(DEVICE, dtype)
+    values = torch.randn(kv_heads, slots, d, generator=gen).to(DEVICE, dtype)
     valid = torch.ones(slots, dtype=torch.uint8, device=DEVICE)
     valid[:3] = 0                        # left padding of the prompt
-    q = torch.randn(33, heads * d, generator=gen).to(DEVICE, torch.bfloat16)
-    where = torch.tensor([start], device=DEVICE)
+    q = torch.randn(33, heads * d, generator=gen).to(DEVICE, dtype)
+    return q, keys, values, valid, torch.tensor([start], device=DEVICE)
+
+
+@pytest.mark.parametrize("mode", ["fused", "two-pass"])
+@pytest.mark.parametrize("split_len", [128, 64])
+def test_attention_is_row_invariant_and_right(split_len, mode, monkeypatch):
+    """Both the step's chunk length and a short one (EVENTSPEC_ATTENTION_SPLIT, 10 chunks merged), in one
+    launch and in two (EVENTSPEC_ATTENTION)."""
+    from workers.engine.kernels import attention as attention_module
+    monkeypatch.setattr(attention_module, "SPLIT_LEN", split_len)
+    monkeypatch.setattr(attention_module, "MODE", mode)
+    heads, kv_heads, d, slots, start = 4, 2, 32, 600, 530
+    q, keys, values, valid, where = _attention_inputs(start, heads, kv_heads, d, slots)
     out = _rows_invariant(lambda t: attention(t, keys, values, valid, where), q)
     qf = q.double().view(33, heads, d)
     kf = keys.double().repeat_interleave(heads // kv_heads, 0)
@@ -238,6 +246,34 @@ def test_attention_is_row_invariant_and_right(split_len, monkeypatch):
     see = (torch.arange(slots, device=DEVICE)[None] <= pos[:, None]) & valid.bool()[None]
     ref = torch.einsum("hms,hsd->mhd", scores.masked_fill(~see[None], float("-inf")).softmax(-1), vf)
     assert (out.double() - ref.reshape(33, -1)).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 9, 33])
+def test_fused_attention_matches_two_pass_bit_for_bit(rows, dtype, monkeypatch):
+    """Row 0 at 300 with 64-slot chunks: both row tiles reach 6 of the 10 chunks, so the fused merge leaves 4
+    out (their programs do nothing) where the combine adds their zeros; the bits must not move. float32
+    output shows every bit of the merge, which bf16 rounding hides."""
+    from workers.engine.kernels import attention as attention_module
+    monkeypatch.setattr(attention_module, "SPLIT_LEN", 64)
+    q, keys, values, valid, where = _attention_inputs(300, dtype=dtype)
+    q = q[:rows].contiguous()
+    outs = {}
+    for mode in ("fused", "two-pass"):
+        monkeypatch.setattr(attention_module, "MODE", mode)
+        outs[mode] = attention(q, keys, values, valid, where)
+    assert torch.equal(outs["fused"], outs["two-pass"])
+
+
+def test_fused_attention_leaves_its_tickets_at_zero(monkeypatch):
+    """A launch must hand the next one (next layer, graph replay) zeroed tickets, and run again the same."""
+    from workers.engine.kernels import attention as attention_module
+    monkeypatch.setattr(attention_module, "MODE", "fused")
+    q, keys, values, valid, where = _attention_inputs(530)
+    first = attention(q, keys, values, valid, where)
+    tickets = attention_module.ticket_buffer(q.device, 1)
+    assert tickets.numel() >= 4 * 2 and not tickets.any()      # 4 heads × 2 row tiles
+    assert torch.equal(attention(q, keys, values, valid, where), first)
 
 
 def test_rmsnorm():
@@ -460,7 +496,7 @@ def test_tile_major_modules_compute_their_own_rows_and_are_stacked_once():
     weight = Weight(n, k, packed=packed, absmax=torch.cat([a for _, a in parts]), code=nf4.code_tensor(DEVICE),
                     nf4_kernel="rows")
     weight.absmax = nf4_cuda.tile_absmax(weight.absmax, n, k)     # what the tensor-core path keeps
-    weight.packed, weight.tile_major = nf4_cuda.tile_packed(packed, n, k), True
+    weight.packed, weight.tile_major, weight.layout = nf4_cuda.tile_packed(packed, n, k, 2), True, 2
     _read_tile_major(modules, weight)
     x = torch.randn(3, k, generator=gen).to(DEVICE, torch.bfloat16)
     for mod, (p, a) in zip(modules, parts):
