@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs of issues 10 and 11: a bf16 target beside an nf4 draft, random full-size weights
 # (--synthetic-weights 7b), DSEC-size inputs with mp4 decoding included, 10 samples, one GPU and two.
-#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|step-ab|all]
+#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|attention-sweep|attention-ab|all]
 # two-gpu needs two GPUs of one host. Needs PyAV (writing and reading the mp4 clips), Triton (the exact
 # step) and bitsandbytes (nf4). Each part is one `coordinator bench` run; bench.json/bench.md are written
 # after every (placement, MPS) session, so a run cut short keeps what it finished. MPS=on,off adds the MPS
@@ -50,22 +50,23 @@ if [[ $WHAT == nf4-stalls ]]; then   # why the NF4 kernel waits: stall reasons, 
         -k regex:eventspec_nf4 -s 3 -c 1 "$PY" benchmarks/ncu_nf4_cuda.py > "$OUT/ncu-stalls.txt" 2>&1
     exit 0
 fi
-if [[ $WHAT == step-ab ]]; then   # same call: the fused attention and NF4 layout 2 against what they replace
-    "$PY" -m pytest -q tests/test_nf4_cuda.py tests/test_engine_exact.py 2>&1 | tail -3
-    "$PY" benchmarks/kernel_probe.py --sweep nf4-cuda --rows 1,9 --configs \
-        "layout=1;layout=2;layout=2,depth=4,minb=3;layout=2,depth=2;layout=1,probe=1;layout=2,probe=1" \
-        > "$OUT/kernel_probe-layout2.json" 2> "$OUT/kernel_probe-layout2.log"
-    for ab in "two-pass 1 bf16,nf4" "fused 1 bf16,nf4" "fused 2 nf4"; do
-        read -r attention layout precisions <<< "$ab"
-        EVENTSPEC_ATTENTION=$attention EVENTSPEC_NF4_CUDA=layout=$layout "$PY" benchmarks/step_bench.py \
-            --out "$OUT/step-$attention-layout$layout.json" --kinds eventgpt,videollava --precisions "$precisions" \
-            --repeats 9 --profile --no-previous | cut -c1-400
+if [[ $WHAT == attention-sweep ]]; then   # the attention's launch shapes alone (attention.Config)
+    "$PY" -m pytest -q tests/test_engine_exact.py -k "attention or ticket" 2>&1 | tail -2
+    "$PY" benchmarks/attention_sweep.py > "$OUT/attention_sweep.json" 2> "$OUT/attention_sweep.md"
+    exit 0
+fi
+if [[ $WHAT == attention-ab ]]; then   # the step with the attention's launch shape before and after, same call
+    "$PY" -m pytest -q tests/test_engine_exact.py tests/test_nf4_cuda.py 2>&1 | tail -2
+    for config in "" "block_m=32,merge=combine"; do
+        name=${config:-default}
+        EVENTSPEC_ATTENTION=$config "$PY" benchmarks/step_bench.py --out "$OUT/step-attention-${name//[=,]/_}.json" \
+            --kinds eventgpt,videollava --precisions bf16,nf4 --repeats 15 --profile --no-previous | cut -c1-300
     done
     exit 0
 fi
 if [[ $WHAT == attention ]]; then    # the attention's cache chunk length: programs per head vs merge work
     for split in 256 128 64; do
-        EVENTSPEC_ATTENTION_SPLIT=$split "$PY" benchmarks/step_bench.py --out "$OUT/step-attention-$split.json" \
+        EVENTSPEC_ATTENTION=split=$split "$PY" benchmarks/step_bench.py --out "$OUT/step-attention-$split.json" \
             --precisions bf16,nf4 --repeats 15 --profile --no-previous | cut -c1-300
     done
     exit 0
@@ -92,10 +93,14 @@ fi
 if [[ $WHAT == lossless ]]; then     # drafting forced on (--draft-policy always): every record must match baseline
     always=(--samples 10 --warmup 1 --max-new-tokens 200 --alphas 0,0.5,1 --oracle-profile seed
             --modes parallel,speculative --no-hf-generate --placement same-gpu --bench-mps off --draft-policy always)
-    "$PY" -m coordinator bench --input "$DATA/dataset" --synthetic-weights 7b "${always[@]}" \
-        --target-precision bf16 --draft-precision nf4 --output-dir "$OUT/always-bf16"
-    "$PY" -m coordinator bench --input "$DATA/dataset" --synthetic-weights 7b "${always[@]}" --precision nf4 \
-        --output-dir "$OUT/always-nf4"
+    if [[ ${LOSSLESS:-bf16,nf4} == *bf16* ]]; then     # LOSSLESS=nf4 runs the nf4 pair alone
+        "$PY" -m coordinator bench --input "$DATA/dataset" --synthetic-weights 7b "${always[@]}" \
+            --target-precision bf16 --draft-precision nf4 --output-dir "$OUT/always-bf16"
+    fi
+    if [[ ${LOSSLESS:-bf16,nf4} == *nf4* ]]; then
+        "$PY" -m coordinator bench --input "$DATA/dataset" --synthetic-weights 7b "${always[@]}" --precision nf4 \
+            --output-dir "$OUT/always-nf4"
+    fi
 fi
 if [[ $WHAT == nf4-target || $WHAT == all ]]; then   # nf4 target: lossless with drafting forced on
     "$PY" -m coordinator bench --input "$DATA/dataset" --synthetic-weights 7b --precision nf4 --samples 10 \

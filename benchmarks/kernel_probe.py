@@ -180,7 +180,7 @@ def cuda_sweep(configs_list=None, rows_list=(1, 2, 5, 9, 16, 17)):
         scales = [nf4_cuda.tile_absmax(absmax, n, k) for _ in range(copies)]
         cores = L.Weight(n, k, packed=packed, absmax=absmax, code=code)
         rows_ws = [L.Weight(n, k, packed=p, absmax=absmax.clone(), code=code, nf4_kernel="rows") for p in packs]
-        tiled = {}                               # layout -> the same weights, tile-major
+        tiled = None
         dense_copies = max(2, -(-160 * 2**20 // (2 * n * k)))
         denses = [L.Weight(n, k, dense=w.clone()) for _ in range(dense_copies)]
         for rows in rows_list:
@@ -189,9 +189,9 @@ def cuda_sweep(configs_list=None, rows_list=(1, 2, 5, 9, 16, 17)):
             for change in configs:
                 config = replace(nf4_cuda.CONFIG, **change)
                 splits, per = nf4_cuda.splits_for(n, k, config.programs)
-                if config.layout and config.layout not in tiled:
-                    tiled[config.layout] = [nf4_cuda.tile_packed(p, n, k, config.layout) for p in packs]
-                weights = tiled[config.layout] if config.layout else packs
+                if config.layout and tiled is None:       # the same weights, tile-major
+                    tiled = [nf4_cuda.tile_packed(p, n, k) for p in packs]
+                weights = tiled if config.layout else packs
                 out = torch.empty((splits, rows, n), dtype=torch.float32, device="cuda")
                 try:
                     ms = graph_ms(lambda c: nf4_cuda.partials(x, weights[c], scales[c], cores.pairs[x.dtype], n, k, out,

@@ -227,17 +227,18 @@ def _attention_inputs(start: int, heads=4, kv_heads=2, d=32, slots=600, dtype=to
     return q, keys, values, valid, torch.tensor([start], device=DEVICE)
 
 
-@pytest.mark.parametrize("mode", ["fused", "two-pass"])
-@pytest.mark.parametrize("split_len", [128, 64])
-def test_attention_is_row_invariant_and_right(split_len, mode, monkeypatch):
-    """Both the step's chunk length and a short one (EVENTSPEC_ATTENTION_SPLIT, 10 chunks merged), in one
-    launch and in two (EVENTSPEC_ATTENTION)."""
-    from workers.engine.kernels import attention as attention_module
-    monkeypatch.setattr(attention_module, "SPLIT_LEN", split_len)
-    monkeypatch.setattr(attention_module, "MODE", mode)
+ATTENTION_SHAPES = ["", "merge=combine", "split=64", "split=64,merge=combine,block_m=16,block_n=32,stages=1",
+                    "block_n=128,warps=8,stages=3"]
+
+
+@pytest.mark.parametrize("config", ATTENTION_SHAPES)
+def test_attention_is_row_invariant_and_right(config):
+    """The step's launch shape and others (`attention.Config`: 64-slot chunks merge 10 chunks, 16-row tiles
+    give 33 rows three of them), merged by ticket in one launch and by a second launch."""
+    from workers.engine.kernels.attention import parse_config
     heads, kv_heads, d, slots, start = 4, 2, 32, 600, 530
     q, keys, values, valid, where = _attention_inputs(start, heads, kv_heads, d, slots)
-    out = _rows_invariant(lambda t: attention(t, keys, values, valid, where), q)
+    out = _rows_invariant(lambda t: attention(t, keys, values, valid, where, parse_config(config)), q)
     qf = q.double().view(33, heads, d)
     kf = keys.double().repeat_interleave(heads // kv_heads, 0)
     vf = values.double().repeat_interleave(heads // kv_heads, 0)
@@ -250,30 +251,36 @@ def test_attention_is_row_invariant_and_right(split_len, mode, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 9, 33])
-def test_fused_attention_matches_two_pass_bit_for_bit(rows, dtype, monkeypatch):
-    """Row 0 at 300 with 64-slot chunks: both row tiles reach 6 of the 10 chunks, so the fused merge leaves 4
-    out (their programs do nothing) where the combine adds their zeros; the bits must not move. float32
-    output shows every bit of the merge, which bf16 rounding hides."""
-    from workers.engine.kernels import attention as attention_module
-    monkeypatch.setattr(attention_module, "SPLIT_LEN", 64)
+def test_ticket_merge_matches_combine_bit_for_bit(rows, dtype):
+    """Row 0 at 300 with 64-slot chunks: both row tiles reach 6 of the 10 chunks. The ticket's merge (the last
+    partial program) and the combine launch share one merge, so the bits must be the same; float32 output
+    shows every bit of the merge, which bf16 rounding hides."""
+    from workers.engine.kernels.attention import parse_config
     q, keys, values, valid, where = _attention_inputs(300, dtype=dtype)
     q = q[:rows].contiguous()
-    outs = {}
-    for mode in ("fused", "two-pass"):
-        monkeypatch.setattr(attention_module, "MODE", mode)
-        outs[mode] = attention(q, keys, values, valid, where)
-    assert torch.equal(outs["fused"], outs["two-pass"])
+    ticket = attention(q, keys, values, valid, where, parse_config("split=64"))
+    combine = attention(q, keys, values, valid, where, parse_config("split=64,merge=combine"))
+    assert torch.equal(ticket, combine)
 
 
-def test_fused_attention_leaves_its_tickets_at_zero(monkeypatch):
+def test_ticket_merge_leaves_its_tickets_at_zero():
     """A launch must hand the next one (next layer, graph replay) zeroed tickets, and run again the same."""
     from workers.engine.kernels import attention as attention_module
-    monkeypatch.setattr(attention_module, "MODE", "fused")
+    config = attention_module.parse_config("merge=ticket")
     q, keys, values, valid, where = _attention_inputs(530)
-    first = attention(q, keys, values, valid, where)
+    first = attention(q, keys, values, valid, where, config)
     tickets = attention_module.ticket_buffer(q.device, 1)
     assert tickets.numel() >= 4 * 2 and not tickets.any()      # 4 heads × 2 row tiles
-    assert torch.equal(attention(q, keys, values, valid, where), first)
+    assert torch.equal(attention(q, keys, values, valid, where, config), first)
+
+
+def test_attention_config_is_checked():
+    from workers.engine.kernels.attention import parse_config
+    assert parse_config(" split=64, merge=combine ").split == 64
+    for bad, why in (("merge=tree", "merge must be"), ("split=96", "block_n"), ("block_m=8", "block_m"),
+                     ("warps=3", "warps"), ("slots=4", "expected key=value"), ("split=x", "whole number")):
+        with pytest.raises(ValueError, match=why):
+            parse_config(bad)
 
 
 def test_rmsnorm():
@@ -496,7 +503,7 @@ def test_tile_major_modules_compute_their_own_rows_and_are_stacked_once():
     weight = Weight(n, k, packed=packed, absmax=torch.cat([a for _, a in parts]), code=nf4.code_tensor(DEVICE),
                     nf4_kernel="rows")
     weight.absmax = nf4_cuda.tile_absmax(weight.absmax, n, k)     # what the tensor-core path keeps
-    weight.packed, weight.tile_major, weight.layout = nf4_cuda.tile_packed(packed, n, k, 2), True, 2
+    weight.packed, weight.tile_major = nf4_cuda.tile_packed(packed, n, k), True
     _read_tile_major(modules, weight)
     x = torch.randn(3, k, generator=gen).to(DEVICE, torch.bfloat16)
     for mod, (p, a) in zip(modules, parts):

@@ -80,9 +80,9 @@ def test_partials_are_right_and_row_invariant(dtype, shape):
 @pytest.mark.parametrize("shape", [(256, 4096), (4096, 11008), (40, 320)])
 def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
     """`Config.depth` and `xring` change only how far ahead each warp loads, `Config.tiles` only which
-    program computes a tile and `layout` (tile-major weight bytes, either order) only where a lane finds its
-    bytes: their partials must equal bitsandbytes' row-major layout's, bit for bit, for 1, 9 and 17 rows, a
-    partial tile and a short split."""
+    program computes a tile and `layout` (tile-major weight bytes) only where a lane finds its bytes: their
+    partials must equal bitsandbytes' row-major layout's, bit for bit, for 1, 9 and 17 rows, a partial tile
+    and a short split."""
     from dataclasses import replace
     if nf4_cuda.unavailable_reason("cuda"):
         pytest.skip("NF4 CUDA kernel unavailable")
@@ -100,10 +100,9 @@ def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
         assert not ring.isnan().any()
         for change in (dict(tiles=3, layout=0), dict(depth=2, layout=0), dict(depth=6, minb=3, layout=0),
                        dict(xring=1, minb=3, layout=0), dict(layout=1), dict(layout=1, depth=2),
-                       dict(layout=1, depth=4, minb=3), dict(layout=1, tiles=3), dict(layout=2),
-                       dict(layout=2, depth=2), dict(layout=2, depth=4, minb=3)):
+                       dict(layout=1, depth=4, minb=3), dict(layout=1, tiles=3)):
             other = torch.full((splits, rows, n), float("nan"), device="cuda")
-            weight = nf4_cuda.tile_packed(packed, n, k, change["layout"]) if change.get("layout") else packed
+            weight = nf4_cuda.tile_packed(packed, n, k) if change.get("layout") else packed
             nf4_cuda.partials(x, weight, tiles, pairs, n, k, other, per, replace(nf4_cuda.CONFIG, **change))
             assert torch.equal(ring, other), f"{rows} rows, {change}"
 
@@ -111,26 +110,12 @@ def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
 def test_tile_packed_puts_a_blocks_16_rows_in_512_contiguous_bytes():
     n, k = 20, 128
     packed = torch.arange(n * k // 2, dtype=torch.int64).remainder(251).to(torch.uint8)
-    tiled = nf4_cuda.tile_packed(packed, n, k, 1)
+    tiled = nf4_cuda.tile_packed(packed, n, k)
     assert tiled.shape == (2, 2, 16, 32)
     rows = packed.reshape(n, k // 2)
     assert torch.equal(tiled[1, 1, 3], rows[16 + 3, 32:64])        # tile 1, block 1, row 3 of the tile
     assert torch.equal(tiled[0, 0].reshape(-1)[32 * 5: 32 * 6], rows[5, :32])
     assert not tiled[1, :, 4:].any()                               # rows past n are zeros
-
-
-def test_tile_packed_layout_2_puts_a_lanes_two_rows_in_16_contiguous_bytes():
-    """Layout 2: lane (g, t) of the kernel reads 8 bytes of row g, then 8 bytes of row g + 8, as one load."""
-    n, k = 20, 128
-    packed = torch.arange(n * k // 2, dtype=torch.int64).remainder(251).to(torch.uint8)
-    flat = nf4_cuda.tile_packed(packed, n, k, 2).reshape(2, 2, 512)
-    rows = nf4_cuda.tile_packed(packed, n, k, 1)
-    for g, t in ((0, 0), (3, 2), (7, 3)):
-        lane = flat[1, 1, (4 * g + t) * 16: (4 * g + t + 1) * 16]
-        assert torch.equal(lane[:8], rows[1, 1, g, 8 * t: 8 * t + 8])
-        assert torch.equal(lane[8:], rows[1, 1, g + 8, 8 * t: 8 * t + 8])
-    with pytest.raises(ValueError, match="layouts are 1 and 2"):
-        nf4_cuda.tile_packed(packed, n, k, 3)
 
 
 @cuda
@@ -144,18 +129,17 @@ def test_dequantize_tiled_rounds_as_bitsandbytes_dequantization():
     q, state = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
     want = bnb.functional.dequantize_4bit(q, state)
     packed = q.reshape(-1)
+    tiled = nf4_cuda.tile_packed(packed, n, k)
     absmax = nf4_cuda.tile_absmax(state.absmax.float(), n, k)
-    for layout in (1, 2):
-        tiled = nf4_cuda.tile_packed(packed, n, k, layout)
-        assert torch.equal(dequantize_tiled(tiled, absmax, state.code, 0, n, k, torch.bfloat16, layout), want)
-        assert torch.equal(dequantize_tiled(tiled, absmax, state.code, 21, 30, k, torch.bfloat16, layout),
-                           want[21:51])
+    got = dequantize_tiled(tiled, absmax, state.code, 0, n, k, torch.bfloat16)
+    assert torch.equal(got, want)
+    assert torch.equal(dequantize_tiled(tiled, absmax, state.code, 21, 30, k, torch.bfloat16), want[21:51])
 
 
 @pytest.mark.parametrize("shape", [(40, 320), (72, 512)])
 def test_dequantize_tiled_gives_the_row_major_dequantization(shape):
-    """The tile-major bytes (either layout) dequantize to the rows `nf4.dequantize` gives from bitsandbytes' own
-    layout (code · absmax in float32, rounded to bf16), for the whole weight and rows not aligned to tiles."""
+    """The tile-major bytes dequantize to the rows `nf4.dequantize` gives from bitsandbytes' own layout (code ·
+    absmax in float32, rounded to bf16), for the whole weight and for rows not aligned to tiles."""
     from workers.engine.kernels import usable_on
     from workers.engine.kernels.nf4_dequant import dequantize_tiled
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -164,11 +148,10 @@ def test_dequantize_tiled_gives_the_row_major_dequantization(shape):
     n, k = shape
     packed, absmax = nf4.quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(n)))
     want = nf4.dequantize(packed, absmax, n, k, torch.bfloat16).to(device)
+    tiled = nf4_cuda.tile_packed(packed.to(device), n, k)
     scales = nf4_cuda.tile_absmax(absmax.to(device), n, k)
     code = nf4.code_tensor(device)
-    for layout in (1, 2):
-        tiled = nf4_cuda.tile_packed(packed.to(device), n, k, layout)
-        assert torch.equal(dequantize_tiled(tiled, scales, code, 0, n, k, torch.bfloat16, layout), want)
-        assert torch.equal(dequantize_tiled(tiled, scales, code, 5, 30, k, torch.bfloat16, layout), want[5:35])
+    assert torch.equal(dequantize_tiled(tiled, scales, code, 0, n, k, torch.bfloat16), want)
+    assert torch.equal(dequantize_tiled(tiled, scales, code, 5, 30, k, torch.bfloat16), want[5:35])
     with pytest.raises(ValueError, match="outside"):
         dequantize_tiled(tiled, scales, code, n - 3, 20, k, torch.bfloat16)

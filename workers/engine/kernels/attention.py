@@ -1,34 +1,36 @@
-"""Row-count-invariant attention of 1–33 new query rows over a static KV cache (flash-decoding style), one
-kernel launch per layer.
+"""Row-count-invariant attention of 1–33 new query rows over a static KV cache (flash-decoding style).
 
-The cache is split into fixed chunks of `SPLIT_LEN` slots; a program handles one head, one chunk and one
-tile of 32 query rows with an online softmax and writes the chunk's partial (max, sum, weighted values) to
-scratch. The last program of a (head, row tile) to finish merges that tile's chunks, in chunk order, into
-the output. Nothing depends on the row count: the tiles are fixed, a tile's loop ends at the last position
-its 32 rows could see (cache start + 32 per tile), not at the last real row, and the chunks a tile merges
-are the ones that position reaches; slots a row cannot see get weight exactly 0, so they add exact zeros.
-Row i sits at position `start + i` and sees slots ≤ its position that are `valid` (prompt padding is not).
-The grid covers the whole cache, so a CUDA graph captured once serves every cache length; programs of
-chunks beyond the tile's reach do nothing.
+The cache is split into fixed chunks of `Config.split` slots; a program handles one head, one chunk and one
+tile of `Config.block_m` query rows with an online softmax and writes the chunk's partial (max, sum,
+weighted values) to scratch; `_merge_row` then merges a row's chunks. Nothing depends on the row count: the
+tiles are fixed, a tile's loop ends at the last position its rows could see (cache start + block_m per
+tile), not at the last real row, and the chunks a row's merge reads are the ones its tile reaches (others
+are masked to exact zeros); slots a row cannot see get weight exactly 0. Row i sits at position `start + i`
+and sees slots ≤ its position that are `valid` (prompt padding is not). The grid covers the whole cache, so
+a CUDA graph captured once serves every cache length; programs of chunks beyond the tile's reach do nothing.
 
-Who merges is decided by a ticket: each program of a (head, row tile) adds 1 to that tile's counter after
-its partial is stored, and the one that draws the last number merges. Only *who* merges depends on timing;
-the merge reads every partial (its own included) back from memory and sums them in chunk order with fixed
-arithmetic, so the bits do not. The memory ordering is cooperative groups' grid sync: a CTA barrier (every
-thread's partial stores issued before the ticket), one thread's acq_rel atomic at GPU scope (release
-publishes the CTA's stores, acquire on the merging side sees every earlier ticket holder's), then loads
-that bypass L1 (`.cg`), which is not coherent across SMs. The merger sets the counter back to 0, so the
-next launch (next layer, next step, a graph replay) starts clean.
+Two ways to run the merge, with the same arithmetic (`_merge_row`), so the same bits (a test compares them
+bit for bit, on the GPU too):
+- ticket (one launch): each program of a (head, row tile) adds 1 to that tile's counter once its partial is
+  stored, and the one that draws the last number merges the tile's rows. Only *who* merges depends on
+  timing. Memory ordering as in cooperative groups' grid sync: a CTA barrier (every thread's partial stores
+  issued before the ticket), one thread's acq_rel atomic at GPU scope, then loads that bypass L1 (`.cg`),
+  which is not coherent across SMs. The merger sets the counter back to 0 for the next launch.
+- combine (two launches): a second kernel, one program per (row, head).
+`Config.merge="auto"` (the step's) takes the ticket for one row (decode) and the combine for more: the ticket
+merges its rows one after another (9 rows: 0.70 against 0.41 ms a step).
 
-`EVENTSPEC_ATTENTION=two-pass` selects the earlier two launches (the same partials, then a combine kernel,
-grid rows × heads, with the same sums, so the same bits) for same-run measurements. Two-pass took 0.29 ms of
-partials + 0.10 ms of combine a step on an H200 (BENCHMARKS.md, "Attention chunk length", before V's load
-moved up beside K's); the one-launch figure is not measured yet.
+Measured on an H200 (`benchmarks/attention_sweep.py`, 32 layers, ms a step for 1 / 9 rows;
+benchmarks/2026-12-03f-h200): the earlier shape (32-row tiles, combine) 0.387 / 0.413 at EventGPT's 641
+cached positions and 0.666 / 0.696 at Video-LLaVA's 2,076; 16-row tiles with `auto` 0.324 / 0.375 and
+0.499 / 0.570 (torch's SDPA, which is not row-invariant: 0.298 / 0.529 and 0.516 / 1.099). 64- or 256-slot
+chunks, 8 warps, 128-slot loop steps and other pipeline depths were slower.
 """
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -37,33 +39,56 @@ import triton.language as tl
 from . import INTERPRET
 from .common import cast, dot_f32
 
-BLOCK_M = 32
-BLOCK_N = 64
-MODES = ("fused", "two-pass")
+CHUNKS_AT_ONCE = 32        # chunks a merge reads in one vector load (more: in fixed groups of this many)
 
 
-def _split_len() -> int:
-    """Cache slots per chunk (one program each): 128, or EVENTSPEC_ATTENTION_SPLIT (a multiple of BLOCK_N) for
-    measurements. On an H200 (EventGPT, a 641-token prompt, `step_bench.py --profile`, two-pass) the
-    attention took 0.49 ms a step at 256 (128 programs, one per SM), 0.40 ms at 128 and 0.39 ms at 64, whose
-    merge costs more. A row's sum depends on this value, never on the row count."""
-    value = int(os.environ.get("EVENTSPEC_ATTENTION_SPLIT", "128"))
-    if value < BLOCK_N or value % BLOCK_N:
-        raise ValueError(f"EVENTSPEC_ATTENTION_SPLIT must be a positive multiple of {BLOCK_N}; got {value}")
-    return value
+@dataclass(frozen=True)
+class Config:
+    """Launch shape of the attention; none changes a row's arithmetic with the row count, only speed (and,
+    for `split` and `block_n`, the order of a row's sums: every step of one process uses the same config).
+    EVENTSPEC_ATTENTION='key=value,...' sets it for a process, e.g. `split=64,merge=combine,warps=8`."""
+
+    split: int = 128          # cache slots a program reads (a chunk); a multiple of block_n
+    merge: str = "auto"       # ticket: the last program of a (head, row tile) merges its rows (one launch);
+                              # combine: a second launch merges them, one program per (row, head); auto:
+                              # ticket for one row (decode), combine for more (the ticket merges its rows one
+                              # after another). Both merge alike, so the choice never changes a bit
+    block_m: int = 16         # query rows a program holds (a fixed tile; 16 is the MMA's least)
+    block_n: int = 64         # cache slots a loop step reads
+    warps: int = 4
+    stages: int = 2           # Triton's software pipelining of the slot loop
+
+    def __post_init__(self):
+        if self.merge not in MERGES:
+            raise ValueError(f"attention merge must be one of {', '.join(MERGES)}; got {self.merge!r}")
+        if self.block_n < 16 or self.block_n & (self.block_n - 1) or self.split % self.block_n:
+            raise ValueError(f"attention block_n must be a power of two >= 16 dividing split; got {self.block_n}, "
+                             f"split {self.split}")
+        if self.block_m < 16 or self.block_m & (self.block_m - 1):
+            raise ValueError(f"attention block_m must be a power of two >= 16; got {self.block_m}")
+        if self.warps not in (1, 2, 4, 8, 16) or not 1 <= self.stages <= 6:
+            raise ValueError(f"attention warps must be a power of two up to 16 and stages 1-6; got {self.warps}, "
+                             f"{self.stages}")
 
 
-def _mode() -> str:
-    """EVENTSPEC_ATTENTION: `fused` (one launch, the step's) or `two-pass` (partials, then a combine launch),
-    kept to measure the one against the other in the same run."""
-    value = os.environ.get("EVENTSPEC_ATTENTION", "fused")
-    if value not in MODES:
-        raise ValueError(f"EVENTSPEC_ATTENTION must be one of {', '.join(MODES)}; got {value!r}")
-    return value
+MERGES = ("auto", "ticket", "combine")
 
 
-SPLIT_LEN = _split_len()
-MODE = _mode()
+def parse_config(text: str) -> Config:
+    """A `Config` from 'key=value,key=value' (EVENTSPEC_ATTENTION's form), the other fields at their defaults."""
+    fields = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in Config.__dataclass_fields__ or not value:
+            raise ValueError(f"EVENTSPEC_ATTENTION: expected key=value with keys {sorted(Config.__dataclass_fields__)};"
+                             f" got {item!r}")
+        fields[key] = value if key == "merge" else int(value) if value.isdigit() else value
+        if key != "merge" and not value.isdigit():
+            raise ValueError(f"EVENTSPEC_ATTENTION: {key} takes a whole number; got {value!r}")
+    return Config(**fields)
+
+
+CONFIG = parse_config(os.environ.get("EVENTSPEC_ATTENTION", ""))
 
 # Per device, every ticket buffer ever allocated, the newest (largest) last. Older ones stay alive because a
 # CUDA graph captured while they were the newest holds their address.
@@ -71,11 +96,16 @@ _TICKETS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 @triton.jit
+def _chunks_seen(start, mt, SLOTS, BLOCK_M: tl.constexpr, SPLIT_LEN: tl.constexpr):
+    """The chunks some row of row tile `mt` can see: a function of the cache start and the tile, never of M."""
+    return tl.minimum(tl.cdiv(start + (mt + 1) * BLOCK_M, SPLIT_LEN), tl.cdiv(SLOTS, SPLIT_LEN))
+
+
+@triton.jit
 def _partial(q_ptr, k_ptr, v_ptr, valid_ptr, po_ptr, pm_ptr, pl_ptr, h, s, mt, start, M, H, SLOTS, sm_scale,
              GROUP: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr):
-    """Online softmax of row tile `mt`, head `h` over chunk `s`, stored to scratch slot (s, row, h). V's load
-    is issued with K's, so their latencies overlap instead of following each other."""
+    """Online softmax of row tile `mt`, head `h` over chunk `s`, stored to scratch slot (s, row, h)."""
     rm = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, D)
     row_ok = rm < M
@@ -118,54 +148,52 @@ def _partial(q_ptr, k_ptr, v_ptr, valid_ptr, po_ptr, pm_ptr, pl_ptr, h, s, mt, s
 
 
 @triton.jit
-def _written_by_others(ptr, offsets, ok):
-    """A load of values other SMs stored in this launch: `.cg` reads L2, never a stale L1 line."""
-    return tl.load(ptr + offsets, mask=ok, other=0.0, cache_modifier=".cg")
-
-
-@triton.jit
-def _merge_tile(po_ptr, pm_ptr, pl_ptr, out_ptr, mt, h, M, H, n_chunks,
-                D: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """`_combine_kernel`'s arithmetic, chunk by chunk in the same order, for the rows of tile `mt` at once."""
-    rm = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+def _merge_row(po_ptr, pm_ptr, pl_ptr, out_ptr, row, h, M, H, n_chunks, D: tl.constexpr, EMULATE: tl.constexpr,
+               CHUNKS: tl.constexpr, CACHE: tl.constexpr):
+    """Row `row` of head `h`: its n_chunks partials merged, CHUNKS of them a vector load (CACHE ".cg": loads
+    that bypass L1, for partials other SMs stored in this launch). Chunks past n_chunks are masked to what an
+    unseen chunk stores (max -inf, sum 0), so their weight is exactly 0. The same arithmetic for every row
+    and row count; both merges (ticket, combine) call it, so they give the same bits."""
     rd = tl.arange(0, D)
-    ok = rm < M
-    first = rm * H + h
-    m = _written_by_others(pm_ptr, first, ok)
-    for s in range(1, n_chunks):
-        m = tl.maximum(m, _written_by_others(pm_ptr, (s * M + rm) * H + h, ok))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    weight = tl.exp(_written_by_others(pm_ptr, first, ok) - m_safe)
-    denom = _written_by_others(pl_ptr, first, ok) * weight
-    acc = _written_by_others(po_ptr, first[:, None] * D + rd[None, :], ok[:, None]) * weight[:, None]
-    for s in range(1, n_chunks):
-        slot = (s * M + rm) * H + h
-        weight = tl.exp(_written_by_others(pm_ptr, slot, ok) - m_safe)
-        denom += _written_by_others(pl_ptr, slot, ok) * weight
-        acc += _written_by_others(po_ptr, slot[:, None] * D + rd[None, :], ok[:, None]) * weight[:, None]
-    out = cast(acc / denom[:, None], out_ptr.dtype.element_ty, EMULATE)
-    tl.store(out_ptr + rm[:, None] * (H * D) + h * D + rd[None, :], out, mask=ok[:, None])
+    c = tl.arange(0, CHUNKS)
+    m = tl.full((CHUNKS,), float("-inf"), dtype=tl.float32)
+    for s0 in range(0, n_chunks, CHUNKS):
+        ok = s0 + c < n_chunks
+        m = tl.maximum(m, tl.load(pm_ptr + ((s0 + c) * M + row) * H + h, mask=ok, other=float("-inf"),
+                                  cache_modifier=CACHE))
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    denom = tl.sum(tl.zeros((CHUNKS,), dtype=tl.float32), 0)
+    acc = tl.zeros((D,), dtype=tl.float32)
+    for s0 in range(0, n_chunks, CHUNKS):
+        ok = s0 + c < n_chunks
+        slot = ((s0 + c) * M + row) * H + h
+        weight = tl.exp(tl.load(pm_ptr + slot, mask=ok, other=float("-inf"), cache_modifier=CACHE) - m_safe)
+        denom += tl.sum(tl.load(pl_ptr + slot, mask=ok, other=0.0, cache_modifier=CACHE) * weight, 0)
+        part = tl.load(po_ptr + slot[:, None] * D + rd[None, :], mask=ok[:, None], other=0.0, cache_modifier=CACHE)
+        acc += tl.sum(part * weight[:, None], 0)
+    tl.store(out_ptr + row * (H * D) + h * D + rd, cast(acc / denom, out_ptr.dtype.element_ty, EMULATE))
 
 
 @triton.jit(do_not_specialize=["M"])
-def _fused_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, start_ptr, po_ptr, pm_ptr, pl_ptr, out_ptr, ticket_ptr,
-                  M, H, SLOTS, sm_scale,
-                  GROUP: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr, EMULATE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr):
-    """Program (head, chunk, row tile): the chunk's partial, then the tile's merge if it draws the last ticket."""
+def _ticket_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, start_ptr, po_ptr, pm_ptr, pl_ptr, out_ptr, ticket_ptr,
+                   M, H, SLOTS, sm_scale,
+                   GROUP: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr, EMULATE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr, CHUNKS: tl.constexpr):
+    """merge=ticket: partials, then the last program of a (head, row tile) merges the tile's rows."""
     h = tl.program_id(0)
     s = tl.program_id(1)
     mt = tl.program_id(2)
     start = tl.load(start_ptr)
-    # the chunks some row of this tile can see: a function of start and mt, never of M
-    n_active = tl.minimum(tl.cdiv(start + (mt + 1) * BLOCK_M, SPLIT_LEN), tl.cdiv(SLOTS, SPLIT_LEN))
+    n_active = _chunks_seen(start, mt, SLOTS, BLOCK_M, SPLIT_LEN)
     if s < n_active:
         _partial(q_ptr, k_ptr, v_ptr, valid_ptr, po_ptr, pm_ptr, pl_ptr, h, s, mt, start, M, H, SLOTS, sm_scale,
                  GROUP, D, UPCAST, BLOCK_M, BLOCK_N, SPLIT_LEN)
         tl.debug_barrier()                     # every thread's partial stores issued before the ticket
         ticket = ticket_ptr + mt * H + h
         if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == n_active - 1:
-            _merge_tile(po_ptr, pm_ptr, pl_ptr, out_ptr, mt, h, M, H, n_active, D, EMULATE, BLOCK_M)
+            for row in range(mt * BLOCK_M, tl.minimum(M, (mt + 1) * BLOCK_M)):
+                _merge_row(po_ptr, pm_ptr, pl_ptr, out_ptr, row, h, M, H, n_active, D, EMULATE, CHUNKS, ".cg")
             tl.store(ticket, 0)                # every other holder has drawn: nobody touches it until the next launch
 
 
@@ -174,31 +202,23 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, start_ptr, po_ptr, pm_ptr, p
                     M, H, SLOTS, sm_scale,
                     GROUP: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr):
-    """Two-pass, first launch: every chunk's partial, those beyond a tile's reach included (empty)."""
-    _partial(q_ptr, k_ptr, v_ptr, valid_ptr, po_ptr, pm_ptr, pl_ptr,
-             tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.load(start_ptr), M, H, SLOTS, sm_scale,
-             GROUP, D, UPCAST, BLOCK_M, BLOCK_N, SPLIT_LEN)
+    """merge=combine, first launch: the partial of every chunk a row tile can see."""
+    h = tl.program_id(0)
+    s = tl.program_id(1)
+    mt = tl.program_id(2)
+    start = tl.load(start_ptr)
+    if s < _chunks_seen(start, mt, SLOTS, BLOCK_M, SPLIT_LEN):
+        _partial(q_ptr, k_ptr, v_ptr, valid_ptr, po_ptr, pm_ptr, pl_ptr, h, s, mt, start, M, H, SLOTS, sm_scale,
+                 GROUP, D, UPCAST, BLOCK_M, BLOCK_N, SPLIT_LEN)
 
 
 @triton.jit(do_not_specialize=["M"])
-def _combine_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, M, H, NSPLIT, D: tl.constexpr, EMULATE: tl.constexpr):
-    """Two-pass, second launch: one row of one head, its chunks merged in chunk order."""
+def _combine_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, start_ptr, M, H, SLOTS, D: tl.constexpr,
+                    EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_LEN: tl.constexpr, CHUNKS: tl.constexpr):
+    """merge=combine, second launch: one row of one head."""
     row = tl.program_id(0)
-    h = tl.program_id(1)
-    rd = tl.arange(0, D)
-    m = tl.load(pm_ptr + row * H + h)
-    for s in range(1, NSPLIT):
-        m = tl.maximum(m, tl.load(pm_ptr + (s * M + row) * H + h))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    weight = tl.exp(tl.load(pm_ptr + row * H + h) - m_safe)
-    denom = tl.load(pl_ptr + row * H + h) * weight
-    acc = tl.load(po_ptr + (row * H + h) * D + rd) * weight
-    for s in range(1, NSPLIT):
-        slot = (s * M + row) * H + h
-        weight = tl.exp(tl.load(pm_ptr + slot) - m_safe)
-        denom += tl.load(pl_ptr + slot) * weight
-        acc += tl.load(po_ptr + slot * D + rd) * weight
-    tl.store(out_ptr + row * H * D + h * D + rd, cast(acc / denom, out_ptr.dtype.element_ty, EMULATE))
+    n_active = _chunks_seen(tl.load(start_ptr), row // BLOCK_M, SLOTS, BLOCK_M, SPLIT_LEN)
+    _merge_row(po_ptr, pm_ptr, pl_ptr, out_ptr, row, tl.program_id(1), M, H, n_active, D, EMULATE, CHUNKS, "")
 
 
 def ticket_buffer(device: torch.device, count: int) -> torch.Tensor:
@@ -217,28 +237,31 @@ def ticket_buffer(device: torch.device, count: int) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor,
-              start: torch.Tensor) -> torch.Tensor:
+              start: torch.Tensor, config: Config = CONFIG) -> torch.Tensor:
     """`q` [M, H·D] (rotated), `keys`/`values` [KVH, SLOTS, D] (one layer's cache), `valid` [SLOTS] bool,
-    `start` a 1-element device tensor: the position of row 0. Returns [M, H·D] in q's dtype."""
+    `start` a 1-element device tensor: the position of row 0. Returns [M, H·D] in q's dtype. `config`
+    overrides the process's (benchmarks/attention_sweep.py)."""
     m = q.shape[0]
     kvh, slots, d = keys.shape
     h = q.shape[1] // d
     if h % kvh or d & (d - 1):
         raise ValueError(f"attention needs heads divisible by KV heads and a power-of-two head size; got {h}/{kvh}, {d}")
-    nsplit = -(-slots // SPLIT_LEN)
+    nsplit = -(-slots // config.split)
     po = torch.empty((nsplit, m, h, d), dtype=torch.float32, device=q.device)
     pm = torch.empty((nsplit, m, h), dtype=torch.float32, device=q.device)
     pl = torch.empty((nsplit, m, h), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
-    grid = (h, nsplit, -(-m // BLOCK_M))
-    common = dict(GROUP=h // kvh, D=d, UPCAST=INTERPRET or q.dtype == torch.float32,
-                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPLIT_LEN=SPLIT_LEN, num_warps=4, num_stages=2)
+    grid = (h, nsplit, -(-m // config.block_m))
+    chunks = min(CHUNKS_AT_ONCE, triton.next_power_of_2(nsplit))
+    common = dict(GROUP=h // kvh, D=d, UPCAST=INTERPRET or q.dtype == torch.float32, BLOCK_M=config.block_m,
+                  BLOCK_N=config.block_n, SPLIT_LEN=config.split, num_warps=config.warps, num_stages=config.stages)
     scale = 1.0 / math.sqrt(d)
-    if MODE == "fused":
+    if config.merge == "ticket" or (config.merge == "auto" and m == 1):
         tickets = ticket_buffer(q.device, h * grid[2])
-        _fused_kernel[grid](q, keys, values, valid, start, po, pm, pl, out, tickets, m, h, slots, scale,
-                            EMULATE=INTERPRET, **common)
+        _ticket_kernel[grid](q, keys, values, valid, start, po, pm, pl, out, tickets, m, h, slots, scale,
+                             EMULATE=INTERPRET, CHUNKS=chunks, **common)
         return out
     _partial_kernel[grid](q, keys, values, valid, start, po, pm, pl, m, h, slots, scale, **common)
-    _combine_kernel[(m, h)](po, pm, pl, out, m, h, nsplit, D=d, EMULATE=INTERPRET)
+    _combine_kernel[(m, h)](po, pm, pl, out, start, m, h, slots, D=d, EMULATE=INTERPRET, BLOCK_M=config.block_m,
+                            SPLIT_LEN=config.split, CHUNKS=chunks, num_warps=4)
     return out

@@ -337,7 +337,6 @@ class Weight:
             raise ValueError(f"NF4 weights need K divisible by {NF4_BLOCK}; got K = {self.k}")
         self.tensor_cores = False           # NF4 on nf4_cuda.py's kernel
         self.tile_major = False             # NF4 bytes re-laid out by nf4_cuda.tile_packed
-        self.layout = 0                     # which tile-major layout (nf4_cuda.Config.layout) when tile_major
         self.nf4_kernel_note = None         # why not, when an NF4 weight could not use it
         if self.nf4:
             self._choose_nf4_kernel()
@@ -375,10 +374,9 @@ class Weight:
         # and, where `nf4_cuda.Config.layout` says so (the default), the bytes tile-major (`tile_packed`): a
         # warp's load is 256 contiguous bytes. Whoever else reads them (transformers' prefill through
         # bitsandbytes) must then read the tile-major form: `exact._stack` re-points the modules
-        self.layout = nf4_cuda.CONFIG.layout
-        self.tile_major = bool(self.layout)
+        self.tile_major = bool(nf4_cuda.CONFIG.layout)
         if self.tile_major:
-            self.packed = nf4_cuda.tile_packed(self.packed, self.n, self.k, self.layout)
+            self.packed = nf4_cuda.tile_packed(self.packed, self.n, self.k)
 
     @property
     def nf4(self) -> bool:
@@ -416,7 +414,7 @@ class Weight:
     def dense_rows(self, row0: int, rows: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows row0 .. row0 + rows - 1 as a dense weight of `dtype` (a tile-major NF4 weight; prefill)."""
         from .nf4_dequant import dequantize_tiled
-        return dequantize_tiled(self.packed, self.absmax, self.code, row0, rows, self.k, dtype, self.layout or 1)
+        return dequantize_tiled(self.packed, self.absmax, self.code, row0, rows, self.k, dtype)
 
     def bytes_read(self) -> int:
         if self.nf4:        # the weight's own bytes (a tile-major copy's padding rows are not the weight's)

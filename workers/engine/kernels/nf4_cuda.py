@@ -63,8 +63,7 @@ SOURCE = r"""
 #define XRING XRING_VALUE
 #define PROBE PROBE_VALUE       // measurement only, wrong sums: 1 = the loads alone, 2 = loads and table lookups,
                                 // 3 = the loads alone and no table fill, 4 = the loads in whole lines
-#define TILED TILED_VALUE     // 1: weights tile-major (`tile_packed`): a block's 16 rows are 512 contiguous bytes;
-                              // 2: the same 512 bytes with a lane's 8 bytes of rows g and g + 8 side by side
+#define TILED TILED_VALUE     // 1: weights tile-major (`tile_packed`): a block's 16 rows are 512 contiguous bytes
 #define BSTRIDE (TILED ? 64 : 4)   // uint2 words from a block of a weight row to the next block
 #define TWO TWO_VALUE           // 1: programs may hold 9-16 rows of x (a second MMA per k step); 0: at most 8
 #define TABLE_WORDS (256 * 32)
@@ -233,24 +232,13 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
         // (and x rows past M) read a valid row instead: a column of an MMA never meets another, and their sums
         // are never stored, so no load needs a predicate
         const int first = b_begin + warp;
-#if TILED == 2
-        // one 16-byte load a block: the lane's 8 bytes of row g, then its 8 bytes of row g + 8
-        const uint4* pw = (const uint4*)(w + ((size_t)tile * KB + first) * 512) + 4 * g + t;
-        (void)n_b;
-#define LOAD_W(d, ahead) { const uint4 u_ = pw[(ahead) * 32]; ring_a[d] = make_uint2(u_.x, u_.y); \
-                           ring_b[d] = make_uint2(u_.z, u_.w); }
-#define STEP_W() (pw += DEPTH * WARPS * 32)
-#elif TILED
+#if TILED
         const uint2* pa = (const uint2*)(w + ((size_t)tile * KB + first) * 512) + 4 * g + t;
         const uint2* pb = pa + 32;
         (void)n_b;
 #else
         const uint2* pa = (const uint2*)(w + (size_t)min(n_a, N - 1) * KW) + t + (size_t)first * 4;
         const uint2* pb = (const uint2*)(w + (size_t)min(n_b, N - 1) * KW) + t + (size_t)first * 4;
-#endif
-#if TILED != 2
-#define LOAD_W(d, ahead) { ring_a[d] = pa[(ahead) * BSTRIDE]; ring_b[d] = pb[(ahead) * BSTRIDE]; }
-#define STEP_W() (pa += DEPTH * WARPS * BSTRIDE, pb += DEPTH * WARPS * BSTRIDE)
 #endif
         const float2* ps = scales + (size_t)first * 8;
         const uint4* px0 = xc0_row + (size_t)first * 8;
@@ -265,7 +253,8 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
 #pragma unroll
         for (int d = 0; d < DEPTH; ++d) {
             if (first + d * WARPS < b_end) {
-                LOAD_W(d, d * WARPS);
+                ring_a[d] = pa[d * WARPS * BSTRIDE];
+                ring_b[d] = pb[d * WARPS * BSTRIDE];
                 ring_s[d] = ps[d * WARPS * 8];
 #if XRING
                 ring_x[d][0] = px0[d * WARPS * 8];
@@ -297,7 +286,8 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
                     add_scaled(acc, part, ring_s[d].x, ring_s[d].y);
 #endif
                     if (b0 + (DEPTH + d) * WARPS < b_end) {     // refill this slot with the block DEPTH ahead
-                        LOAD_W(d, (DEPTH + d) * WARPS);
+                        ring_a[d] = pa[(DEPTH + d) * WARPS * BSTRIDE];
+                        ring_b[d] = pb[(DEPTH + d) * WARPS * BSTRIDE];
                         ring_s[d] = ps[(DEPTH + d) * WARPS * 8];
 #if XRING
                         ring_x[d][0] = px0[(DEPTH + d) * WARPS * 8];
@@ -306,14 +296,12 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
                     }
                 }
             }
-            STEP_W(); ps += DEPTH * WARPS * 8; px0 += DEPTH * WARPS * 8;
+            pa += DEPTH * WARPS * BSTRIDE; pb += DEPTH * WARPS * BSTRIDE; ps += DEPTH * WARPS * 8; px0 += DEPTH * WARPS * 8;
 #if TWO
             px1 += DEPTH * WARPS * 8;
 #endif
         }
 #endif
-#undef LOAD_W
-#undef STEP_W
         reduce_tile(red, acc, out, tid, tile, split, M, N, m0, here);
     }
 }
@@ -337,8 +325,7 @@ class Config:
     programs: int = TARGET_PROGRAMS     # programs a weight aims at (sets the split of K)
     tiles: int = 1          # tiles of 16 weight rows per program: the 32 KB table is filled once for them all
     layout: int = 1         # 1: the weight bytes tile-major (`tile_packed`): a warp's load is 256 contiguous
-                            # bytes, whole lines (14–19 % faster a launch than 0, bitsandbytes' rows, on an H200);
-                            # 2: tile-major with a lane's two rows side by side, one 16-byte load a block
+                            # bytes, whole lines (14–19 % faster a launch than 0, bitsandbytes' rows, on an H200)
     probe: int = 0          # measurement only (kernel_probe.py), the sums are wrong: 1 = the weight, scale and
                             # x loads alone, 2 = loads and table lookups, no MMA, 3 = 1 without the table
                             # fill, 4 = the weight loads in whole 128-byte lines (the dense kernels' shape);
@@ -379,10 +366,10 @@ def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True) -> tup
     (else at most 8: no second MMA, no loads of x rows 8–15; a row's arithmetic is the same in both)."""
     kind = _MMA_TYPE[dtype]
     name = (f"eventspec_nf4_partials_{kind}_d{config.depth}x{config.xring}m{config.minb}r{1 + two}"
-            + (f"p{config.probe}" if config.probe else "") + ("", "t", "u")[config.layout])
+            + (f"p{config.probe}" if config.probe else "") + ("t" if config.layout else ""))
     text = (SOURCE.replace("DEPTH_VALUE", str(config.depth)).replace("XRING_VALUE", str(config.xring))
             .replace("PROBE_VALUE", str(config.probe))
-            .replace("TWO_VALUE", str(int(two))).replace("TILED_VALUE", str(config.layout))
+            .replace("TWO_VALUE", str(int(two))).replace("TILED_VALUE", str(int(bool(config.layout))))
             .replace("MINB_VALUE", str(config.minb)).replace(".DT.DT.", f".{kind}.{kind}."))
     return text.replace("NAME", name), name
 
@@ -441,22 +428,14 @@ def tile_absmax(absmax: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return padded.reshape(tiles, 2, 8, blocks).permute(0, 3, 2, 1).contiguous()
 
 
-def tile_packed(packed: torch.Tensor, n: int, k: int, layout: int | None = None) -> torch.Tensor:
-    """bitsandbytes' row-major packed bytes [n·k/2] → tile-major [ceil(n/16), k/64, 16, 32] (`Config.layout`,
-    default this process's): each block's 16 rows of a tile are 512 contiguous bytes (rows past n are zeros;
-    their sums are never stored), so a warp's load of 8 rows is 256 contiguous bytes instead of 8 pieces 32
-    bytes long. Layout 1 keeps a row's 32 bytes together; layout 2 orders the 512 bytes (row g mod 8, 8-byte
-    piece t, row g or g + 8) so that the 16 bytes lane (g, t) needs from rows g and g + 8 are one load."""
-    layout = CONFIG.layout if layout is None else layout
-    if layout not in (1, 2):
-        raise ValueError(f"tile-major layouts are 1 and 2; got {layout}")
+def tile_packed(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """bitsandbytes' row-major packed bytes [n·k/2] → tile-major [ceil(n/16), k/64, 16, 32] (`Config.layout`):
+    each block's 16 rows of a tile are 512 contiguous bytes (rows past n are zeros; their sums are never
+    stored), so a warp's load of 8 rows is 256 contiguous bytes instead of 8 pieces 32 bytes long."""
     tiles, blocks = -(-n // 16), k // 64
     padded = torch.zeros((tiles * 16, blocks, 32), dtype=torch.uint8, device=packed.device)
     padded[:n] = packed.reshape(n, blocks, 32)
-    tiled = padded.reshape(tiles, 16, blocks, 32).permute(0, 2, 1, 3)
-    if layout == 2:     # [tile, block, row g + 8·half, 8·t + byte] → [tile, block, g, t, half, byte]
-        tiled = tiled.reshape(tiles, blocks, 2, 8, 4, 8).permute(0, 1, 3, 4, 2, 5)
-    return tiled.contiguous().reshape(tiles, blocks, 16, 32)
+    return padded.reshape(tiles, 16, blocks, 32).permute(0, 2, 1, 3).contiguous()
 
 
 def pair_table(code: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -483,10 +462,9 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
         raise ValueError(f"absmax must come from tile_absmax: shape {(-(-n // 16), k // 64, 8, 2)}; got {tuple(absmax.shape)}")
     want = (-(-n // 16), k // 64, 16, 32)
     if config.layout and tuple(packed.shape) != want:
-        raise ValueError(f"Config.layout={config.layout} reads tile_packed weights of shape {want}; got "
-                         f"{tuple(packed.shape)}")
-    if x.data_ptr() % 16 or packed.data_ptr() % (16 if config.layout == 2 else 8):
-        raise ValueError("x must be 16-byte aligned and the packed weight 8-byte aligned (16 with layout 2)")
+        raise ValueError(f"Config.layout=1 reads tile_packed weights of shape {want}; got {tuple(packed.shape)}")
+    if x.data_ptr() % 16 or packed.data_ptr() % 8:
+        raise ValueError("x must be 16-byte aligned and the packed weight 8-byte aligned")
     two = m > 8
     kernel = _compile(x.device, x.dtype, config, two)
     if kernel is None:

@@ -3,8 +3,7 @@ multiply whole weights: transformers' prefill (and `hf-generate`) once the exact
 bytes out tile-major. A value is rounded as bitsandbytes rounds it: code[q] · absmax in float32, then to
 16 bits; so the prefill reads the weights bitsandbytes' own dequantization gives (the GPU test checks it).
 
-A program writes a block of rows × one 64-column NF4 block: 32 bytes a row, high nibble first, found where
-either tile-major layout (`nf4_cuda.Config.layout` 1 or 2) puts them.
+A program writes a block of rows × one 64-column NF4 block: 32 bytes a row, high nibble first.
 """
 from __future__ import annotations
 
@@ -20,18 +19,15 @@ BLOCK_ROWS = 32
 
 @triton.jit
 def _dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, row0, rows, K, KB, BLOCK_ROWS: tl.constexpr,
-                    LAYOUT: tl.constexpr, INTERPRET: tl.constexpr):
+                    INTERPRET: tl.constexpr):
     r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     b = tl.program_id(1)
     ok = r < rows
     n = row0 + r
     tile, in_tile = n // 16, n % 16
     j = tl.arange(0, 32)
-    if LAYOUT == 2:     # byte j of row in_tile: piece j // 8 of row in_tile % 8's group, half in_tile // 8
-        where = ((in_tile % 8)[:, None] * 4 + j[None, :] // 8) * 16 + (in_tile // 8)[:, None] * 8 + j[None, :] % 8
-    else:               # the row's 32 bytes of block b, together
-        where = in_tile[:, None] * 32 + j[None, :]
-    byte = tl.load(packed_ptr + (tile * KB + b)[:, None] * 512 + where, mask=ok[:, None], other=0).to(tl.int32)
+    base = ((tile * KB + b) * 16 + in_tile) * 32                       # the row's 32 bytes of block b
+    byte = tl.load(packed_ptr + base[:, None] + j[None, :], mask=ok[:, None], other=0).to(tl.int32)
     scale = tl.load(absmax_ptr + ((tile * KB + b) * 8 + in_tile % 8) * 2 + in_tile // 8, mask=ok, other=0.0)
     high = tl.load(code_ptr + (byte >> 4)) * scale[:, None]
     low = tl.load(code_ptr + (byte & 15)) * scale[:, None]
@@ -42,11 +38,9 @@ def _dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, row0, rows, K, KB
 
 
 def dequantize_tiled(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, row0: int, rows: int,
-                     k: int, dtype: torch.dtype, layout: int = 1) -> torch.Tensor:
-    """Rows row0 .. row0 + rows - 1 of a tile-major NF4 weight (`tile_packed` with `layout`, `absmax` from
-    `nf4_cuda.tile_absmax`, `code` the 16 float32 levels) as a dense [rows, k] tensor of `dtype`."""
-    if layout not in (1, 2):
-        raise ValueError(f"tile-major layouts are 1 and 2; got {layout}")
+                     k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows row0 .. row0 + rows - 1 of a tile-major NF4 weight (`absmax` from `nf4_cuda.tile_absmax`, `code`
+    the 16 float32 levels) as a dense [rows, k] tensor of `dtype`."""
     kb = k // 64
     if packed.dim() != 4 or packed.shape[1:] != (kb, 16, 32) or absmax.shape != (packed.shape[0], kb, 8, 2):
         raise ValueError(f"expected tile-major bytes [T, {kb}, 16, 32] and absmax [T, {kb}, 8, 2]; got "
@@ -56,5 +50,5 @@ def dequantize_tiled(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Ten
     out = torch.empty((rows, k), dtype=dtype, device=packed.device)
     grid = (triton.cdiv(rows, BLOCK_ROWS), kb)
     _dequant_kernel[grid](packed, absmax, code.float().contiguous(), out, row0, rows, k, kb, BLOCK_ROWS=BLOCK_ROWS,
-                          LAYOUT=layout, INTERPRET=INTERPRET)
+                          INTERPRET=INTERPRET)
     return out
