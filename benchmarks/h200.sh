@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs of issues 10 and 11: a bf16 target beside an nf4 draft, random full-size weights
 # (--synthetic-weights 7b), DSEC-size inputs with mp4 decoding included, 10 samples, one GPU and two.
-#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|attention-sweep|attention-ab|all]
+#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|attention-sweep|attention-ab|same-gpu-5|all]
 # two-gpu needs two GPUs of one host. Needs PyAV (writing and reading the mp4 clips), Triton (the exact
 # step) and bitsandbytes (nf4). Each part is one `coordinator bench` run; bench.json/bench.md are written
 # after every (placement, MPS) session, so a run cut short keeps what it finished. MPS=on,off adds the MPS
@@ -80,6 +80,12 @@ bench() {
         --draft-precision nf4 --samples 10 --warmup 1 "$@"
 }
 sweep=(--max-new-tokens 200 --alphas 0,0.5,0.7,0.9,1 --oracle-profile seed --no-hf-generate)
+if [[ $WHAT == same-gpu-5 ]]; then    # the short one-GPU run of the sessions since the fourth; then its hand-overs
+    "$PY" -m coordinator bench --input "$DATA/dataset" --synthetic-weights 7b --target-precision bf16 \
+        --draft-precision nf4 --samples 5 --warmup 1 --max-new-tokens 200 --alphas 0,0.9,1 --oracle-profile seed \
+        --no-hf-generate --placement same-gpu --bench-mps off --modes speculative --output-dir "$OUT/same-gpu-5"
+    "$PY" benchmarks/handover.py "$OUT/same-gpu-5/events.jsonl" "$OUT/same-gpu-5/bench.json" > "$OUT/same-gpu-5/handover.txt"
+fi
 if [[ $WHAT == same-gpu || $WHAT == all ]]; then
     bench "${sweep[@]}" --placement same-gpu --bench-mps "${MPS:-off}" --output-dir "$OUT/same-gpu-200"
 fi
