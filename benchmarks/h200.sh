@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs of issues 10 and 11: a bf16 target beside an nf4 draft, random full-size weights
 # (--synthetic-weights 7b), DSEC-size inputs with mp4 decoding included, 10 samples, one GPU and two.
-#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|attention-sweep|attention-ab|same-gpu-5|all]
+#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|attention-sweep|attention-ab|same-gpu-5|pdl-ab|all]
 # two-gpu needs two GPUs of one host. Needs PyAV (writing and reading the mp4 clips), Triton (the exact
 # step) and bitsandbytes (nf4). Each part is one `coordinator bench` run; bench.json/bench.md are written
 # after every (placement, MPS) session, so a run cut short keeps what it finished. MPS=on,off adds the MPS
@@ -61,6 +61,17 @@ if [[ $WHAT == attention-ab ]]; then   # the step with the attention's launch sh
         name=${config:-default}
         EVENTSPEC_ATTENTION=$config "$PY" benchmarks/step_bench.py --out "$OUT/step-attention-${name//[=,]/_}.json" \
             --kinds eventgpt,videollava --precisions bf16,nf4 --repeats 15 --profile --no-previous | cut -c1-300
+    done
+    exit 0
+fi
+if [[ $WHAT == pdl-ab ]]; then   # programmatic dependent launch of the step's Triton kernels, off and on, same call
+    EVENTSPEC_PDL=1 "$PY" -m pytest -q tests/test_engine_exact.py 2>&1 | tail -2
+    for pdl in 0 1; do
+        for pair in "eventgpt nf4" "videollava bf16"; do
+            read -r kind precision <<< "$pair"
+            EVENTSPEC_PDL=$pdl "$PY" benchmarks/step_bench.py --out "$OUT/step-pdl$pdl-$kind-$precision.json" \
+                --kinds "$kind" --precisions "$precision" --repeats 21 --no-previous | cut -c1-300
+        done
     done
     exit 0
 fi

@@ -9,9 +9,13 @@ float32 first (the products of 16-bit values are exact in float32, the sums are 
 """
 from __future__ import annotations
 
+import functools
 import os
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+PDL = os.environ.get("EVENTSPEC_PDL", "0")
+if PDL not in ("0", "1"):
+    raise ValueError(f"EVENTSPEC_PDL must be 0 or 1; got {PDL!r}")
 
 
 def triton_available() -> bool:
@@ -29,3 +33,23 @@ def usable_on(device) -> bool:
     kind = getattr(device, "type", str(device).split(":")[0])
     return kind == "cuda" or (kind == "cpu" and INTERPRET)
 
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_on(kind: str, index) -> bool:
+    if PDL != "1" or INTERPRET or kind != "cuda":
+        return False
+    import torch
+    try:
+        from triton.language.extra.cuda import gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_on(device) -> bool:
+    """Whether the step's Triton kernels launch with programmatic dependent launch on `device`
+    (EVENTSPEC_PDL=1, compute capability 9.0 or newer): a kernel may then be resident before the one ahead
+    of it ends, and waits at its entry (`common.wait_for_inputs`) until that one's writes are visible; so no
+    arithmetic changes, only the gap between launches. Off by default until measured."""
+    return _pdl_on(device.type, device.index)

@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
-from .common import cast, dot_f32
+from . import INTERPRET, pdl_on
+from .common import cast, dot_f32, wait_for_inputs
 
 CHUNKS_AT_ONCE = 32        # chunks a merge reads in one vector load (more: in fixed groups of this many)
 
@@ -179,8 +179,10 @@ def _merge_row(po_ptr, pm_ptr, pl_ptr, out_ptr, row, h, M, H, n_chunks, D: tl.co
 def _ticket_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, start_ptr, po_ptr, pm_ptr, pl_ptr, out_ptr, ticket_ptr,
                    M, H, SLOTS, sm_scale,
                    GROUP: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr, EMULATE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr, CHUNKS: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr, CHUNKS: tl.constexpr,
+                   PDL: tl.constexpr):
     """merge=ticket: partials, then the last program of a (head, row tile) merges the tile's rows."""
+    wait_for_inputs(PDL)
     h = tl.program_id(0)
     s = tl.program_id(1)
     mt = tl.program_id(2)
@@ -201,8 +203,9 @@ def _ticket_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, start_ptr, po_ptr, pm_ptr, pl
 def _partial_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, start_ptr, po_ptr, pm_ptr, pl_ptr,
                     M, H, SLOTS, sm_scale,
                     GROUP: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr, PDL: tl.constexpr):
     """merge=combine, first launch: the partial of every chunk a row tile can see."""
+    wait_for_inputs(PDL)
     h = tl.program_id(0)
     s = tl.program_id(1)
     mt = tl.program_id(2)
@@ -214,8 +217,10 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, start_ptr, po_ptr, pm_ptr, p
 
 @triton.jit(do_not_specialize=["M"])
 def _combine_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, start_ptr, M, H, SLOTS, D: tl.constexpr,
-                    EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_LEN: tl.constexpr, CHUNKS: tl.constexpr):
+                    EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_LEN: tl.constexpr, CHUNKS: tl.constexpr,
+                    PDL: tl.constexpr):
     """merge=combine, second launch: one row of one head."""
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     n_active = _chunks_seen(tl.load(start_ptr), row // BLOCK_M, SLOTS, BLOCK_M, SPLIT_LEN)
     _merge_row(po_ptr, pm_ptr, pl_ptr, out_ptr, row, tl.program_id(1), M, H, n_active, D, EMULATE, CHUNKS, "")
@@ -253,8 +258,10 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: 
     out = torch.empty_like(q)
     grid = (h, nsplit, -(-m // config.block_m))
     chunks = min(CHUNKS_AT_ONCE, triton.next_power_of_2(nsplit))
+    pdl = pdl_on(q.device)
     common = dict(GROUP=h // kvh, D=d, UPCAST=INTERPRET or q.dtype == torch.float32, BLOCK_M=config.block_m,
-                  BLOCK_N=config.block_n, SPLIT_LEN=config.split, num_warps=config.warps, num_stages=config.stages)
+                  BLOCK_N=config.block_n, SPLIT_LEN=config.split, num_warps=config.warps, num_stages=config.stages,
+                  PDL=pdl, launch_pdl=pdl)
     scale = 1.0 / math.sqrt(d)
     if config.merge == "ticket" or (config.merge == "auto" and m == 1):
         tickets = ticket_buffer(q.device, h * grid[2])
@@ -263,5 +270,5 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: 
         return out
     _partial_kernel[grid](q, keys, values, valid, start, po, pm, pl, m, h, slots, scale, **common)
     _combine_kernel[(m, h)](po, pm, pl, out, start, m, h, slots, D=d, EMULATE=INTERPRET, BLOCK_M=config.block_m,
-                            SPLIT_LEN=config.split, CHUNKS=chunks, num_warps=4)
+                            SPLIT_LEN=config.split, CHUNKS=chunks, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out

@@ -37,3 +37,13 @@ def dot_f32(a, b):
     if _EMULATED:
         return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def wait_for_inputs(PDL: tl.constexpr):
+    """At a kernel's entry when it is launched with programmatic dependent launch (`pdl_on`): wait until the
+    kernel ahead of it has finished and its writes are visible, then let the next kernel be scheduled. Before
+    this call a kernel reads and writes nothing."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

@@ -6,12 +6,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
-from .common import cast, rms_normalize
+from . import INTERPRET, pdl_on
+from .common import cast, rms_normalize, wait_for_inputs
 
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, K, eps, BLOCK: tl.constexpr, EMULATE: tl.constexpr):
+def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, K, eps, BLOCK: tl.constexpr, EMULATE: tl.constexpr,
+                    PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     rk = tl.arange(0, BLOCK)
     ok = rk < K
@@ -23,6 +25,8 @@ def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, K, eps, BLOCK: tl.constexpr, EMULATE:
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     m, k = x.shape
     out = torch.empty_like(x)
-    _rmsnorm_kernel[(m,)](x, weight, out, k, eps, BLOCK=triton.next_power_of_2(k), EMULATE=INTERPRET)
+    pdl = pdl_on(x.device)
+    _rmsnorm_kernel[(m,)](x, weight, out, k, eps, BLOCK=triton.next_power_of_2(k), EMULATE=INTERPRET, PDL=pdl,
+                          launch_pdl=pdl)
     return out
 
