@@ -66,6 +66,7 @@ if [[ $WHAT == attention-ab ]]; then   # the step with the attention's launch sh
 fi
 if [[ $WHAT == pdl-ab ]]; then   # programmatic dependent launch of the step's Triton kernels, off and on, same call
     EVENTSPEC_PDL=1 "$PY" -m pytest -q tests/test_engine_exact.py 2>&1 | tail -2
+    "$PY" -m pytest -q tests/test_pdl.py 2>&1 | tail -2      # on and off in two processes: the same bits
     for pdl in 0 1; do
         for pair in "eventgpt nf4" "videollava bf16"; do
             read -r kind precision <<< "$pair"

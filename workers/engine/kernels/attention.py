@@ -83,8 +83,11 @@ def parse_config(text: str) -> Config:
         if key not in Config.__dataclass_fields__ or not value:
             raise ValueError(f"EVENTSPEC_ATTENTION: expected key=value with keys {sorted(Config.__dataclass_fields__)};"
                              f" got {item!r}")
-        fields[key] = value if key == "merge" else int(value) if value.isdigit() else value
-        if key != "merge" and not value.isdigit():
+        if key == "merge":
+            fields[key] = value
+        elif value.isdigit():
+            fields[key] = int(value)
+        else:
             raise ValueError(f"EVENTSPEC_ATTENTION: {key} takes a whole number; got {value!r}")
     return Config(**fields)
 
