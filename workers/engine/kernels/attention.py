@@ -22,10 +22,10 @@ merges its rows one after another (9 rows: 0.70 against 0.41 ms a step).
 
 Measured on an H200 (`benchmarks/attention_sweep.py`, 32 layers, ms a step for 1 / 9 rows;
 benchmarks/2026-12-03f-h200): the earlier shape (32-row tiles, combine) 0.387 / 0.413 at EventGPT's 641
-cached positions and 0.666 / 0.696 at Video-LLaVA's 2,076; 16-row tiles with `auto` 0.324 / 0.375 and
-0.499 / 0.570 (torch's SDPA, which is not row-invariant: 0.298 / 0.529 and 0.516 / 1.099). None of 15 other
-shapes (64- or 256-slot chunks, 8 warps, 128-slot loop steps, other pipeline depths) was faster by more than
-1 % in any column. In the step the attention went 0.366 → 0.310 ms (EventGPT) and 0.675 → 0.507 ms
+cached positions and 0.666 / 0.696 at Video-LLaVA's 2,076; 16-row tiles 0.324 / 0.375 and 0.499 / 0.570
+(the ticket's 1-row and the combine's 9-row figures: what `auto` takes); torch's SDPA, which is not
+row-invariant, 0.298 / 0.529 and 0.516 / 1.099. None of 15 other shapes (64- or 256-slot chunks, 8 warps,
+128-slot loop steps, other pipeline depths) was faster by more than 1 % in any column. In the step the attention went 0.366 → 0.310 ms (EventGPT) and 0.675 → 0.507 ms
 (Video-LLaVA) of kernel time (BENCHMARKS.md, sixth session)."""
 from __future__ import annotations
 
