@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.kernel_probe import graph_ms  # noqa: E402
 from workers.engine.kernels.attention import attention, parse_config  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM = 32, 32, 128
@@ -32,24 +31,6 @@ DEFAULT_CONFIGS = ("", "merge=combine", "split=64", "split=64,merge=combine", "s
                    "block_n=128", "block_n=128,warps=8", "block_n=128,stages=1", "block_n=128,warps=8,stages=1",
                    "split=64,block_m=16", "split=64,block_m=16,merge=combine", "split=64,stages=1",
                    "split=256,block_n=128,warps=8", "block_m=16,block_n=128,warps=8")
-
-
-def step_ms(fn, repeats: int) -> float:
-    """Median wall ms of `fn` captured once in a CUDA graph and replayed."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.monotonic_ns()
-        graph.replay()
-        torch.cuda.synchronize()
-        samples.append(time.monotonic_ns() - t0)
-    return statistics.median(samples) / 1e6
 
 
 def main() -> int:
@@ -79,13 +60,14 @@ def main() -> int:
                     torch.nn.functional.scaled_dot_product_attention(
                         x.view(1, rows, HEADS, HEAD_DIM).transpose(1, 2), keys[None, :, : start + rows],
                         values[None, :, : start + rows], is_causal=False)
-            ms = step_ms(sdpa, args.repeats)
+            ms = graph_ms(lambda _: sdpa(), 1, args.repeats)
             table.append({"shape": name, "config": "torch sdpa", "rows": rows, "ms": ms, "tbs": seen / ms / 1e9})
             print(json.dumps(table[-1]), flush=True)
             for text in configs:
                 config = parse_config(text)
                 try:
-                    ms = step_ms(lambda: [attention(x, k, v, valid, where, config) for k, v in caches], args.repeats)
+                    ms = graph_ms(lambda _: [attention(x, k, v, valid, where, config) for k, v in caches], 1,
+                                  args.repeats)
                     one = attention(q[:1].contiguous(), *caches[0], valid, where, config)
                     nine = attention(q, *caches[0], valid, where, config)
                     entry = {"shape": name, "config": text or "default", "rows": rows, "ms": ms,

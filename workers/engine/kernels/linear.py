@@ -503,10 +503,10 @@ def _dual_from_partials(x: torch.Tensor, weight: Weight, out: torch.Tensor, grou
     position, frequency and head arguments (placeholders for gate/up)."""
     block = min(256, triton.next_power_of_2(half))
     per_group = _cdiv(half, block)
+    pdl = pdl_on(x.device)
     _dual_finish_kernel[(groups * per_group, x.shape[0])](
         weight.partials(x), x, out, x.shape[0], weight.n, group, half, per_group, *rope_args,
-        SPLITS=weight.splits, ROPE=rope, UPCAST=_upcast(x), BLOCK_N=block, PDL=pdl_on(x.device), num_warps=4,
-        launch_pdl=pdl_on(x.device))
+        SPLITS=weight.splits, ROPE=rope, UPCAST=_upcast(x), BLOCK_N=block, PDL=pdl, num_warps=4, launch_pdl=pdl)
 
 
 def gate_up_silu(x: torch.Tensor, weight: Weight) -> torch.Tensor:
