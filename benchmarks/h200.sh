@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs of issues 10 and 11: a bf16 target beside an nf4 draft, random full-size weights
 # (--synthetic-weights 7b), DSEC-size inputs with mp4 decoding included, 10 samples, one GPU and two.
-#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|attention-sweep|attention-ab|same-gpu-5|pdl-ab|all]
+#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|attention-sweep|attention-ab|same-gpu-5|pdl-ab|prefetch-ab|dense-prefetch-ab|all]
 # two-gpu needs two GPUs of one host. Needs PyAV (writing and reading the mp4 clips), Triton (the exact
 # step) and bitsandbytes (nf4). Each part is one `coordinator bench` run; bench.json/bench.md are written
 # after every (placement, MPS) session, so a run cut short keeps what it finished. MPS=on,off adds the MPS
@@ -73,6 +73,32 @@ if [[ $WHAT == pdl-ab ]]; then   # programmatic dependent launch of the step's T
             EVENTSPEC_PDL=$pdl "$PY" benchmarks/step_bench.py --out "$OUT/step-pdl$pdl-$kind-$precision.json" \
                 --kinds "$kind" --precisions "$precision" --repeats 21 --no-previous | cut -c1-300
         done
+    done
+    exit 0
+fi
+if [[ $WHAT == prefetch-ab ]]; then   # weights into L2 before a kernel waits for the one ahead (PDL): bits, step, launches
+    "$PY" -m pytest -q tests/test_nf4_cuda.py tests/test_pdl.py 2>&1 | tail -2
+    EVENTSPEC_PDL=1 EVENTSPEC_NF4_CUDA=prefetch=1 EVENTSPEC_DENSE_PREFETCH=2 "$PY" -m pytest -q tests/test_engine_exact.py \
+        tests/test_nf4_cuda.py 2>&1 | tail -2
+    for run in "0 0" "1 0" "1 1" "1 2" "0 1"; do
+        read -r pdl prefetch <<< "$run"
+        echo "$(date +%T) step eventgpt nf4 pdl=$pdl prefetch=$prefetch"
+        EVENTSPEC_PDL=$pdl EVENTSPEC_NF4_CUDA=prefetch=$prefetch "$PY" benchmarks/step_bench.py --kinds eventgpt \
+            --precisions nf4 --repeats 15 --profile --no-previous --out "$OUT/step-nf4-pdl$pdl-prefetch$prefetch.json" \
+            | cut -c1-300
+    done
+    echo "$(date +%T) kernel_probe"
+    EVENTSPEC_PDL=1 "$PY" benchmarks/kernel_probe.py --sweep nf4-cuda --rows 1 --configs "prefetch=1;prefetch=2" \
+        > "$OUT/kernel_probe-pdl1.json" 2> "$OUT/kernel_probe-pdl1.log"
+    echo "$(date +%T) done"
+    exit 0
+fi
+if [[ $WHAT == dense-prefetch-ab ]]; then   # the dense kernel's L2 prefetch before its wait, PDL on
+    for prefetch in 0 2 0 2 0 2; do
+        echo "$(date +%T) step videollava bf16 pdl=1 dense prefetch=$prefetch"
+        EVENTSPEC_PDL=1 EVENTSPEC_DENSE_PREFETCH=$prefetch "$PY" benchmarks/step_bench.py --kinds videollava \
+            --precisions bf16 --repeats 15 --profile --no-previous --out "$OUT/step-bf16-pdl1-prefetch$prefetch-$SECONDS.json" \
+            | cut -c1-300
     done
     exit 0
 fi

@@ -31,9 +31,12 @@ def render_markdown(data: dict) -> str:
         lines += [f"**Not measured:** {skipped}.", ""]
     for info_key, info in data.get("run_info", {}).items():
         for role, v in info.items():
+            about = v.get("info") or {}
+            kernels = "".join([", programmatic dependent launch" if about.get("pdl") else ""]
+                              + [f", {k}={val}" for k, val in (about.get("kernel_env") or {}).items()])
             lines.append(f"- {info_key} {role}: {v.get('model_id')} on {v.get('device')} "
-                         f"({(v.get('info') or {}).get('cuda_device') or ''}, {(v.get('info') or {}).get('precision')}, "
-                         f"step model {(v.get('info') or {}).get('step_model')}, torch {(v.get('info') or {}).get('torch')})")
+                         f"({about.get('cuda_device') or ''}, {about.get('precision')}, "
+                         f"step model {about.get('step_model')}, torch {about.get('torch')}{kernels})")
     lines += ["", "## End to end (medians over samples; speedups are paired per sample in this run)", "",
               "| placement | MPS | new tokens | mode | oracle | n | wall ms | p10–p90 | vs baseline | vs best baseline "
               "| vs hf-generate | accept | mean len | free drafts | lossless |",

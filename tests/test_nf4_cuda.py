@@ -80,7 +80,8 @@ def test_partials_are_right_and_row_invariant(dtype, shape):
 @pytest.mark.parametrize("shape", [(256, 4096), (4096, 11008), (40, 320)])
 def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
     """`Config.depth` and `xring` change only how far ahead each warp loads, `Config.tiles` only which
-    program computes a tile and `layout` (tile-major weight bytes) only where a lane finds its bytes: their
+    program computes a tile, `layout` (tile-major weight bytes) only where a lane finds its bytes and
+    `prefetch` only what L2 holds when the loads come: their
     partials must equal bitsandbytes' row-major layout's, bit for bit, for 1, 9 and 17 rows, a partial tile
     and a short split."""
     from dataclasses import replace
@@ -100,7 +101,8 @@ def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
         assert not ring.isnan().any()
         for change in (dict(tiles=3, layout=0), dict(depth=2, layout=0), dict(depth=6, minb=3, layout=0),
                        dict(xring=1, minb=3, layout=0), dict(layout=1), dict(layout=1, depth=2),
-                       dict(layout=1, depth=4, minb=3), dict(layout=1, tiles=3)):
+                       dict(layout=1, depth=4, minb=3), dict(layout=1, tiles=3), dict(layout=1, prefetch=1),
+                       dict(layout=1, prefetch=2), dict(layout=1, prefetch=1, tiles=3)):
             other = torch.full((splits, rows, n), float("nan"), device="cuda")
             weight = nf4_cuda.tile_packed(packed, n, k) if change.get("layout") else packed
             nf4_cuda.partials(x, weight, tiles, pairs, n, k, other, per, replace(nf4_cuda.CONFIG, **change))

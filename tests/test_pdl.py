@@ -27,27 +27,64 @@ config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_h
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                      initializer_range=0.2)
 model = LlamaForCausalLM(config).eval().to(device="cuda", dtype=torch.bfloat16)
+if sys.argv[3] == "nf4":            # NF4 projections (our quantizer standing in for bitsandbytes' Params4bit)
+    from workers.engine import nf4
+
+    class QuantState:
+        quant_type, blocksize, nested = "nf4", 64, False
+
+    class Params4bit(torch.nn.Parameter):
+        pass
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            packed, absmax = nf4.quantize(mod.weight.data.float().cpu())
+            param = Params4bit(packed.reshape(-1, 1).cuda(), requires_grad=False)
+            param.quant_state = QuantState()
+            param.quant_state.absmax, param.quant_state.code = absmax.cuda(), nf4.code_tensor("cuda")
+            mod.weight = param
 step = ExactStepModel(model, max_cache_len=96, buckets=(1, 2, 5, 9), use_graphs=True)
 step.prefill({"input_ids": torch.tensor([[1, 5, 9, 22, 40, 7]], device="cuda")})
 rows = [step.forward([20 + i]).logits for i in range(6)]                     # decode steps
 rows.append(step.forward(list(range(10, 18))).logits)                        # a verification of 8
 out = torch.cat(rows).float().cpu().numpy()
 np.save(sys.argv[1], out)
-print("pdl", pdl_on(torch.device("cuda")))
+print("pdl", pdl_on(torch.device("cuda")), "kernel", step.layers_w[0].qkv.kernel)
 """
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="programmatic dependent launch needs a GPU of compute capability 9.0 or newer")
-def test_programmatic_dependent_launch_keeps_every_bit(tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "nf4"])
+def test_programmatic_dependent_launch_keeps_every_bit(tmp_path, precision):
+    """nf4: the NF4 CUDA kernel too, launched through `cuda_launch.launch` and reading its weights before it
+    waits for the kernel ahead."""
     outputs = {}
     for pdl in ("0", "1"):
         path = tmp_path / f"logits-{pdl}.npy"
         env = dict(os.environ, EVENTSPEC_PDL=pdl)
-        done = subprocess.run([sys.executable, "-c", SCRIPT, str(path), str(ROOT)], env=env, capture_output=True,
-                              text=True, timeout=600)
+        done = subprocess.run([sys.executable, "-c", SCRIPT, str(path), str(ROOT), precision], env=env,
+                              capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
         assert f"pdl {pdl == '1'}" in done.stdout
+        if precision == "nf4":
+            assert "kernel nf4-cuda" in done.stdout
         outputs[pdl] = np.load(path, allow_pickle=False)
     assert outputs["0"].shape == (14, 96)
     assert np.array_equal(outputs["0"], outputs["1"])
+
+
+def test_launch_structures_follow_cuda_h():
+    """`cuda_launch`'s ctypes structures have cuda.h's layout (CUDA 12+, 64-bit): CUlaunchAttribute is 72
+    bytes with its value at 8, CUlaunchConfig 56 bytes with the stream at 32, the attributes at 40 and their
+    count at 48; the attribute asks for programmatic stream serialization with the value 1."""
+    import ctypes
+    from workers.engine.kernels import cuda_launch as c
+    assert ctypes.sizeof(c.LaunchAttribute) == 72 and c.LaunchAttribute.value.offset == 8
+    assert ctypes.sizeof(c.LaunchConfig) == 56
+    assert (c.LaunchConfig.stream.offset, c.LaunchConfig.attrs.offset, c.LaunchConfig.num_attrs.offset) == (32, 40, 48)
+    config, attr = c.pdl_config((3, 2, 1), (256, 1, 1), 50_000, 0x1234)
+    assert (config.grid_x, config.grid_y, config.block_x, config.shared_bytes, config.num_attrs) == (3, 2, 256, 50_000, 1)
+    assert config.stream == 0x1234
+    assert config.attrs.contents.id == 6
+    assert ctypes.c_int.from_buffer(config.attrs.contents, 8).value == 1

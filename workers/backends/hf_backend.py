@@ -40,6 +40,15 @@ def pick_precision(requested: str | None, device: str) -> str:
     return "nf4" if device.startswith("cuda") else "fp32"
 
 
+
+def kernel_settings(device: str) -> dict:
+    """What the exact step's kernels run with on `device`: the EVENTSPEC_* variables set, and whether its
+    kernels launch with programmatic dependent launch (`kernels.pdl_on`)."""
+    from workers.engine.kernels import pdl_on
+    settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith("EVENTSPEC_")}
+    pdl = device.startswith("cuda") and torch.cuda.is_available() and pdl_on(torch.device(device))
+    return {"kernel_env": settings, "pdl": bool(pdl)}
+
 class HFBackend(Backend):
     kind = ""           # eventgpt | videollava
 
@@ -95,7 +104,7 @@ class HFBackend(Backend):
                                      else getattr(self.lm, "weights", "released")),
                          "step_model": type(self.step_model).__name__,
                          "cuda_device": torch.cuda.get_device_name() if self.device.startswith("cuda") else None,
-                         "torch": torch.__version__}}
+                         "torch": torch.__version__, **kernel_settings(self.device)}}
 
     def _make_step_model(self, max_cache_len: int | None = None):
         want_hidden = bool(self.options.get("want_hidden"))

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, nf4_cuda, pdl_on
-from .common import cast, dot_f32, rms_normalize, wait_for_inputs
+from .common import cast, dot_f32, prefetch_l2, rms_normalize, wait_for_inputs
 from .nf4_rows import _rows_kernel, ROWS_BLOCK_K, ROWS_BLOCK_N, ROWS_DUAL_N, ROWS_LOOKUP, ROWS_PROGRAMS, ROWS_WARPS, row_dot
 
 BLOCK_M = 32
@@ -52,6 +52,9 @@ TARGET_PROGRAMS = 256          # enough CTAs to keep every SM of an H200 (132) s
 STAGES = 4                     # pipeline depth of the dense tiles, best on an H200 (benchmarks/kernel_probe.py)
 NF4_KERNEL = os.environ.get("EVENTSPEC_NF4_KERNEL", "auto")     # auto | cuda | triton (measurements)
 DENSE_DUAL = os.environ.get("EVENTSPEC_DENSE_DUAL", "split")    # split | fused (measured: 4.33 vs 4.57 ms)
+# K tiles of its weight rows a dense program asks L2 for before it waits for its inputs (GPU only; with
+# programmatic dependent launch, while the kernel ahead still runs)
+DENSE_PREFETCH = 0 if INTERPRET else int(os.environ.get("EVENTSPEC_DENSE_PREFETCH", "0"))
 RESIDENT = 2                   # dense MMA programs resident per SM (STAGES × 24 KB of shared memory each)
 MAX_SPLITS = 8
 
@@ -162,11 +165,16 @@ def _accumulate(acc, x_ptr, w_ptr, absmax_ptr, code_ptr, rm, rows, row_ok, k0, M
 def _single_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, K_SPLIT,
                    SPLITS: tl.constexpr, NF4: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WA: tl.constexpr = True,
-                   PROBE: tl.constexpr = 0, FMA: tl.constexpr = False, PDL: tl.constexpr = False):
-    wait_for_inputs(PDL)
+                   PROBE: tl.constexpr = 0, FMA: tl.constexpr = False, PDL: tl.constexpr = False,
+                   PREFETCH: tl.constexpr = 0):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
+    if PREFETCH > 0 and not NF4:        # the first PREFETCH K tiles of the program's weight rows into L2
+        lines = pid_s * K_SPLIT + tl.arange(0, PREFETCH * BLOCK_K // 64) * 64      # 64 16-bit values a line
+        rows = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
+        prefetch_l2(w_ptr + rows[:, None] * K + tl.minimum(lines, K - 1)[None, :])
+    wait_for_inputs(PDL)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = rn < N
@@ -452,7 +460,7 @@ def _single(x: torch.Tensor, weight: Weight, out: torch.Tensor, splits: int) -> 
         pdl = pdl_on(x.device)
         _single_kernel[grid](x, *weight.pointers(x), out, m, weight.n, weight.k, weight.k_split, SPLITS=splits,
                              NF4=False, UPCAST=_upcast(x), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                             PDL=pdl, num_warps=4, num_stages=STAGES, launch_pdl=pdl)
+                             PDL=pdl, PREFETCH=DENSE_PREFETCH, num_warps=4, num_stages=STAGES, launch_pdl=pdl)
 
 
 def _xpair(x: torch.Tensor) -> bool:

@@ -50,6 +50,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import pdl_on
+from .cuda_launch import launch
+
 WARPS = 8
 TABLE_WORDS = 256 * 32
 SHARED_BYTES = 4 * TABLE_WORDS + 4 * WARPS * 16 * 16
@@ -67,6 +70,10 @@ SOURCE = r"""
 #define BSTRIDE (TILED ? 64 : 4)   // uint2 words from a block of a weight row to the next block
 #define TWO TWO_VALUE           // 1: programs may hold 9-16 rows of x (a second MMA per k step); 0: at most 8
 #define TABLE_WORDS (256 * 32)
+#define PREFETCH PREFETCH_VALUE // 1: each program first asks L2 for its tile's weight bytes and scales, a prefetch a
+                                // line; 2: the same as bulk prefetches of 4 KB (compute capability 9+)
+#define PDL PDL_VALUE           // 1: launched with programmatic dependent launch: x is read and `out` written only
+                                // after the kernel ahead has finished (`wait_inputs`); weights are read before
 
 __device__ __forceinline__ void mma(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
                                     unsigned b0, unsigned b1) {
@@ -74,6 +81,39 @@ __device__ __forceinline__ void mma(float* d, unsigned a0, unsigned a1, unsigned
                  "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Programmatic dependent launch: wait until the kernel ahead has finished and its writes are visible, then let
+// the next kernel be scheduled. Everything before it reads only the weights, the scales and the pair table,
+// which no kernel of a step writes, and writes only shared memory; without the launch attribute it returns at once
+__device__ __forceinline__ void wait_inputs() {
+#if PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// `bytes` (a multiple of 16, 16-byte aligned) from `p` into L2, spread over the program's threads
+__device__ __forceinline__ void prefetch_l2(const char* p, unsigned bytes, int tid) {
+#if PREFETCH == 2 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    for (unsigned off = (unsigned)tid * 4096u; off < bytes; off += 4096u * 32u * WARPS) {
+        const unsigned n = min(4096u, bytes - off);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" :: "l"(p + off), "r"(n) : "memory");
+    }
+#elif PREFETCH
+    for (unsigned off = (unsigned)tid * 128u; off < bytes; off += 128u * 32u * WARPS)
+        asm volatile("prefetch.global.L2 [%0];\n" :: "l"(p + off));
+#endif
+}
+
+// a tile's weight bytes and scales of blocks [b_begin, b_end) into L2 (tile-major bytes: two contiguous runs)
+__device__ __forceinline__ void prefetch_tile(const unsigned char* w, const float2* absmax, int tile, int KB,
+                                              int b_begin, int b_end, int tid) {
+#if PREFETCH && TILED
+    const size_t first = (size_t)tile * KB + b_begin;
+    prefetch_l2((const char*)(w + first * 512), (unsigned)(b_end - b_begin) * 512u, tid);
+    prefetch_l2((const char*)(absmax + first * 8), (unsigned)(b_end - b_begin) * 64u, tid);
+#endif
 }
 
 // the lane's copy of table entry `byte` of `word`: a byte permute and a shift-add give the shared address
@@ -175,13 +215,15 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
     extern __shared__ unsigned shared[];
     float* red = (float*)(shared + TABLE_WORDS);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    if (PROBE != 3) fill_table(shared, pairs, tid);
-
-    const int g = lane >> 2, t = lane & 3;
     const int KB = K >> 6, KW = K >> 1;
     const int split = blockIdx.y, m0 = blockIdx.z * 16;
     const int b_begin = split * split_blocks;
     const int b_end = min(b_begin + split_blocks, KB);
+    const int tiles = (N + 15) >> 4;
+    prefetch_tile(w, absmax, blockIdx.x, KB, b_begin, b_end, tid);
+    if (PROBE != 3) fill_table(shared, pairs, tid);
+
+    const int g = lane >> 2, t = lane & 3;
     const int here = min(16, M - m0);
     const bool two = TWO && here > 8;                // the same for every lane
     const bool x_ok0 = g < here, x_ok1 = 8 + g < here;
@@ -189,10 +231,10 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
     // the ring's x rows: a row past M reads row m0 instead (its column's sums are never stored)
     const uint4* xc0_row = (const uint4*)(x + (size_t)(m0 + (x_ok0 ? g : 0)) * KW) + 2 * t;
     const uint4* xc1_row = (const uint4*)(x + (size_t)(m0 + (x_ok1 ? 8 + g : 0)) * KW) + 2 * t;
-    const int tiles = (N + 15) >> 4;
 
     // a program takes tiles blockIdx.x, + gridDim.x, ...: the table is filled once for all of them
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        if (tile + (int)gridDim.x < tiles) prefetch_tile(w, absmax, tile + gridDim.x, KB, b_begin, b_end, tid);
         const int n_a = tile * 16 + g, n_b = n_a + 8;
         const float2* scales = absmax + (size_t)tile * KB * 8 + g;
 
@@ -206,6 +248,7 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
             const uint4* q = (const uint4*)(w + (size_t)row * KW + (size_t)b_begin * 32) + piece;
             const int runs = (b_end - b_begin + 7) / 8;              // 8 blocks: 256 bytes of a row
             unsigned h = 0;
+            wait_inputs();
 #pragma unroll 8
             for (int r = 0; r < runs; ++r) {
                 if (b_begin + r * 8 + (piece >> 1) < b_end) {
@@ -249,6 +292,7 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
         float2 ring_s[DEPTH];
 #if XRING
         uint4 ring_x[DEPTH][2];
+        wait_inputs();                                      // the ring holds x
 #endif
 #pragma unroll
         for (int d = 0; d < DEPTH; ++d) {
@@ -262,6 +306,9 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
 #endif
             }
         }
+#if !XRING
+        wait_inputs();                                      // the ring holds weights and scales only
+#endif
         __syncthreads();
         for (int b0 = first; b0 < b_end; b0 += DEPTH * WARPS) {
 #pragma unroll
@@ -326,6 +373,8 @@ class Config:
     tiles: int = 1          # tiles of 16 weight rows per program: the 32 KB table is filled once for them all
     layout: int = 1         # 1: the weight bytes tile-major (`tile_packed`): a warp's load is 256 contiguous
                             # bytes, whole lines (14–19 % faster a launch than 0, bitsandbytes' rows, on an H200)
+    prefetch: int = 0       # 1: each program first prefetches its tile's weight bytes and scales into L2 (a
+                            # prefetch a line), 2: as 4 KB bulk prefetches (compute capability 9+); tile-major only
     probe: int = 0          # measurement only (kernel_probe.py), the sums are wrong: 1 = the weight, scale and
                             # x loads alone, 2 = loads and table lookups, no MMA, 3 = 1 without the table
                             # fill, 4 = the weight loads in whole 128-byte lines (the dense kernels' shape);
@@ -361,28 +410,33 @@ def _config_from_env() -> Config:
 CONFIG = _config_from_env()
 
 
-def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True) -> tuple[str, str]:
+def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True, pdl: bool = False) -> tuple[str, str]:
     """(CUDA C source, kernel name) for 16-bit x of `dtype` under `config`; `two`: programs of 9–16 rows
-    (else at most 8: no second MMA, no loads of x rows 8–15; a row's arithmetic is the same in both)."""
+    (else at most 8: no second MMA, no loads of x rows 8–15; a row's arithmetic is the same in both); `pdl`:
+    the kernel is launched with programmatic dependent launch and waits for its inputs after its first
+    weight loads (`launch`)."""
     kind = _MMA_TYPE[dtype]
     name = (f"eventspec_nf4_partials_{kind}_d{config.depth}x{config.xring}m{config.minb}r{1 + two}"
-            + (f"p{config.probe}" if config.probe else "") + ("t" if config.layout else ""))
+            + (f"p{config.probe}" if config.probe else "") + ("t" if config.layout else "")
+            + (f"f{config.prefetch}" if config.prefetch else "") + ("w" if pdl else ""))
     text = (SOURCE.replace("DEPTH_VALUE", str(config.depth)).replace("XRING_VALUE", str(config.xring))
-            .replace("PROBE_VALUE", str(config.probe))
+            .replace("PROBE_VALUE", str(config.probe)).replace("PREFETCH_VALUE", str(config.prefetch))
+            .replace("PDL_VALUE", str(int(pdl)))
             .replace("TWO_VALUE", str(int(two))).replace("TILED_VALUE", str(int(bool(config.layout))))
             .replace("MINB_VALUE", str(config.minb)).replace(".DT.DT.", f".{kind}.{kind}."))
     return text.replace("NAME", name), name
 
 
-def _compile(device: torch.device, dtype: torch.dtype, config: Config = CONFIG, two: bool = True):
-    key = (device.index, dtype, config, two)
+def _compile(device: torch.device, dtype: torch.dtype, config: Config = CONFIG, two: bool = True,
+             pdl: bool = False):
+    key = (device.index, dtype, config, two, pdl)
     with _lock:
         if key in _kernels:
             return _kernels[key]
         if key in _failure:
             return None
         try:
-            text, name = source(dtype, config, two)
+            text, name = source(dtype, config, two, pdl)
             with torch.cuda.device(device):
                 kernel = torch.cuda._compile_kernel(text, name)
                 if config.shared_bytes() >= 48 * 1024:
@@ -402,10 +456,11 @@ def unavailable_reason(device) -> str | None:
     major, _ = torch.cuda.get_device_capability(device)
     if major < 8:
         return "bf16 MMAs need compute capability 8.0 or newer"
+    pdl = pdl_on(device)
     for dtype in _MMA_TYPE:
         for two in (False, True):
-            if _compile(device, dtype, CONFIG, two) is None:
-                return _failure[(device.index, dtype, CONFIG, two)]
+            if _compile(device, dtype, CONFIG, two, pdl) is None:
+                return _failure[(device.index, dtype, CONFIG, two, pdl)]
     return None
 
 
@@ -466,12 +521,13 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
     if x.data_ptr() % 16 or packed.data_ptr() % 8:
         raise ValueError("x must be 16-byte aligned and the packed weight 8-byte aligned")
     two = m > 8
-    kernel = _compile(x.device, x.dtype, config, two)
+    pdl = pdl_on(x.device)
+    kernel = _compile(x.device, x.dtype, config, two, pdl)
     if kernel is None:
         raise RuntimeError("the NF4 CUDA kernel is not available: "
-                           f"{_failure.get((x.device.index, x.dtype, config, two))}")
+                           f"{_failure.get((x.device.index, x.dtype, config, two, pdl))}")
     tiles = -(-n // 16)
     grid = (-(-tiles // max(1, config.tiles)), splits, -(-m // ROWS_PER_PROGRAM))
-    kernel(grid=grid, block=(32 * WARPS, 1, 1), args=[x, packed, absmax, pairs, out, m, n, k, per_split],
-           shared_mem=config.shared_bytes())
+    launch(kernel, grid, (32 * WARPS, 1, 1), [x, packed, absmax, pairs, out, m, n, k, per_split],
+           config.shared_bytes(), pdl=pdl)
     return out
