@@ -17,7 +17,7 @@ from pathlib import Path
 import zmq
 
 from protocol import messages as m
-from protocol.transport import Channel, ipc_endpoint, make_socket, private_ipc_dir
+from protocol.transport import Channel, ipc_endpoint, make_socket, private_ipc_dir, spin_ms
 
 from .handles import (RequestFailed, StartupError, WorkerDied, WorkerHandle, WorkerSpec,  # noqa: F401
                       bind_attach_endpoints, ignore_sigint, worker_command)
@@ -60,6 +60,7 @@ class Supervisor:
             shutil.rmtree(self.ipc_dir, ignore_errors=True)
             raise
         self.chan = Channel(sock, "coordinator", router=True)
+        self.spin_ms = spin_ms()             # a wait for a worker's message spins this long before it blocks
 
     # --- processes -------------------------------------------------------------------------
 
@@ -199,10 +200,10 @@ class Supervisor:
             events, self.events = self.events, []
             self.event_sink.add(events)
 
-    def _recv_raw(self, timeout_ms: float) -> m.Message | None:
+    def _recv_raw(self, timeout_ms: float, spin_ms: float = 0.0) -> m.Message | None:
         """One message from a known worker, or None (timeout, or a message dropped or answered with ERROR)."""
         self.check_workers()
-        msg, bad = self.chan.recv(timeout_ms)
+        msg, bad = self.chan.recv(timeout_ms, spin_ms)
         if bad:
             sender = bad.split(":", 1)[0]
             self._rejected += 1
@@ -238,6 +239,7 @@ class Supervisor:
         has answered for request_timeout_s since the coordinator last sent or received a message, and
         WorkerDied for a dead worker or a fatal ERROR.
         """
+        spin_until = time.monotonic() + self.spin_ms / 1e3
         while True:
             now = time.monotonic()
             if timeout_ok and deadline is not None and now > deadline:
@@ -245,7 +247,7 @@ class Supervisor:
             if now - self._active_at > self.request_timeout_s:
                 raise RequestFailed(f"no answer from the workers for {self.request_timeout_s:g} s "
                                     f"(--request-timeout)")
-            msg = self._recv_raw(POLL_MS)
+            msg = self._recv_raw(POLL_MS, max(0.0, (spin_until - now) * 1e3))
             if msg is None or isinstance(msg, m.Heartbeat):
                 continue
             self._active_at = time.monotonic()

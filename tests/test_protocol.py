@@ -90,3 +90,59 @@ def test_field_types_come_from_the_annotations():
         m.decode([msgpack.packb(head)])
     done = m.Done(spans=[["prefill", 1, 2, {"k": 1}]], received=[["c-1", "prefill", 3]], stats={"text": "hi"})
     assert roundtrip(done).spans == [["prefill", 1, 2, {"k": 1}]]
+
+
+def test_spin_length_follows_the_environment_then_the_cores():
+    from protocol.transport import SPIN_MS, spin_ms
+    assert spin_ms({}, cpus=2) == 0.0                 # a spinner would starve the work on a small host
+    assert spin_ms({}, cpus=16) == SPIN_MS
+    assert spin_ms({"EVENTSPEC_SPIN_MS": "0"}, cpus=16) == 0.0
+    assert spin_ms({"EVENTSPEC_SPIN_MS": "5"}, cpus=2) == 5.0
+    for bad in ("fast", "-1", "1e9"):
+        with pytest.raises(ValueError, match="EVENTSPEC_SPIN_MS"):
+            spin_ms({"EVENTSPEC_SPIN_MS": bad}, cpus=16)
+
+
+@pytest.mark.parametrize("spin", [0.0, 50.0])
+def test_a_spinning_receive_gets_a_late_message_and_times_out_like_a_blocking_one(tmp_path, spin):
+    """A message sent while the receiver spins arrives whole; with nothing sent, recv returns (None, None)
+    at its deadline whether it spun or not; a heartbeat thread sharing the channel still sends meanwhile."""
+    import threading
+    import time
+    import zmq
+    from protocol.transport import Channel, ipc_endpoint, make_socket
+    ctx = zmq.Context()
+    try:
+        router = make_socket(ctx, zmq.ROUTER)
+        endpoint = ipc_endpoint(str(tmp_path), "spin")
+        router.bind(endpoint)
+        dealer = make_socket(ctx, zmq.DEALER, identity="worker")
+        dealer.connect(endpoint)
+        coordinator = Channel(router, "coordinator", router=True)
+        worker = Channel(dealer, "worker", router=False)
+        worker.send(m.Hello(role="draft", pid=1, backend="fake"))
+        hello, bad = coordinator.recv(2000)
+        assert bad is None and isinstance(hello, m.Hello)
+
+        start = time.monotonic()
+        msg, bad = worker.recv(120, spin)
+        assert (msg, bad) == (None, None) and time.monotonic() - start >= 0.119
+
+        sent = threading.Event()
+
+        def later():
+            time.sleep(0.02)
+            coordinator.send(m.Verify(request_id="r1", start_pos=3, tokens=[5, 6, 7]), to="worker")
+            worker.send(m.Heartbeat())          # the receiving thread holds the channel's lock in turns
+            sent.set()
+
+        thread = threading.Thread(target=later)
+        thread.start()
+        msg, bad = worker.recv(2000, spin)
+        thread.join()
+        assert bad is None and isinstance(msg, m.Verify) and msg.tokens == [5, 6, 7] and msg.start_pos == 3
+        assert sent.wait(2)
+        beat, bad = coordinator.recv(2000)
+        assert isinstance(beat, m.Heartbeat)
+    finally:
+        ctx.destroy(linger=0)

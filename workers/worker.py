@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import zmq
 
 from protocol import messages as m
-from protocol.transport import Channel, make_socket
+from protocol.transport import Channel, make_socket, spin_ms
 from workers.draft_loop import DraftLoop
 from workers.loop_control import HEARTBEAT_S, Heartbeats, RequestAborted
 from workers.oracle import Oracle
@@ -35,6 +35,7 @@ class Worker(DraftLoop, TargetLoop):
         sock = make_socket(self.ctx, zmq.DEALER, identity=self.name)
         sock.connect(args.connect)
         self.chan = Channel(sock, self.name, router=False)
+        self.spin_ms = spin_ms()             # during a request a wait spins this long before it blocks
         self.backend_name = args.backend
         self.backend = make_backend(args.backend, self.role, options)
         self.ready: m.Ready | None = None
@@ -66,7 +67,7 @@ class Worker(DraftLoop, TargetLoop):
         self.chan.send(msg, to="coordinator")
 
     def recv(self, timeout_ms: float) -> m.Message | None:
-        msg, bad = self.chan.recv(timeout_ms)
+        msg, bad = self.chan.recv(timeout_ms, self.spin_ms if self.request_id else 0.0)
         if bad:
             self.send(m.Error(reason=f"malformed message rejected: {bad}"))
             return None
