@@ -118,7 +118,8 @@ class Session(Supervisor):
         if record["status"] == "ok" and mode != "hf-generate":
             self.costs.observe(key=key, drafting=state.drafting, spans={r: d.spans for r, d in dones.items()},
                                free_drafts=state.free_draft_tokens, hits=state.hits, misses=state.misses,
-                               shared_device=self.shared_gpu())
+                               shared_device=self.shared_gpu(), mode=mode,
+                               tokens=(record.get("target") or {}).get("tokens"))
         return record
 
     def _waiting_messages(self) -> list[m.Message]:

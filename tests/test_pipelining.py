@@ -343,3 +343,38 @@ def test_one_gpu_rounds_price_their_measured_overhead():
     assert not plan(busy, 0.9, **kw).draft
     assert plan(busy, 1.0, **kw).draft
     assert plan(busy, 0.9, mode="speculative", pipelined=True, k_max=16, max_new_tokens=200).draft
+
+
+def test_one_gpu_stands_aside_where_the_last_drafting_request_lost():
+    """Measured on an H200 (bf16 target, nf4 draft, one GPU, alpha 0.9): the model predicted 1.04x, the
+    request drafted, its rounds committed fewer tokens than they paid for, it paused and re-probed, and it
+    measured 0.90x. The next request of that strategy must stand aside (and re-measure later); another
+    strategy, or one whose last drafting request won, still drafts."""
+    from coordinator.costs import decode_speedup
+    ms = 1_000_000
+    tracker = CostTracker(reprobe_after=2)
+    tracker.observe(key="a", drafting=False, spans={"target": spans("prefill", [80]) + spans("decode", [4.4] * 5)})
+    target = [["prefill", 0, 80 * ms, {}], ["verify", 100 * ms, 105 * ms, {"k": 5}],
+              ["decode", 105 * ms, 1080 * ms, {}]]                      # 980 ms after the prefill
+    draft = [["draft_step", (85 + 2.5 * i) * ms, (87.4 + 2.5 * i) * ms, {}] for i in range(5)]   # in turn
+    assert abs(decode_speedup({"target": target}, 200, 4.4) - 199 * 4.4 / 1000) < 1e-9
+    assert decode_speedup({"target": target[:1]}, 200, 4.4) is None and decode_speedup({"target": target}, 200, None) is None
+    for key in ("a", "b"):
+        tracker.observe(key=key, drafting=True, spans={"target": target, "draft": draft}, hits=9, misses=1,
+                        shared_device=True, mode="speculative", tokens=200)
+    tracker.outcome["b"] = 1.2                                           # b's last drafting request won
+    tracker.round_overhead.clear()
+    kw = dict(mode="speculative", pipelined=False, k_max=16, max_new_tokens=200)
+    assert plan(tracker.costs(), 0.9, **kw).draft                        # the model alone would draft
+    lost = tracker.decide("a", **kw)
+    assert not lost.draft and "drafting lost" in lost.reason and "0.88x" in lost.reason
+    assert tracker.decide("b", **kw).draft
+    assert [tracker.decide("a", **kw).draft for _ in range(2)] == [False, True]    # then re-measured
+    assert tracker.decide("a", mode="speculative", pipelined=True, k_max=16, max_new_tokens=200).draft
+    # a parallel or unshared request does not count as an outcome
+    fresh = CostTracker()
+    fresh.observe(key="a", drafting=True, spans={"target": target, "draft": draft}, hits=9, misses=1,
+                  shared_device=True, mode="parallel", tokens=200)
+    fresh.observe(key="a", drafting=True, spans={"target": target, "draft": draft}, hits=9, misses=1,
+                  shared_device=False, mode="speculative", tokens=200)
+    assert fresh.outcome == {}
