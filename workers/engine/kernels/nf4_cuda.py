@@ -35,6 +35,11 @@ streams ~1 TB/s on an H200. Here a packed byte becomes one MMA operand register 
   every shape, so they are gone (BENCHMARKS.md, fifth session; the source is in commit 999609c and its parent):
   persistent programs with a per-lane cp.async ring in shared memory across items, and bulk copies (the
   tensor memory accelerator, one 256-byte row piece a copy) into mbarrier-counted shared-memory stages.
+- Launched with programmatic dependent launch where the step uses it (`kernels.pdl_on`: compute capability
+  9+; `cuda_launch.launch`), a program fills its table and loads its first ring of weight blocks and scales
+  while the kernel ahead still runs, and waits (`wait_inputs`) only before it reads x: an EventGPT nf4 step
+  2.61 → 2.45 ms on an H200. Asking L2 for a program's whole weight range first (`Config.prefetch`) made
+  single launches faster and the step slower (BENCHMARKS.md, seventh session): off.
 - `Config.probe` builds measurement-only variants (loads alone, loads and lookups, no table fill, whole-line
   loads) whose sums are wrong: which part of the kernel limits it (BENCHMARKS.md, fourth session).
 
