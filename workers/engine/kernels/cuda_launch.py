@@ -50,6 +50,21 @@ def _argument(arg, keep: list):
     return ctypes.cast(ctypes.byref(value), ctypes.c_void_p)
 
 
+_AVAILABLE: bool | None = None
+
+
+def available() -> bool:
+    """Whether the CUDA driver has `cuLaunchKernelEx` (CUDA 12.0+); without it kernels launch plainly."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        try:
+            from torch.cuda._utils import _get_gpu_runtime_library
+            _AVAILABLE = hasattr(_get_gpu_runtime_library(), "cuLaunchKernelEx")
+        except Exception:  # noqa: BLE001 - no driver library: no programmatic launch
+            _AVAILABLE = False
+    return _AVAILABLE
+
+
 def launch(kernel, grid, block, args: list, shared_bytes: int, *, pdl: bool = False) -> None:
     """`kernel` (a `torch.cuda._compile_kernel` result) on the current stream; with `pdl`, through
     `cuLaunchKernelEx` and programmatic dependent launch."""

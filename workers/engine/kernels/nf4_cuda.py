@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 
 from . import pdl_on
-from .cuda_launch import launch
+from .cuda_launch import available as launch_ex_available, launch
 
 WARPS = 8
 TABLE_WORDS = 256 * 32
@@ -461,7 +461,7 @@ def unavailable_reason(device) -> str | None:
     major, _ = torch.cuda.get_device_capability(device)
     if major < 8:
         return "bf16 MMAs need compute capability 8.0 or newer"
-    pdl = pdl_on(device)
+    pdl = pdl_on(device) and launch_ex_available()
     for dtype in _MMA_TYPE:
         for two in (False, True):
             if _compile(device, dtype, CONFIG, two, pdl) is None:
@@ -526,7 +526,7 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
     if x.data_ptr() % 16 or packed.data_ptr() % 8:
         raise ValueError("x must be 16-byte aligned and the packed weight 8-byte aligned")
     two = m > 8
-    pdl = pdl_on(x.device)
+    pdl = pdl_on(x.device) and launch_ex_available()
     kernel = _compile(x.device, x.dtype, config, two, pdl)
     if kernel is None:
         raise RuntimeError("the NF4 CUDA kernel is not available: "
