@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from workers.bandwidth import measure_torch  # noqa: E402
 from workers.engine.core import TokenEngine  # noqa: E402
 from workers.engine.fast import CudaGraphStepModel  # noqa: E402
 from workers.engine.exact import ExactStepModel  # noqa: E402
+from workers.engine.kernels import env_settings  # noqa: E402
 from workers.models.synthetic import synthetic_model, synthetic_prefill_inputs  # noqa: E402
 
 BUCKETS = (1, 2, 3, 5, 9, 17, 33)
@@ -214,7 +214,7 @@ def main() -> int:
     tbs = datasheet_tbs(name)
     copy_tbs = measured_copy_tbs(torch.device("cuda")) if device == "cuda" else 1.0
     report = {"device": name, "datasheet_tbs": tbs, "measured_copy_tbs": copy_tbs, "torch": torch.__version__,
-              "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("EVENTSPEC_")}, "runs": []}
+              "settings": env_settings(), "runs": []}
     for kind in args.kinds.split(","):
         for precision in args.precisions.split(","):
             t0 = time.monotonic_ns()

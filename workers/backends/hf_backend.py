@@ -44,10 +44,9 @@ def pick_precision(requested: str | None, device: str) -> str:
 def kernel_settings(device: str) -> dict:
     """What the exact step's kernels run with on `device`: the EVENTSPEC_* variables set, and whether its
     kernels launch with programmatic dependent launch (`kernels.pdl_on`)."""
-    from workers.engine.kernels import pdl_on
-    settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith("EVENTSPEC_")}
+    from workers.engine.kernels import env_settings, pdl_on
     pdl = device.startswith("cuda") and torch.cuda.is_available() and pdl_on(torch.device(device))
-    return {"kernel_env": settings, "pdl": bool(pdl)}
+    return {"kernel_env": env_settings(), "pdl": bool(pdl)}
 
 class HFBackend(Backend):
     kind = ""           # eventgpt | videollava

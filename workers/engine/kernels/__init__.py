@@ -18,6 +18,12 @@ if PDL not in ("0", "1"):
     raise ValueError(f"EVENTSPEC_PDL must be 0 or 1; got {PDL!r}")
 
 
+def env_settings() -> dict:
+    """The EVENTSPEC_* variables set in this process (kernel shapes, PDL, spinning), sorted by name: what a
+    measurement reports beside its numbers."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("EVENTSPEC_")}
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

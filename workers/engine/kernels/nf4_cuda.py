@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 
 from . import pdl_on
-from .cuda_launch import available as launch_ex_available, launch
+from . import cuda_launch
 
 WARPS = 8
 TABLE_WORDS = 256 * 32
@@ -453,6 +453,12 @@ def _compile(device: torch.device, dtype: torch.dtype, config: Config = CONFIG, 
         return kernel
 
 
+def _pdl(device: torch.device) -> bool:
+    """Whether this kernel launches with programmatic dependent launch on `device`: where the step's kernels do
+    (`pdl_on`) and the driver has `cuLaunchKernelEx`; else it launches plainly, compiled without the wait."""
+    return pdl_on(device) and cuda_launch.available()
+
+
 def unavailable_reason(device) -> str | None:
     """Why the CUDA kernel cannot run on `device` (None when it can); compiles it for both 16-bit types."""
     device = torch.device(device)
@@ -461,7 +467,7 @@ def unavailable_reason(device) -> str | None:
     major, _ = torch.cuda.get_device_capability(device)
     if major < 8:
         return "bf16 MMAs need compute capability 8.0 or newer"
-    pdl = pdl_on(device) and launch_ex_available()
+    pdl = _pdl(device)
     for dtype in _MMA_TYPE:
         for two in (False, True):
             if _compile(device, dtype, CONFIG, two, pdl) is None:
@@ -526,13 +532,13 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
     if x.data_ptr() % 16 or packed.data_ptr() % 8:
         raise ValueError("x must be 16-byte aligned and the packed weight 8-byte aligned")
     two = m > 8
-    pdl = pdl_on(x.device) and launch_ex_available()
+    pdl = _pdl(x.device)
     kernel = _compile(x.device, x.dtype, config, two, pdl)
     if kernel is None:
         raise RuntimeError("the NF4 CUDA kernel is not available: "
                            f"{_failure.get((x.device.index, x.dtype, config, two, pdl))}")
     tiles = -(-n // 16)
     grid = (-(-tiles // max(1, config.tiles)), splits, -(-m // ROWS_PER_PROGRAM))
-    launch(kernel, grid, (32 * WARPS, 1, 1), [x, packed, absmax, pairs, out, m, n, k, per_split],
+    cuda_launch.launch(kernel, grid, (32 * WARPS, 1, 1), [x, packed, absmax, pairs, out, m, n, k, per_split],
            config.shared_bytes(), pdl=pdl)
     return out
