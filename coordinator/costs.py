@@ -263,7 +263,7 @@ class CostTracker:
                 and lost is not None and lost < 1.0):
             # near break-even the model is optimistic: a window whose rounds commit fewer tokens than it pays
             # for is paused inside the request, and each re-probe then catches the draft up first (measured on
-            # an H200 at alpha 0.9: predicted 1.04x, measured 0.90x). The last measured outcome decides.
+            # an H200 at alpha 0.9: predicted 1.03-1.04x, measured 0.90-0.95x). The last measured outcome decides.
             decision = Plan(False, f"drafting lost in this strategy's last drafting request on this GPU (measured "
                                    f"{lost:.2f}x over its decode phase; the model now predicts "
                                    f"{decision.predicted_speedup:.3f}x)", decision.k, decision.predicted_speedup,

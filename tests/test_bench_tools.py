@@ -64,3 +64,22 @@ def test_kernel_fit_recovers_the_fixed_cost_and_the_rate_of_a_line():
     assert row["variant"] == "bf16-mma" and row["shapes"] == 3
     assert row["fixed_us"] == pytest.approx(2.0) and row["marginal_tbs"] == pytest.approx(2.0)
     assert row["layer_us"] == pytest.approx(51.0)
+
+
+def test_plan_outcomes_pairs_each_request_with_its_own_samples_baseline():
+    from benchmarks.plan_outcomes import outcomes
+    plan = {"reason": "drafting pays (sharing the target's device): predicted 1.037x (...)", "predicted_speedup": 1.037}
+    records = [
+        {"sample_id": "a", "mode": "baseline", "status": "ok", "wall_ms": 1000.0, "placement": "same-gpu", "mps": "off"},
+        {"sample_id": "b", "mode": "baseline", "status": "ok", "wall_ms": 500.0, "placement": "same-gpu", "mps": "off"},
+        {"sample_id": "a", "mode": "speculative", "alpha": 0.9, "oracle": "alpha=0.9", "wall_ms": 1250.0,
+         "placement": "same-gpu", "mps": "off", "draft_plan": plan},
+        {"sample_id": "b", "mode": "speculative", "alpha": 1.0, "oracle": "alpha=1", "wall_ms": 400.0,
+         "placement": "same-gpu", "mps": "off", "draft_plan": None},
+        {"sample_id": "b", "mode": "speculative", "alpha": 1.0, "wall_ms": 400.0, "placement": "same-gpu",
+         "mps": "on"},                                  # no baseline with MPS on: not paired
+    ]
+    rows = outcomes(records)
+    assert [(r["sample"], r["plan"], r["predicted"], r["measured"]) for r in rows] == [
+        ("a", "drafting pays", 1.037, 0.8), ("b", "", None, 1.25)]
+    assert [r["sample"] for r in outcomes(records, alpha=0.9)] == ["a"]

@@ -348,8 +348,8 @@ def test_one_gpu_rounds_price_their_measured_overhead():
 def test_one_gpu_stands_aside_where_the_last_drafting_request_lost():
     """Measured on an H200 (bf16 target, nf4 draft, one GPU, alpha 0.9): the model predicted 1.04x, the
     request drafted, its rounds committed fewer tokens than they paid for, it paused and re-probed, and it
-    measured 0.90x. The next request of that strategy must stand aside (and re-measure later); another
-    strategy, or one whose last drafting request won, still drafts."""
+    measured 0.90x (two others: 0.91x, 0.95x). The next request of that strategy must stand aside (and
+    re-measure later); another strategy, or one whose last drafting request won, still drafts."""
     from coordinator.costs import decode_speedup
     ms = 1_000_000
     tracker = CostTracker(reprobe_after=2)
