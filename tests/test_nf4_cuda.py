@@ -102,30 +102,11 @@ def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
         for change in (dict(tiles=3, layout=0), dict(depth=2, layout=0), dict(depth=6, minb=3, layout=0),
                        dict(xring=1, minb=3, layout=0), dict(layout=1), dict(layout=1, depth=2),
                        dict(layout=1, depth=4, minb=3), dict(layout=1, tiles=3), dict(layout=1, prefetch=1),
-                       dict(layout=1, prefetch=2), dict(layout=1, prefetch=1, tiles=3), dict(layout=1, stream=1),
-                       dict(layout=1, stream=1, minb=3)):
+                       dict(layout=1, prefetch=2), dict(layout=1, prefetch=1, tiles=3)):
             other = torch.full((splits, rows, n), float("nan"), device="cuda")
             weight = nf4_cuda.tile_packed(packed, n, k) if change.get("layout") else packed
             nf4_cuda.partials(x, weight, tiles, pairs, n, k, other, per, replace(nf4_cuda.CONFIG, **change))
             assert torch.equal(ring, other), f"{rows} rows, {change}"
-
-
-def test_stream_programs_run_only_where_they_can_and_size_their_shared_memory_by_the_range():
-    from dataclasses import replace
-    stream = replace(nf4_cuda.CONFIG, stream=1, layout=1)
-    cpu = torch.device("cpu")
-    assert nf4_cuda.launch_config(stream, cpu, 16).stream == 0          # bulk copies need a CUDA GPU
-    assert nf4_cuda.launch_config(replace(stream, layout=0), cpu, 16).stream == 0
-    if torch.cuda.is_available():
-        dev = torch.device("cuda")
-        hopper = torch.cuda.get_device_capability(dev)[0] >= 9
-        assert nf4_cuda.launch_config(stream, dev, 8 * nf4_cuda.MAX_CHUNKS).stream == int(hopper)
-        assert nf4_cuda.launch_config(stream, dev, 8 * nf4_cuda.MAX_CHUNKS + 1).stream == 0   # range too long
-    # the table, the chunks' barriers, and the range's bytes and scales (at least the reduction's 8 KB)
-    assert stream.shared_bytes(86) == 32768 + 8 * nf4_cuda.MAX_CHUNKS + 86 * 576
-    assert stream.shared_bytes(5) == 32768 + 8 * nf4_cuda.MAX_CHUNKS + 8192
-    assert stream.shared_bytes() == stream.shared_bytes(8 * nf4_cuda.MAX_CHUNKS) < 227 * 1024
-    assert nf4_cuda.CONFIG.shared_bytes(86) == nf4_cuda.SHARED_BYTES or nf4_cuda.CONFIG.stream
 
 
 def test_tile_packed_puts_a_blocks_16_rows_in_512_contiguous_bytes():

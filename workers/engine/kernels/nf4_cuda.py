@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -64,8 +64,6 @@ SHARED_BYTES = 4 * TABLE_WORDS + 4 * WARPS * 16 * 16
 ROWS_PER_PROGRAM = 16
 TARGET_PROGRAMS = 512          # programs a weight aims at (an H200 has 132 SMs, ~3 programs resident on each)
 MIN_SPLIT_BLOCKS = 16          # NF4 blocks per split at least (8 warps × 2)
-MAX_CHUNKS = 16                # stream programs: 8-block chunks a program's range may hold (128 blocks, 72 KB)
-BAR_BYTES = 8 * MAX_CHUNKS
 
 SOURCE = r"""
 #define WARPS 8
@@ -79,8 +77,6 @@ SOURCE = r"""
 #define TABLE_WORDS (256 * 32)
 #define PREFETCH PREFETCH_VALUE // 1: each program first asks L2 for its tile's weight bytes and scales, a prefetch a
                                 // line; 2: the same as bulk prefetches of 4 KB (compute capability 9+)
-#define STREAM STREAM_VALUE     // 1: stream programs (sm_90+): the tile's whole K range of weight bytes and scales comes
-                                // into shared memory by bulk copies issued at the start, 8 blocks an mbarrier
 #define PDL PDL_VALUE           // 1: launched with programmatic dependent launch: x is read and `out` written only
                                 // after the kernel ahead has finished (`wait_inputs`); weights are read before
 
@@ -214,7 +210,6 @@ __device__ __forceinline__ float block_probe(unsigned lt, uint2 wa, uint2 wb, co
 }
 #endif
 
-#if !STREAM
 extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
         const unsigned* __restrict__ x,            // [M, K / 2] words, two 16-bit values each
         const unsigned char* __restrict__ w,       // [N, K / 2] packed bytes (bitsandbytes' layout)
@@ -362,118 +357,6 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
         reduce_tile(red, acc, out, tid, tile, split, M, N, m0, here);
     }
 }
-#else
-// Stream programs (Config.stream, sm_90+). With tile-major bytes a program's whole K range of its tile is one
-// contiguous run of weight bytes (512 a block) and one of scales (64 a block), so a few bulk copies (the tensor
-// memory accelerator) put all of it in flight at once: lane c of warp 0 copies chunk c (8 blocks, one per
-// warp) into shared memory, counted by mbarrier c, before the table is filled and before the kernel waits for
-// the one ahead. Warp w then computes block w of each chunk as it lands, reading its bytes from shared memory
-// where the ring read them from global memory: the same blocks in the same order, so the same sums, bit for
-// bit, as the ring kernel. The reduction's scratch `red` reuses the staged bytes once every warp is done.
-#define MAX_CHUNKS MAX_CHUNKS_VALUE
-#define BAR_WORDS (2 * MAX_CHUNKS)          // one 8-byte mbarrier a chunk
-
-__device__ __forceinline__ void bar_init(unsigned bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void bar_expect(unsigned bar, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
-}
-// until the barrier's phase of parity `parity` has completed (its copies have landed and are visible)
-__device__ __forceinline__ void bar_wait(unsigned bar, unsigned parity) {
-    unsigned done;
-    do {
-        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-    } while (!done);
-}
-__device__ __forceinline__ void bulk_copy(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-                 :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
-}
-__device__ __forceinline__ uint2 lds64(unsigned addr) {
-    uint2 v;
-    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr) : "memory");
-    return v;
-}
-
-extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
-        const unsigned* __restrict__ x, const unsigned char* __restrict__ w, const float2* __restrict__ absmax,
-        const unsigned* __restrict__ pairs, float* __restrict__ out, int M, int N, int K, int split_blocks) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    extern __shared__ unsigned shared[];
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int KB = K >> 6, KW = K >> 1;
-    const int tile = blockIdx.x, split = blockIdx.y, m0 = blockIdx.z * 16;
-    const int b_begin = split * split_blocks;
-    const int nb = min(split_blocks, KB - b_begin);            // blocks in this program's range (<= 8 * MAX_CHUNKS)
-    const int chunks = (nb + 7) >> 3;
-    const unsigned bars = (unsigned)__cvta_generic_to_shared(shared + TABLE_WORDS);
-    const unsigned stage_w = bars + 4 * BAR_WORDS;             // the range's weight bytes, 512 a block
-    const unsigned stage_s = stage_w + 512u * nb;              // then its scales, 64 a block
-    float* red = (float*)(shared + TABLE_WORDS + BAR_WORDS);   // = stage_w, once every warp is done with it
-    if (tid == 0) {
-        for (int c = 0; c < chunks; ++c) bar_init(bars + 8 * c, 1);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
-    if (warp == 0 && lane < chunks) {                          // chunk `lane`: its blocks' bytes and scales
-        const int first = 8 * lane, n = min(8, nb - first);
-        const size_t block = (size_t)tile * KB + b_begin + first;
-        const unsigned bar = bars + 8 * lane;
-        bar_expect(bar, 576u * n);
-        bulk_copy(stage_w + 512u * first, w + block * 512, 512u * n, bar);
-        bulk_copy(stage_s + 64u * first, (const unsigned char*)absmax + block * 64, 64u * n, bar);
-    }
-    fill_table(shared, pairs, tid);                            // while the copies are in flight
-    wait_inputs();                                             // x is read only from here on
-    __syncthreads();                                           // the table is complete
-
-    const int here = min(16, M - m0);
-    const bool two = TWO && here > 8;                          // the same for every lane
-    const bool x_ok0 = g < here, x_ok1 = 8 + g < here;
-    const unsigned lt = (unsigned)__cvta_generic_to_shared(shared) + 4u * lane;
-    // x rows as the ring reads them (a row past M reads row m0; its column's sums are never stored)
-    const uint4* px0 = (const uint4*)(x + (size_t)(m0 + (x_ok0 ? g : 0)) * KW) + 2 * t + (size_t)(b_begin + warp) * 8;
-#if TWO
-    const uint4* px1 = (const uint4*)(x + (size_t)(m0 + (x_ok1 ? 8 + g : 0)) * KW) + 2 * t + (size_t)(b_begin + warp) * 8;
-#endif
-    const unsigned mine = 32u * g + 8u * t;                    // the lane's 8 bytes of row g in a block's 512
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    uint4 next0 = make_uint4(0u, 0u, 0u, 0u), next1 = next0, next2 = next0, next3 = next0;
-    if (warp < nb) {                                           // x of the warp's first block, one block ahead
-        next0 = px0[0]; next1 = px0[1];
-#if TWO
-        next2 = px1[0]; next3 = px1[1];
-#endif
-    }
-    for (int c = 0; c < chunks; ++c) {
-        const int i = 8 * c + warp;                            // the warp's block of chunk c
-        if (i >= nb) break;                                    // the same for the whole warp
-        unsigned xw0[8], xw1[8];
-        unpack_x(xw0, next0, next1);
-#if TWO
-        unpack_x(xw1, next2, next3);
-#endif
-        if (i + WARPS < nb) {
-            next0 = px0[(c + 1) * 64]; next1 = px0[(c + 1) * 64 + 1];
-#if TWO
-            next2 = px1[(c + 1) * 64]; next3 = px1[(c + 1) * 64 + 1];
-#endif
-        }
-        bar_wait(bars + 8 * c, 0);
-        const uint2 wa = lds64(stage_w + 512u * i + mine), wb = lds64(stage_w + 512u * i + 256u + mine);
-        const uint2 sv = lds64(stage_s + 64u * i + 8u * g);
-        float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        block_mma(part, lt, wa, wb, xw0, xw1, two);
-        add_scaled(acc, part, __uint_as_float(sv.x), __uint_as_float(sv.y));
-    }
-    __syncthreads();                                           // `red` overwrites the staged bytes
-    reduce_tile(red, acc, out, tid, tile, split, M, N, m0, here);
-#endif
-}
-#endif
 """
 
 _MMA_TYPE = {torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -495,9 +378,6 @@ class Config:
     tiles: int = 1          # tiles of 16 weight rows per program: the 32 KB table is filled once for them all
     layout: int = 1         # 1: the weight bytes tile-major (`tile_packed`): a warp's load is 256 contiguous
                             # bytes, whole lines (14–19 % faster a launch than 0, bitsandbytes' rows, on an H200)
-    stream: int = 0         # 1: stream programs (compute capability 9+, tile-major bytes, a range of at most
-                            # 8 · MAX_CHUNKS blocks): bulk copies put the tile's whole range in shared memory
-                            # at the start; the ring's sums, bit for bit. Elsewhere the ring kernel runs
     prefetch: int = 0       # 1: each program first prefetches its tile's weight bytes and scales into L2 (a
                             # prefetch a line), 2: as 4 KB bulk prefetches (compute capability 9+); tile-major only
     probe: int = 0          # measurement only (kernel_probe.py), the sums are wrong: 1 = the weight, scale and
@@ -505,13 +385,8 @@ class Config:
                             # fill, 4 = the weight loads in whole 128-byte lines (the dense kernels' shape);
                             # which part limits the kernel
 
-    def shared_bytes(self, per_split: int | None = None) -> int:
-        """Dynamic shared memory of a launch whose splits hold `per_split` blocks (stream programs stage the
-        range's bytes: 576 a block, at least the reduction's 8 KB); None: the most any launch takes."""
-        if not self.stream:
-            return SHARED_BYTES
-        blocks = 8 * MAX_CHUNKS if per_split is None else per_split
-        return 4 * TABLE_WORDS + BAR_BYTES + max(576 * blocks, 4 * WARPS * 16 * 16)
+    def shared_bytes(self) -> int:
+        return SHARED_BYTES
 
 
 def parse_changes(text: str, *, allow_probe: bool = False) -> dict:
@@ -548,12 +423,10 @@ def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True, pdl: b
     kind = _MMA_TYPE[dtype]
     name = (f"eventspec_nf4_partials_{kind}_d{config.depth}x{config.xring}m{config.minb}r{1 + two}"
             + (f"p{config.probe}" if config.probe else "") + ("t" if config.layout else "")
-            + (f"f{config.prefetch}" if config.prefetch else "") + ("s" if config.stream else "")
-            + ("w" if pdl else ""))
+            + (f"f{config.prefetch}" if config.prefetch else "") + ("w" if pdl else ""))
     text = (SOURCE.replace("DEPTH_VALUE", str(config.depth)).replace("XRING_VALUE", str(config.xring))
             .replace("PROBE_VALUE", str(config.probe)).replace("PREFETCH_VALUE", str(config.prefetch))
-            .replace("PDL_VALUE", str(int(pdl))).replace("STREAM_VALUE", str(int(bool(config.stream))))
-            .replace("MAX_CHUNKS_VALUE", str(MAX_CHUNKS))
+            .replace("PDL_VALUE", str(int(pdl)))
             .replace("TWO_VALUE", str(int(two))).replace("TILED_VALUE", str(int(bool(config.layout))))
             .replace("MINB_VALUE", str(config.minb)).replace(".DT.DT.", f".{kind}.{kind}."))
     return text.replace("NAME", name), name
@@ -586,17 +459,6 @@ def _pdl(device: torch.device) -> bool:
     return pdl_on(device) and cuda_launch.available()
 
 
-def launch_config(config: Config, device: torch.device, per_split: int) -> Config:
-    """The config a launch runs: stream programs where they can (compute capability 9+, tile-major bytes, a
-    range of at most 8 · MAX_CHUNKS blocks: a function of the weight's shape and the GPU), else the ring
-    kernel, whose sums they equal bit for bit."""
-    if not config.stream:
-        return config
-    ok = (config.layout and not config.probe and per_split <= 8 * MAX_CHUNKS and device.type == "cuda"
-          and torch.cuda.get_device_capability(device)[0] >= 9)
-    return config if ok else replace(config, stream=0)
-
-
 def unavailable_reason(device) -> str | None:
     """Why the CUDA kernel cannot run on `device` (None when it can); compiles it for both 16-bit types."""
     device = torch.device(device)
@@ -606,12 +468,10 @@ def unavailable_reason(device) -> str | None:
     if major < 8:
         return "bf16 MMAs need compute capability 8.0 or newer"
     pdl = _pdl(device)
-    configs = {CONFIG, launch_config(CONFIG, device, MIN_SPLIT_BLOCKS), replace(CONFIG, stream=0)}
-    for config in configs:
-        for dtype in _MMA_TYPE:
-            for two in (False, True):
-                if _compile(device, dtype, config, two, pdl) is None:
-                    return _failure[(device.index, dtype, config, two, pdl)]
+    for dtype in _MMA_TYPE:
+        for two in (False, True):
+            if _compile(device, dtype, CONFIG, two, pdl) is None:
+                return _failure[(device.index, dtype, CONFIG, two, pdl)]
     return None
 
 
@@ -673,13 +533,12 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
         raise ValueError("x must be 16-byte aligned and the packed weight 8-byte aligned")
     two = m > 8
     pdl = _pdl(x.device)
-    config = launch_config(config, x.device, per_split)
     kernel = _compile(x.device, x.dtype, config, two, pdl)
     if kernel is None:
         raise RuntimeError("the NF4 CUDA kernel is not available: "
                            f"{_failure.get((x.device.index, x.dtype, config, two, pdl))}")
     tiles = -(-n // 16)
-    grid = (-(-tiles // max(1, 1 if config.stream else config.tiles)), splits, -(-m // ROWS_PER_PROGRAM))
+    grid = (-(-tiles // max(1, config.tiles)), splits, -(-m // ROWS_PER_PROGRAM))
     cuda_launch.launch(kernel, grid, (32 * WARPS, 1, 1), [x, packed, absmax, pairs, out, m, n, k, per_split],
-           config.shared_bytes(per_split), pdl=pdl)
+           config.shared_bytes(), pdl=pdl)
     return out
