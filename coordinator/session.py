@@ -18,7 +18,7 @@ import numpy as np
 
 from protocol import messages as m
 
-from .costs import CostTracker, Plan, turn_window
+from .costs import CostTracker, Plan, first_window, turn_window
 from .metrics import draft_alone_timing, measure_request
 from .spec import Decode, Finish, Rebase, RequestState, StopDraft, Verify   # actions; protocol messages are m.*
 from .supervisor import (POLL_MS, RequestFailed, StartupError, Supervisor, WorkerDied, WorkerHandle,  # noqa: F401
@@ -71,7 +71,7 @@ class Session(Supervisor):
         state = RequestState(mode=mode, max_new_tokens=max_new_tokens, eos_id=eos, k_max=k_max, adaptive=adaptive,
                              wait_for_drafts=wait_for_drafts, pipelined=pipelined, max_ahead=max_ahead,
                              lookahead_margin=margin,
-                             k_start=plan.k if plan is not None and plan.draft else None,
+                             k_start=first_window(plan, k_max) if mode == "speculative" else None,
                              min_mean_len=plan.min_mean_len if plan is not None else None,
                              stood_aside=record.get("draft_stood_aside"))
         roles = ["target"] if mode in ("baseline", "hf-generate") else ["draft", "target"]

@@ -310,6 +310,26 @@ def test_one_gpu_window_is_the_plans_best_k():
     assert turn_window(plan(Costs(), None, mode="speculative", pipelined=False, k_max=16, max_new_tokens=50), 16) == 16
 
 
+def test_a_request_that_drafts_to_measure_starts_with_a_short_window():
+    """Measured on an H200 (one GPU, bf16 target, nf4 draft): the first request of a strategy drafted a
+    window of 16 to measure its acceptance, and at alpha 0 it ran at 0.79x: 16 + 8 + 4 + 2 + 1 draft steps
+    before the window paused. It now starts at MEASURE_WINDOW; a measured plan starts at its best k."""
+    from coordinator.costs import MEASURE_WINDOW, first_window
+    from coordinator.spec import RequestState
+    unmeasured = plan(Costs(), None, mode="speculative", pipelined=False, k_max=16, max_new_tokens=50)
+    assert unmeasured.draft and unmeasured.k is None
+    assert first_window(unmeasured, 16) == MEASURE_WINDOW < 16
+    assert first_window(unmeasured, 2) == 2
+    measured = plan(costs(D=3.2, T=5.0), 0.9, mode="speculative", pipelined=False, k_max=16, max_new_tokens=200)
+    assert first_window(measured, 16) == measured.k
+    aside = plan(costs(D=3.2, T=5.0), 0.0, mode="speculative", pipelined=False, k_max=16, max_new_tokens=200)
+    assert not aside.draft and first_window(aside, 16) is None and first_window(None, 16) is None
+    # the state machine drafts the short window first, then grows it after fully accepted rounds
+    state = RequestState(mode="speculative", max_new_tokens=50, eos_id=-1, k_max=16,
+                         k_start=first_window(unmeasured, 16))
+    assert state._k == MEASURE_WINDOW
+
+
 def test_one_gpu_rounds_price_their_measured_overhead():
     """Measured on an H200 (bf16 target, nf4 draft, c = 0.61): with the window capped at the plan's k,
     speculative still ran at 0.93x at alpha 0.9 where the plan predicted 1.09x: ~2 ms a round went to
