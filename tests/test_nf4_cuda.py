@@ -102,7 +102,8 @@ def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
         for change in (dict(tiles=3, layout=0), dict(depth=2, layout=0), dict(depth=6, minb=3, layout=0),
                        dict(xring=1, minb=3, layout=0), dict(layout=1), dict(layout=1, depth=2),
                        dict(layout=1, depth=4, minb=3), dict(layout=1, tiles=3), dict(layout=1, prefetch=1),
-                       dict(layout=1, prefetch=2), dict(layout=1, prefetch=1, tiles=3)):
+                       dict(layout=1, prefetch=2), dict(layout=1, prefetch=1, tiles=3), dict(layout=1, early=1),
+                       dict(layout=1, early=1, tiles=3)):
             other = torch.full((splits, rows, n), float("nan"), device="cuda")
             weight = nf4_cuda.tile_packed(packed, n, k) if change.get("layout") else packed
             nf4_cuda.partials(x, weight, tiles, pairs, n, k, other, per, replace(nf4_cuda.CONFIG, **change))

@@ -77,6 +77,8 @@ SOURCE = r"""
 #define TABLE_WORDS (256 * 32)
 #define PREFETCH PREFETCH_VALUE // 1: each program first asks L2 for its tile's weight bytes and scales, a prefetch a
                                 // line; 2: the same as bulk prefetches of 4 KB (compute capability 9+)
+#define EARLY EARLY_VALUE       // 1: the wait for the kernel ahead is predicated on the first ring's loaded values, so
+                                // ptxas cannot schedule it before those loads (it did: ACQBULK ahead of every LDG)
 #define PDL PDL_VALUE           // 1: launched with programmatic dependent launch: x is read and `out` written only
                                 // after the kernel ahead has finished (`wait_inputs`); weights are read before
 
@@ -94,6 +96,17 @@ __device__ __forceinline__ void mma(float* d, unsigned a0, unsigned a1, unsigned
 __device__ __forceinline__ void wait_inputs() {
 #if PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// wait_inputs(), ordered after the loads that produced `dep`: the wait is predicated on a value computed from
+// them (`dep | nonzero` != 0, always true; `nonzero` is a kernel argument, so ptxas cannot prove it), so it
+// cannot be issued before they have landed. Without it ptxas hoists the wait above the ring's first loads
+__device__ __forceinline__ void wait_inputs_after(unsigned dep, unsigned nonzero) {
+#if PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("{\n.reg .pred p;\n.reg .b32 v;\nor.b32 v, %0, %1;\nsetp.ne.u32 p, v, 0;\n@p griddepcontrol.wait;\n}\n"
+                 :: "r"(dep), "r"(nonzero) : "memory");
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
@@ -295,6 +308,10 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
 #endif
         uint2 ring_a[DEPTH], ring_b[DEPTH];
         float2 ring_s[DEPTH];
+#if EARLY
+#pragma unroll
+        for (int d = 0; d < DEPTH; ++d) { ring_a[d] = make_uint2(0u, 0u); ring_b[d] = ring_a[d]; ring_s[d] = make_float2(0.f, 0.f); }
+#endif
 #if XRING
         uint4 ring_x[DEPTH][2];
         wait_inputs();                                      // the ring holds x
@@ -311,7 +328,14 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
 #endif
             }
         }
-#if !XRING
+#if !XRING && EARLY
+        {                                                   // the ring holds weights and scales only: wait once
+            unsigned dep = 0u;                              // they have landed (EARLY)
+#pragma unroll
+            for (int d = 0; d < DEPTH; ++d) dep ^= ring_a[d].x ^ ring_b[d].y ^ __float_as_uint(ring_s[d].x);
+            wait_inputs_after(dep, (unsigned)K);
+        }
+#elif !XRING
         wait_inputs();                                      // the ring holds weights and scales only
 #endif
         __syncthreads();
@@ -378,6 +402,8 @@ class Config:
     tiles: int = 1          # tiles of 16 weight rows per program: the 32 KB table is filled once for them all
     layout: int = 1         # 1: the weight bytes tile-major (`tile_packed`): a warp's load is 256 contiguous
                             # bytes, whole lines (14–19 % faster a launch than 0, bitsandbytes' rows, on an H200)
+    early: int = 0          # 1: the wait for the kernel ahead (PDL) depends on the first ring's loads, so they are
+                            # issued before it; 0: ptxas schedules the wait ahead of them (read in the SASS)
     prefetch: int = 0       # 1: each program first prefetches its tile's weight bytes and scales into L2 (a
                             # prefetch a line), 2: as 4 KB bulk prefetches (compute capability 9+); tile-major only
     probe: int = 0          # measurement only (kernel_probe.py), the sums are wrong: 1 = the weight, scale and
@@ -423,10 +449,11 @@ def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True, pdl: b
     kind = _MMA_TYPE[dtype]
     name = (f"eventspec_nf4_partials_{kind}_d{config.depth}x{config.xring}m{config.minb}r{1 + two}"
             + (f"p{config.probe}" if config.probe else "") + ("t" if config.layout else "")
-            + (f"f{config.prefetch}" if config.prefetch else "") + ("w" if pdl else ""))
+            + (f"f{config.prefetch}" if config.prefetch else "") + ("e" if config.early else "")
+            + ("w" if pdl else ""))
     text = (SOURCE.replace("DEPTH_VALUE", str(config.depth)).replace("XRING_VALUE", str(config.xring))
             .replace("PROBE_VALUE", str(config.probe)).replace("PREFETCH_VALUE", str(config.prefetch))
-            .replace("PDL_VALUE", str(int(pdl)))
+            .replace("PDL_VALUE", str(int(pdl))).replace("EARLY_VALUE", str(int(bool(config.early))))
             .replace("TWO_VALUE", str(int(two))).replace("TILED_VALUE", str(int(bool(config.layout))))
             .replace("MINB_VALUE", str(config.minb)).replace(".DT.DT.", f".{kind}.{kind}."))
     return text.replace("NAME", name), name
