@@ -36,10 +36,13 @@ streams ~1 TB/s on an H200. Here a packed byte becomes one MMA operand register 
   persistent programs with a per-lane cp.async ring in shared memory across items, and bulk copies (the
   tensor memory accelerator, one 256-byte row piece a copy) into mbarrier-counted shared-memory stages.
 - Launched with programmatic dependent launch where the step uses it (`kernels.pdl_on`: compute capability
-  9+; `cuda_launch.launch`), a program fills its table and loads its first ring of weight blocks and scales
-  while the kernel ahead still runs, and waits (`wait_inputs`) only before it reads x: an EventGPT nf4 step
-  2.61 → 2.45 ms on an H200. Asking L2 for a program's whole weight range first (`Config.prefetch`) made
-  single launches faster and the step slower (BENCHMARKS.md, seventh session): off.
+  9+; `cuda_launch.launch`), a program fills its table while the kernel ahead still runs and waits
+  (`wait_inputs`) before it reads x: an EventGPT nf4 step 2.61 → 2.45 ms on an H200. The source issues the
+  first ring of weight loads before the wait too, but ptxas schedules the wait (SASS `ACQBULK`) ahead of them;
+  `Config.early` predicates the wait on their values so they go first: launched back to back 3–13 % faster at
+  one row, in the step no faster (2.35 against 2.35 ms, BENCHMARKS.md, eighth session): off. Asking L2 for a
+  program's whole weight range first (`Config.prefetch`) made single launches faster and the step slower
+  (seventh session): off.
 - `Config.probe` builds measurement-only variants (loads alone, loads and lookups, no table fill, whole-line
   loads) whose sums are wrong: which part of the kernel limits it (BENCHMARKS.md, fourth session).
 
