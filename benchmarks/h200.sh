@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs of issues 10 and 11: a bf16 target beside an nf4 draft, random full-size weights
 # (--synthetic-weights 7b), DSEC-size inputs with mp4 decoding included, 10 samples, one GPU and two.
-#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|attention-sweep|attention-ab|same-gpu-5|pdl-ab|prefetch-ab|dense-prefetch-ab|early-ab|all]
+#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|attention-sweep|attention-ab|same-gpu-5|pdl-ab|prefetch-ab|dense-prefetch-ab|early-ab|argtable-ab|all]
 # two-gpu needs two GPUs of one host. Needs PyAV (writing and reading the mp4 clips), Triton (the exact
 # step) and bitsandbytes (nf4). Each part is one `coordinator bench` run; bench.json/bench.md are written
 # after every (placement, MPS) session, so a run cut short keeps what it finished. MPS=on,off adds the MPS
@@ -105,6 +105,22 @@ if [[ $WHAT == early-ab ]]; then   # the NF4 kernel's first ring loaded before i
         > "$OUT/kernel_probe-early.json" 2> "$OUT/kernel_probe-early.log"
     echo "$(date +%T) exact step and PDL tests, early=1"
     EVENTSPEC_NF4_CUDA=early=1 "$PY" -m pytest -q tests/test_engine_exact.py tests/test_pdl.py 2>&1 | tail -2
+    echo "$(date +%T) done"
+    exit 0
+fi
+if [[ $WHAT == argtable-ab ]]; then   # the NF4 kernel's table from the codes as kernel arguments (no global load first)
+    "$PY" -m pytest -q tests/test_nf4_cuda.py 2>&1 | tail -2
+    for config in "" argtable=1 argtable=1,early=1 "" argtable=1 argtable=1,early=1; do
+        name=${config:-default}
+        echo "$(date +%T) step eventgpt nf4 $name"
+        EVENTSPEC_NF4_CUDA=$config "$PY" benchmarks/step_bench.py --kinds eventgpt --precisions nf4 --repeats 15 \
+            --no-previous --out "$OUT/step-nf4-${name//[=,]/_}-$SECONDS.json" | cut -c1-300
+    done
+    echo "$(date +%T) kernel_probe"
+    "$PY" benchmarks/kernel_probe.py --sweep nf4-cuda --rows 1,9 --configs "argtable=1;argtable=1,early=1" \
+        > "$OUT/kernel_probe-argtable.json" 2> "$OUT/kernel_probe-argtable.log"
+    echo "$(date +%T) PDL test, argtable=1"
+    EVENTSPEC_NF4_CUDA=argtable=1 "$PY" -m pytest -q tests/test_pdl.py 2>&1 | tail -2
     echo "$(date +%T) done"
     exit 0
 fi

@@ -22,6 +22,26 @@ def test_pair_table_puts_the_even_column_in_the_low_half():
     assert low.item() == code[3].to(torch.bfloat16).item() and high.item() == code[12].to(torch.bfloat16).item()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_codes_as_kernel_arguments_rebuild_the_pair_table(dtype):
+    """`Config.argtable`: thread tid of a program writes the table's 16-byte words tid + 256 j (j = 0..7), each
+    four copies of entry (tid / 8 + 32 j), from the 8 code words alone; the same index arithmetic as
+    `fill_table_args`, checked here against `pair_table`'s 256 entries (the GPU test checks the sums)."""
+    table = nf4_cuda.pair_table(nf4.code_tensor("cpu"), dtype)
+    c = [w & 0xFFFFFFFF for w in table.code_words]
+    assert len(c) == 8 and all(-(1 << 31) <= w < (1 << 31) for w in table.code_words)
+    built = [None] * 2048
+    for tid in range(256):
+        base = tid >> 3
+        low_nibble, parity = base & 15, base >> 4
+        word = c[low_nibble >> 1]
+        low_code = word >> 16 if low_nibble & 1 else word & 0xFFFF
+        for j in range(8):
+            high_code = c[j] >> 16 if parity else c[j] & 0xFFFF
+            built[tid + 256 * j] = high_code | low_code << 16
+    assert built == [int(table[i >> 3]) & 0xFFFFFFFF for i in range(2048)]
+
+
 def test_splits_depend_on_the_shape_only_and_cover_k():
     for n, k in [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (40, 320)]:
         splits, per = nf4_cuda.splits_for(n, k)
@@ -103,7 +123,8 @@ def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
                        dict(xring=1, minb=3, layout=0), dict(layout=1), dict(layout=1, depth=2),
                        dict(layout=1, depth=4, minb=3), dict(layout=1, tiles=3), dict(layout=1, prefetch=1),
                        dict(layout=1, prefetch=2), dict(layout=1, prefetch=1, tiles=3), dict(layout=1, early=1),
-                       dict(layout=1, early=1, tiles=3)):
+                       dict(layout=1, early=1, tiles=3), dict(layout=1, argtable=1),
+                       dict(layout=1, argtable=1, early=1), dict(layout=1, argtable=1, tiles=3)):
             other = torch.full((splits, rows, n), float("nan"), device="cuda")
             weight = nf4_cuda.tile_packed(packed, n, k) if change.get("layout") else packed
             nf4_cuda.partials(x, weight, tiles, pairs, n, k, other, per, replace(nf4_cuda.CONFIG, **change))

@@ -80,6 +80,8 @@ SOURCE = r"""
 #define TABLE_WORDS (256 * 32)
 #define PREFETCH PREFETCH_VALUE // 1: each program first asks L2 for its tile's weight bytes and scales, a prefetch a
                                 // line; 2: the same as bulk prefetches of 4 KB (compute capability 9+)
+#define ARGTABLE ARGTABLE_VALUE // 1: the table is built from the 16 codes passed as kernel arguments (`c0`..`c7`), no
+                                // global load before the first weight loads; 0: copied from `pairs` in global memory
 #define EARLY EARLY_VALUE       // 1: the wait for the kernel ahead is predicated on the first ring's loaded values, so
                                 // ptxas cannot schedule it before those loads (it did: ACQBULK ahead of every LDG)
 #define PDL PDL_VALUE           // 1: launched with programmatic dependent launch: x is read and `out` written only
@@ -182,6 +184,23 @@ __device__ __forceinline__ void fill_table(unsigned* shared, const unsigned* pai
     }
 }
 
+// The same table from the 16 codes as kernel arguments (`c[j]` = code 2j | code 2j + 1 << 16): no memory read, so
+// nothing for the first weight loads to wait behind. Thread tid writes entries e = tid / 8 + 32 j (j = 0..7):
+// their low nibble (e & 15 = tid / 8 & 15) is one code for all eight, their high nibble's code is 2 j + (tid / 128)
+__device__ __forceinline__ void fill_table_args(unsigned* shared, const unsigned* c, int tid) {
+    const int base = tid >> 3, lo = base & 15, parity = base >> 4;
+    unsigned w = c[0];
+#pragma unroll
+    for (int j = 1; j < 8; ++j) w = (lo >> 1) == j ? c[j] : w;
+    const unsigned low_code = (lo & 1) ? (w >> 16) : (w & 0xFFFFu);      // code[e & 15]: the word's high half
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const unsigned high_code = parity ? (c[j] >> 16) : (c[j] & 0xFFFFu);   // code[e >> 4] = code[2 j + parity]
+        const unsigned v = high_code | (low_code << 16);
+        ((uint4*)shared)[tid + j * 32 * WARPS] = make_uint4(v, v, v, v);
+    }
+}
+
 // The 8 warps' sums of one tile, added in warp order through shared memory `red` and stored as the split's
 // partial (rows past M or N are not stored); every thread of the program calls it, `red` is free again after
 __device__ __forceinline__ void reduce_tile(float* red, const float* acc, float* out, int tid, int tile, int split,
@@ -232,7 +251,9 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
         const float2* __restrict__ absmax,         // [N / 16, K / 64, 8]: (row g, row g + 8) of a tile
         const unsigned* __restrict__ pairs,        // [256]: byte -> code[b >> 4] | code[b & 15] << 16
         float* __restrict__ out,                   // [S, M, N] float32 partials
-        int M, int N, int K, int split_blocks) {
+        int M, int N, int K, int split_blocks,
+        unsigned c0, unsigned c1, unsigned c2, unsigned c3,   // the codes (ARGTABLE): code 2j | code 2j + 1 << 16
+        unsigned c4, unsigned c5, unsigned c6, unsigned c7) {
     extern __shared__ unsigned shared[];
     float* red = (float*)(shared + TABLE_WORDS);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -242,7 +263,14 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
     const int b_end = min(b_begin + split_blocks, KB);
     const int tiles = (N + 15) >> 4;
     prefetch_tile(w, absmax, blockIdx.x, KB, b_begin, b_end, tid);
+#if ARGTABLE
+    {
+        const unsigned codes[8] = {c0, c1, c2, c3, c4, c5, c6, c7};
+        if (PROBE != 3) fill_table_args(shared, codes, tid);
+    }
+#else
     if (PROBE != 3) fill_table(shared, pairs, tid);
+#endif
 
     const int g = lane >> 2, t = lane & 3;
     const int here = min(16, M - m0);
@@ -405,6 +433,8 @@ class Config:
     tiles: int = 1          # tiles of 16 weight rows per program: the 32 KB table is filled once for them all
     layout: int = 1         # 1: the weight bytes tile-major (`tile_packed`): a warp's load is 256 contiguous
                             # bytes, whole lines (14–19 % faster a launch than 0, bitsandbytes' rows, on an H200)
+    argtable: int = 0       # 1: the lookup table built from the 16 codes as kernel arguments (no global load
+                            # ahead of the first weight loads); 0: copied from the `pairs` tensor
     early: int = 0          # 1: the wait for the kernel ahead (PDL) depends on the first ring's loads, so they are
                             # issued before it; 0: ptxas schedules the wait ahead of them (read in the SASS)
     prefetch: int = 0       # 1: each program first prefetches its tile's weight bytes and scales into L2 (a
@@ -452,11 +482,12 @@ def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True, pdl: b
     kind = _MMA_TYPE[dtype]
     name = (f"eventspec_nf4_partials_{kind}_d{config.depth}x{config.xring}m{config.minb}r{1 + two}"
             + (f"p{config.probe}" if config.probe else "") + ("t" if config.layout else "")
-            + (f"f{config.prefetch}" if config.prefetch else "") + ("e" if config.early else "")
+            + (f"f{config.prefetch}" if config.prefetch else "") + ("e" if config.early else "") + ("a" if config.argtable else "")
             + ("w" if pdl else ""))
     text = (SOURCE.replace("DEPTH_VALUE", str(config.depth)).replace("XRING_VALUE", str(config.xring))
             .replace("PROBE_VALUE", str(config.probe)).replace("PREFETCH_VALUE", str(config.prefetch))
             .replace("PDL_VALUE", str(int(pdl))).replace("EARLY_VALUE", str(int(bool(config.early))))
+            .replace("ARGTABLE_VALUE", str(int(bool(config.argtable))))
             .replace("TWO_VALUE", str(int(two))).replace("TILED_VALUE", str(int(bool(config.layout))))
             .replace("MINB_VALUE", str(config.minb)).replace(".DT.DT.", f".{kind}.{kind}."))
     return text.replace("NAME", name), name
@@ -538,7 +569,17 @@ def pair_table(code: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """256 int32: byte b → the 16-bit code[b >> 4] (low half) and code[b & 15] (high half) in `dtype`."""
     b = torch.arange(256, device=code.device)
     bits = code.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
-    return (bits[b >> 4] | (bits[b & 15] << 16)).to(torch.int32).contiguous()
+    table = (bits[b >> 4] | (bits[b & 15] << 16)).to(torch.int32).contiguous()
+    table.code_words = code_words(code, dtype)         # read once here (a host copy), never while a graph records
+    return table
+
+
+def code_words(code: torch.Tensor, dtype: torch.dtype) -> tuple[int, ...]:
+    """The 16 codes in `dtype` as 8 kernel arguments (`Config.argtable`): word j = code 2j | code 2j + 1 << 16,
+    as signed 32-bit ints (how the launch passes an int)."""
+    bits = [int(v) & 0xFFFF for v in code.to(dtype).view(torch.int16).cpu().tolist()]
+    words = [bits[2 * j] | bits[2 * j + 1] << 16 for j in range(8)]
+    return tuple(w - (1 << 32) if w >= 1 << 31 else w for w in words)
 
 
 def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor, n: int, k: int,
@@ -569,6 +610,9 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
                            f"{_failure.get((x.device.index, x.dtype, config, two, pdl))}")
     tiles = -(-n // 16)
     grid = (-(-tiles // max(1, config.tiles)), splits, -(-m // ROWS_PER_PROGRAM))
-    cuda_launch.launch(kernel, grid, (32 * WARPS, 1, 1), [x, packed, absmax, pairs, out, m, n, k, per_split],
+    words = getattr(pairs, "code_words", None)
+    if words is None:
+        raise ValueError("pairs must come from pair_table (it carries the codes as kernel arguments)")
+    cuda_launch.launch(kernel, grid, (32 * WARPS, 1, 1), [x, packed, absmax, pairs, out, m, n, k, per_split, *words],
            config.shared_bytes(), pdl=pdl)
     return out
