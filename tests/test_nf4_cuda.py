@@ -117,14 +117,15 @@ def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
         x = torch.randn(rows, k, generator=gen).to("cuda", torch.bfloat16)
         ring = torch.full((splits, rows, n), float("nan"), device="cuda")
         nf4_cuda.partials(x, packed, tiles, pairs, n, k, ring, per,
-                          replace(nf4_cuda.CONFIG, depth=3, xring=0, tiles=1, layout=0))
+                          replace(nf4_cuda.CONFIG, depth=3, xring=0, tiles=1, layout=0, argtable=0, early=0))
         assert not ring.isnan().any()
         for change in (dict(tiles=3, layout=0), dict(depth=2, layout=0), dict(depth=6, minb=3, layout=0),
                        dict(xring=1, minb=3, layout=0), dict(layout=1), dict(layout=1, depth=2),
                        dict(layout=1, depth=4, minb=3), dict(layout=1, tiles=3), dict(layout=1, prefetch=1),
                        dict(layout=1, prefetch=2), dict(layout=1, prefetch=1, tiles=3), dict(layout=1, early=1),
                        dict(layout=1, early=1, tiles=3), dict(layout=1, argtable=1),
-                       dict(layout=1, argtable=1, early=1), dict(layout=1, argtable=1, tiles=3)):
+                       dict(layout=1, argtable=1, early=1), dict(layout=1, argtable=1, tiles=3),
+                       dict(layout=1, argtable=0)):
             other = torch.full((splits, rows, n), float("nan"), device="cuda")
             weight = nf4_cuda.tile_packed(packed, n, k) if change.get("layout") else packed
             nf4_cuda.partials(x, weight, tiles, pairs, n, k, other, per, replace(nf4_cuda.CONFIG, **change))

@@ -35,14 +35,18 @@ streams ~1 TB/s on an H200. Here a packed byte becomes one MMA operand register 
   every shape, so they are gone (BENCHMARKS.md, fifth session; the source is in commit 999609c and its parent):
   persistent programs with a per-lane cp.async ring in shared memory across items, and bulk copies (the
   tensor memory accelerator, one 256-byte row piece a copy) into mbarrier-counted shared-memory stages.
+- The table is built from the 16 codes, passed as kernel arguments (`Config.argtable`, `fill_table_args`): a
+  program's first instructions are its table stores and its first weight loads, with no global load ahead of
+  them. Copied from a 256-entry table in global memory, as before, the table's load (an L2 hit behind the
+  memory system's queue) came first and every program's weight loads waited for it: an EventGPT nf4 step
+  2.48–2.50 → 2.33–2.42 ms on an H200 (BENCHMARKS.md, eighth session).
 - Launched with programmatic dependent launch where the step uses it (`kernels.pdl_on`: compute capability
   9+; `cuda_launch.launch`), a program fills its table while the kernel ahead still runs and waits
   (`wait_inputs`) before it reads x: an EventGPT nf4 step 2.61 → 2.45 ms on an H200. The source issues the
   first ring of weight loads before the wait too, but ptxas schedules the wait (SASS `ACQBULK`) ahead of them;
   `Config.early` predicates the wait on their values so they go first: launched back to back 3–13 % faster at
-  one row, in the step no faster (2.35 against 2.35 ms, BENCHMARKS.md, eighth session): off. Asking L2 for a
-  program's whole weight range first (`Config.prefetch`) made single launches faster and the step slower
-  (seventh session): off.
+  one row, in the step not measurably faster (eighth session): off. Asking L2 for a program's whole weight
+  range first (`Config.prefetch`) made single launches faster and the step slower (seventh session): off.
 - `Config.probe` builds measurement-only variants (loads alone, loads and lookups, no table fill, whole-line
   loads) whose sums are wrong: which part of the kernel limits it (BENCHMARKS.md, fourth session).
 
@@ -433,8 +437,9 @@ class Config:
     tiles: int = 1          # tiles of 16 weight rows per program: the 32 KB table is filled once for them all
     layout: int = 1         # 1: the weight bytes tile-major (`tile_packed`): a warp's load is 256 contiguous
                             # bytes, whole lines (14–19 % faster a launch than 0, bitsandbytes' rows, on an H200)
-    argtable: int = 0       # 1: the lookup table built from the 16 codes as kernel arguments (no global load
-                            # ahead of the first weight loads); 0: copied from the `pairs` tensor
+    argtable: int = 1       # 1: the lookup table built from the 16 codes as kernel arguments (no global load
+                            # ahead of the first weight loads; an EventGPT nf4 step −3 to −7 % on an H200);
+                            # 0: copied from the `pairs` tensor
     early: int = 0          # 1: the wait for the kernel ahead (PDL) depends on the first ring's loads, so they are
                             # issued before it; 0: ptxas schedules the wait ahead of them (read in the SASS)
     prefetch: int = 0       # 1: each program first prefetches its tile's weight bytes and scales into L2 (a
