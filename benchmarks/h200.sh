@@ -93,32 +93,29 @@ if [[ $WHAT == prefetch-ab ]]; then   # weights into L2 before a kernel waits fo
     echo "$(date +%T) done"
     exit 0
 fi
-if [[ $WHAT == early-ab ]]; then   # the NF4 kernel's first ring loaded before its PDL wait (early=1) or after (0)
+# An A/B of NF4 kernel configurations (EVENTSPEC_NF4_CUDA): the GPU bit tests, the EventGPT nf4 step once per
+# entry of STEP_CONFIGS (space-separated) in that order, then the launches of PROBE_CONFIGS
+nf4_ab() {
+    local tag=$1 step_configs=$2 probe_configs=$3 config
     "$PY" -m pytest -q tests/test_nf4_cuda.py 2>&1 | tail -2
-    for early in 0 1 0 1; do
-        echo "$(date +%T) step eventgpt nf4 early=$early"
-        EVENTSPEC_NF4_CUDA=early=$early "$PY" benchmarks/step_bench.py --kinds eventgpt --precisions nf4 --repeats 15 \
-            --no-previous --out "$OUT/step-nf4-early$early-$SECONDS.json" | cut -c1-300
+    for config in $step_configs; do
+        echo "$(date +%T) step eventgpt nf4 $config"
+        EVENTSPEC_NF4_CUDA=$config "$PY" benchmarks/step_bench.py --kinds eventgpt --precisions nf4 --repeats 15 \
+            --no-previous --out "$OUT/step-nf4-${config//[=,]/_}-$SECONDS.json" | cut -c1-300
     done
     echo "$(date +%T) kernel_probe"
-    "$PY" benchmarks/kernel_probe.py --sweep nf4-cuda --rows 1,9 --configs "early=1" \
-        > "$OUT/kernel_probe-early.json" 2> "$OUT/kernel_probe-early.log"
+    "$PY" benchmarks/kernel_probe.py --sweep nf4-cuda --rows 1,9 --configs "$probe_configs" \
+        > "$OUT/kernel_probe-$tag.json" 2> "$OUT/kernel_probe-$tag.log"
+}
+if [[ $WHAT == early-ab ]]; then   # the NF4 kernel's first ring loaded before its PDL wait (early=1) or after (0)
+    nf4_ab early "early=0 early=1 early=0 early=1" "early=1"
     echo "$(date +%T) exact step and PDL tests, early=1"
     EVENTSPEC_NF4_CUDA=early=1 "$PY" -m pytest -q tests/test_engine_exact.py tests/test_pdl.py 2>&1 | tail -2
     echo "$(date +%T) done"
     exit 0
 fi
 if [[ $WHAT == argtable-ab ]]; then   # the NF4 kernel's table from the codes as kernel arguments (no global load first)
-    "$PY" -m pytest -q tests/test_nf4_cuda.py 2>&1 | tail -2
-    for config in "" argtable=1 argtable=1,early=1 "" argtable=1; do
-        name=${config:-default}
-        echo "$(date +%T) step eventgpt nf4 $name"
-        EVENTSPEC_NF4_CUDA=$config "$PY" benchmarks/step_bench.py --kinds eventgpt --precisions nf4 --repeats 15 \
-            --no-previous --out "$OUT/step-nf4-${name//[=,]/_}-$SECONDS.json" | cut -c1-300
-    done
-    echo "$(date +%T) kernel_probe"
-    "$PY" benchmarks/kernel_probe.py --sweep nf4-cuda --rows 1,9 --configs "argtable=1;argtable=1,early=1" \
-        > "$OUT/kernel_probe-argtable.json" 2> "$OUT/kernel_probe-argtable.log"
+    nf4_ab argtable "argtable=0 argtable=1 argtable=1,early=1 argtable=0 argtable=1" "argtable=1;argtable=1,early=1"
     echo "$(date +%T) done"
     exit 0
 fi

@@ -40,13 +40,13 @@ def pick_precision(requested: str | None, device: str) -> str:
     return "nf4" if device.startswith("cuda") else "fp32"
 
 
-
 def kernel_settings(device: str) -> dict:
     """What the exact step's kernels run with on `device`: the EVENTSPEC_* variables set, and whether its
     kernels launch with programmatic dependent launch (`kernels.pdl_on`)."""
     from workers.engine.kernels import env_settings, pdl_on
     pdl = device.startswith("cuda") and torch.cuda.is_available() and pdl_on(torch.device(device))
     return {"kernel_env": env_settings(), "pdl": bool(pdl)}
+
 
 class HFBackend(Backend):
     kind = ""           # eventgpt | videollava
