@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs of issues 10 and 11: a bf16 target beside an nf4 draft, random full-size weights
 # (--synthetic-weights 7b), DSEC-size inputs with mp4 decoding included, 10 samples, one GPU and two.
-#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|attention-sweep|attention-ab|same-gpu-5|pdl-ab|prefetch-ab|dense-prefetch-ab|early-ab|argtable-ab|all]
+#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|attention-sweep|attention-ab|same-gpu-5|pdl-ab|prefetch-ab|dense-prefetch-ab|early-ab|argtable-ab|wcache-ab|depth-ab|wcache-check|all]
 # two-gpu needs two GPUs of one host. Needs PyAV (writing and reading the mp4 clips), Triton (the exact
 # step) and bitsandbytes (nf4). Each part is one `coordinator bench` run; bench.json/bench.md are written
 # after every (placement, MPS) session, so a run cut short keeps what it finished. MPS=on,off adds the MPS
@@ -96,8 +96,8 @@ fi
 # An A/B of NF4 kernel configurations (EVENTSPEC_NF4_CUDA): the GPU bit tests, the EventGPT nf4 step once per
 # entry of STEP_CONFIGS (space-separated) in that order, then the launches of PROBE_CONFIGS
 nf4_ab() {
-    local tag=$1 step_configs=$2 probe_configs=$3 config
-    "$PY" -m pytest -q tests/test_nf4_cuda.py 2>&1 | tail -2
+    local tag=$1 step_configs=$2 probe_configs=$3 test_config=${4:-} config
+    EVENTSPEC_NF4_CUDA=$test_config "$PY" -m pytest -q tests/test_nf4_cuda.py 2>&1 | tail -2
     for config in $step_configs; do
         echo "$(date +%T) step eventgpt nf4 $config"
         EVENTSPEC_NF4_CUDA=$config "$PY" benchmarks/step_bench.py --kinds eventgpt --precisions nf4 --repeats 15 \
@@ -116,6 +116,31 @@ if [[ $WHAT == early-ab ]]; then   # the NF4 kernel's first ring loaded before i
 fi
 if [[ $WHAT == argtable-ab ]]; then   # the NF4 kernel's table from the codes as kernel arguments (no global load first)
     nf4_ab argtable "argtable=0 argtable=1 argtable=1,early=1 argtable=0 argtable=1" "argtable=1;argtable=1,early=1"
+    echo "$(date +%T) done"
+    exit 0
+fi
+if [[ $WHAT == wcache-ab ]]; then   # the NF4 weight loads kept out of L1 (wcache=1: L1::no_allocate, 2: evict-first), x in L1
+    nf4_ab wcache "wcache=0 wcache=1 wcache=2 wcache=0 wcache=1" \
+        "probe=1;probe=3;probe=5;probe=6;probe=7;wcache=1;wcache=2;xring=1;wcache=1,xring=1,minb=3;programs=1024;programs=1536"
+    echo "$(date +%T) done"
+    exit 0
+fi
+if [[ $WHAT == depth-ab ]]; then   # evict-first weight loads with deeper rings for the 1-8-row kernel (depth1)
+    nf4_ab depth "wcache=1 wcache=2 wcache=2,depth1=4 wcache=2,depth1=5 wcache=1 wcache=2 wcache=2,depth1=5" \
+        "wcache=2;wcache=2,depth=4;wcache=2,depth=5;wcache=2,depth=4,minb=3;wcache=2,depth=6,minb=3;wcache=2,depth=8,minb=2;wcache=2,probe=1;wcache=2,probe=6" \
+        "wcache=2,depth1=5"
+    echo "$(date +%T) done"
+    exit 0
+fi
+if [[ $WHAT == wcache-check ]]; then   # wcache=1 as the default: exactness tests, steps (a wcache=0 run between), profile
+    "$PY" -m pytest -q tests/test_nf4_cuda.py tests/test_engine_exact.py tests/test_pdl.py 2>&1 | tail -2
+    for config in "" wcache=0 ""; do
+        echo "$(date +%T) step nf4 ${config:-default}"
+        EVENTSPEC_NF4_CUDA=$config "$PY" benchmarks/step_bench.py --kinds eventgpt,videollava --precisions nf4 \
+            --repeats 15 --no-previous --out "$OUT/step-nf4-${config:-default}-$SECONDS.json" | cut -c1-300
+    done
+    "$PY" benchmarks/step_bench.py --kinds eventgpt --precisions nf4 --repeats 15 --profile --no-previous \
+        --out "$OUT/step-nf4-profile.json" | cut -c1-300
     echo "$(date +%T) done"
     exit 0
 fi

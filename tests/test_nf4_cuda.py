@@ -101,7 +101,7 @@ def test_partials_are_right_and_row_invariant(dtype, shape):
 def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
     """`Config.depth` and `xring` change only how far ahead each warp loads, `Config.tiles` only which
     program computes a tile, `layout` (tile-major weight bytes) only where a lane finds its bytes and
-    `prefetch` only what L2 holds when the loads come: their
+    `prefetch` only what L2 holds when the loads come, `wcache` only whether L1 keeps the weights: their
     partials must equal bitsandbytes' row-major layout's, bit for bit, for 1, 9 and 17 rows, a partial tile
     and a short split."""
     from dataclasses import replace
@@ -117,7 +117,7 @@ def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
         x = torch.randn(rows, k, generator=gen).to("cuda", torch.bfloat16)
         ring = torch.full((splits, rows, n), float("nan"), device="cuda")
         nf4_cuda.partials(x, packed, tiles, pairs, n, k, ring, per,
-                          replace(nf4_cuda.CONFIG, depth=3, xring=0, tiles=1, layout=0, argtable=0, early=0))
+                          replace(nf4_cuda.CONFIG, depth=3, xring=0, tiles=1, layout=0, argtable=0, early=0, wcache=0))
         assert not ring.isnan().any()
         for change in (dict(tiles=3, layout=0), dict(depth=2, layout=0), dict(depth=6, minb=3, layout=0),
                        dict(xring=1, minb=3, layout=0), dict(layout=1), dict(layout=1, depth=2),
@@ -125,7 +125,8 @@ def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
                        dict(layout=1, prefetch=2), dict(layout=1, prefetch=1, tiles=3), dict(layout=1, early=1),
                        dict(layout=1, early=1, tiles=3), dict(layout=1, argtable=1),
                        dict(layout=1, argtable=1, early=1), dict(layout=1, argtable=1, tiles=3),
-                       dict(layout=1, argtable=0)):
+                       dict(layout=1, argtable=0), dict(layout=1, wcache=0), dict(layout=1, wcache=2),
+                       dict(layout=1, depth1=5)):
             other = torch.full((splits, rows, n), float("nan"), device="cuda")
             weight = nf4_cuda.tile_packed(packed, n, k) if change.get("layout") else packed
             nf4_cuda.partials(x, weight, tiles, pairs, n, k, other, per, replace(nf4_cuda.CONFIG, **change))
@@ -180,3 +181,19 @@ def test_dequantize_tiled_gives_the_row_major_dequantization(shape):
     assert torch.equal(dequantize_tiled(tiled, scales, code, 5, 30, k, torch.bfloat16), want[5:35])
     with pytest.raises(ValueError, match="outside"):
         dequantize_tiled(tiled, scales, code, n - 3, 20, k, torch.bfloat16)
+
+
+def test_wcache_and_depth1_change_only_the_loads_of_the_kernel_they_name():
+    """`wcache` picks the weight and scale loads' cache hint and nothing else; `depth1` sets the ring of the
+    1–8-row kernel only (the 9–16-row kernel keeps `depth`)."""
+    from dataclasses import replace
+    base = replace(nf4_cuda.CONFIG, wcache=0, depth=3, depth1=0)
+    plain, _ = nf4_cuda.source(torch.bfloat16, base, two=False)
+    hinted, _ = nf4_cuda.source(torch.bfloat16, replace(base, wcache=1), two=False)
+    assert "#define WCACHE 0 " in plain and "#define WCACHE 1 " in hinted
+    assert plain.replace("WCACHE 0", "WCACHE 1").replace("m4r1ta", "m4r1tc1a") == hinted
+    one, one_name = nf4_cuda.source(torch.bfloat16, replace(base, depth1=5), two=False)
+    two, two_name = nf4_cuda.source(torch.bfloat16, replace(base, depth1=5), two=True)
+    assert "#define DEPTH 5\n" in one and "_d5x" in one_name
+    assert "#define DEPTH 3\n" in two and "_d3x" in two_name
+    assert nf4_cuda.parse_config("wcache=2,depth1=4") == replace(nf4_cuda.Config(), wcache=2, depth1=4)

@@ -47,6 +47,11 @@ streams ~1 TB/s on an H200. Here a packed byte becomes one MMA operand register 
   `Config.early` predicates the wait on their values so they go first: launched back to back 3–13 % faster at
   one row, in the step not measurably faster (eighth session): off. Asking L2 for a program's whole weight
   range first (`Config.prefetch`) made single launches faster and the step slower (seventh session): off.
+- The weight bytes and scales are loaded without allocating in L1 (`Config.wcache`, `ld.global.nc.L1::no_allocate`):
+  they are read once, while x is read by every program of a split and waits in each block's critical path.
+  With plain loads the weight stream evicted x from L1 and each block's x load went to L2: the loads alone
+  cost 5 µs a layer more with x than without (one row); an EventGPT nf4 step 2.28–2.40 → 2.21–2.23 ms on an
+  H200 (BENCHMARKS.md, ninth session).
 - `Config.probe` builds measurement-only variants (loads alone, loads and lookups, no table fill, whole-line
   loads) whose sums are wrong: which part of the kernel limits it (BENCHMARKS.md, fourth session).
 
@@ -77,7 +82,11 @@ SOURCE = r"""
 #define DEPTH DEPTH_VALUE
 #define XRING XRING_VALUE
 #define PROBE PROBE_VALUE       // measurement only, wrong sums: 1 = the loads alone, 2 = loads and table lookups,
-                                // 3 = the loads alone and no table fill, 4 = the loads in whole lines
+                                // 3 = the loads alone and no table fill, 4 = the loads in whole lines, 5 = the weight
+                                // and scale loads (no x), 6 = the weight loads alone, 7 = 6 without the table fill
+#define FILL (PROBE != 3 && PROBE != 7)
+#define LOAD_X (PROBE < 5)
+#define LOAD_S (PROBE < 6)
 #define TILED TILED_VALUE     // 1: weights tile-major (`tile_packed`): a block's 16 rows are 512 contiguous bytes
 #define BSTRIDE (TILED ? 64 : 4)   // uint2 words from a block of a weight row to the next block
 #define TWO TWO_VALUE           // 1: programs may hold 9-16 rows of x (a second MMA per k step); 0: at most 8
@@ -88,6 +97,7 @@ SOURCE = r"""
                                 // global load before the first weight loads; 0: copied from `pairs` in global memory
 #define EARLY EARLY_VALUE       // 1: the wait for the kernel ahead is predicated on the first ring's loaded values, so
                                 // ptxas cannot schedule it before those loads (it did: ACQBULK ahead of every LDG)
+#define WCACHE WCACHE_VALUE     // weight and scale loads: 0 plain, 1 L1::no_allocate (L1 keeps x), 2 evict-first (.cs)
 #define PDL PDL_VALUE           // 1: launched with programmatic dependent launch: x is read and `out` written only
                                 // after the kernel ahead has finished (`wait_inputs`); weights are read before
 
@@ -117,6 +127,32 @@ __device__ __forceinline__ void wait_inputs_after(unsigned dep, unsigned nonzero
     asm volatile("{\n.reg .pred p;\n.reg .b32 v;\nor.b32 v, %0, %1;\nsetp.ne.u32 p, v, 0;\n@p griddepcontrol.wait;\n}\n"
                  :: "r"(dep), "r"(nonzero) : "memory");
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// a weight word pair and a scale pair from global memory, cached in L1 as `WCACHE` says: the weights are read once,
+// x by every block, so x may stay in L1 if the weights do not go there
+__device__ __forceinline__ uint2 load_w(const uint2* p) {
+#if WCACHE == 1
+    uint2 v;
+    asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+#elif WCACHE == 2
+    return __ldcs(p);
+#else
+    return *p;
+#endif
+}
+
+__device__ __forceinline__ float2 load_s(const float2* p) {
+#if WCACHE == 1
+    float2 v;
+    asm("ld.global.nc.L1::no_allocate.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "l"(p));
+    return v;
+#elif WCACHE == 2
+    return __ldcs(p);
+#else
+    return *p;
 #endif
 }
 
@@ -270,10 +306,10 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
 #if ARGTABLE
     {
         const unsigned codes[8] = {c0, c1, c2, c3, c4, c5, c6, c7};
-        if (PROBE != 3) fill_table_args(shared, codes, tid);
+        if (FILL) fill_table_args(shared, codes, tid);
     }
 #else
-    if (PROBE != 3) fill_table(shared, pairs, tid);
+    if (FILL) fill_table(shared, pairs, tid);
 #endif
 
     const int g = lane >> 2, t = lane & 3;
@@ -354,9 +390,9 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
 #pragma unroll
         for (int d = 0; d < DEPTH; ++d) {
             if (first + d * WARPS < b_end) {
-                ring_a[d] = pa[d * WARPS * BSTRIDE];
-                ring_b[d] = pb[d * WARPS * BSTRIDE];
-                ring_s[d] = ps[d * WARPS * 8];
+                ring_a[d] = load_w(pa + d * WARPS * BSTRIDE);
+                ring_b[d] = load_w(pb + d * WARPS * BSTRIDE);
+                ring_s[d] = LOAD_S ? load_s(ps + d * WARPS * 8) : make_float2(1.f, 1.f);
 #if XRING
                 ring_x[d][0] = px0[d * WARPS * 8];
                 ring_x[d][1] = px0[d * WARPS * 8 + 1];
@@ -382,7 +418,8 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
 #if XRING
                     const uint4 lo = ring_x[d][0], hi = ring_x[d][1];
 #else
-                    const uint4 lo = px0[d * WARPS * 8], hi = px0[d * WARPS * 8 + 1];
+                    const uint4 lo = LOAD_X ? px0[d * WARPS * 8] : make_uint4(0u, 0u, 0u, 0u);
+                    const uint4 hi = LOAD_X ? px0[d * WARPS * 8 + 1] : make_uint4(0u, 0u, 0u, 0u);
 #endif
                     unpack_x(xw0, lo, hi);
 #if TWO
@@ -397,9 +434,9 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
                     add_scaled(acc, part, ring_s[d].x, ring_s[d].y);
 #endif
                     if (b0 + (DEPTH + d) * WARPS < b_end) {     // refill this slot with the block DEPTH ahead
-                        ring_a[d] = pa[(DEPTH + d) * WARPS * BSTRIDE];
-                        ring_b[d] = pb[(DEPTH + d) * WARPS * BSTRIDE];
-                        ring_s[d] = ps[(DEPTH + d) * WARPS * 8];
+                        ring_a[d] = load_w(pa + (DEPTH + d) * WARPS * BSTRIDE);
+                        ring_b[d] = load_w(pb + (DEPTH + d) * WARPS * BSTRIDE);
+                        ring_s[d] = LOAD_S ? load_s(ps + (DEPTH + d) * WARPS * 8) : make_float2(1.f, 1.f);
 #if XRING
                         ring_x[d][0] = px0[(DEPTH + d) * WARPS * 8];
                         ring_x[d][1] = px0[(DEPTH + d) * WARPS * 8 + 1];
@@ -430,6 +467,8 @@ class Config:
     `benchmarks/step_bench.py` with `EVENTSPEC_NF4_CUDA`, e.g. `depth=4,xring=1,minb=2,programs=1024`)."""
 
     depth: int = 3          # NF4 blocks of weights in flight per warp
+    depth1: int = 0         # the same for the kernel of 1–8 rows (no second MMA: registers to spare); 0 = `depth`.
+                            # Only the loads' timing changes, so both kernels still give a row the same bits
     xring: int = 0          # 1: x rows 0..7 ride in the ring too (more registers, no x latency per block)
     minb: int = 4           # programs per SM the compiler budgets registers for (4: 64 registers; the 9–16
                             # row kernel then runs 10 % faster, measured: verify8 3.69 instead of 4.07 ms)
@@ -440,14 +479,17 @@ class Config:
     argtable: int = 1       # 1: the lookup table built from the 16 codes as kernel arguments (no global load
                             # ahead of the first weight loads; an EventGPT nf4 step −3 to −7 % on an H200);
                             # 0: copied from the `pairs` tensor
+    wcache: int = 1         # weight and scale loads: 1 L1::no_allocate, so L1 keeps x (an EventGPT nf4 step 2.28–2.40
+                            # → 2.21–2.23 ms on an H200, ninth session), 2 evict-first (.cs), 0 plain loads
     early: int = 0          # 1: the wait for the kernel ahead (PDL) depends on the first ring's loads, so they are
                             # issued before it; 0: ptxas schedules the wait ahead of them (read in the SASS)
     prefetch: int = 0       # 1: each program first prefetches its tile's weight bytes and scales into L2 (a
                             # prefetch a line), 2: as 4 KB bulk prefetches (compute capability 9+); tile-major only
     probe: int = 0          # measurement only (kernel_probe.py), the sums are wrong: 1 = the weight, scale and
                             # x loads alone, 2 = loads and table lookups, no MMA, 3 = 1 without the table
-                            # fill, 4 = the weight loads in whole 128-byte lines (the dense kernels' shape);
-                            # which part limits the kernel
+                            # fill, 4 = the weight loads in whole 128-byte lines (the dense kernels' shape),
+                            # 5 = the weight and scale loads (no x), 6 = the weight loads alone, 7 = 6 without
+                            # the table fill; which part limits the kernel
 
     def shared_bytes(self) -> int:
         return SHARED_BYTES
@@ -485,13 +527,14 @@ def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True, pdl: b
     the kernel is launched with programmatic dependent launch and waits for its inputs after its first
     weight loads (`launch`)."""
     kind = _MMA_TYPE[dtype]
-    name = (f"eventspec_nf4_partials_{kind}_d{config.depth}x{config.xring}m{config.minb}r{1 + two}"
+    depth = config.depth1 if config.depth1 and not two else config.depth
+    name = (f"eventspec_nf4_partials_{kind}_d{depth}x{config.xring}m{config.minb}r{1 + two}"
             + (f"p{config.probe}" if config.probe else "") + ("t" if config.layout else "")
-            + (f"f{config.prefetch}" if config.prefetch else "") + ("e" if config.early else "") + ("a" if config.argtable else "")
+            + (f"f{config.prefetch}" if config.prefetch else "") + ("e" if config.early else "") + (f"c{config.wcache}" if config.wcache else "") + ("a" if config.argtable else "")
             + ("w" if pdl else ""))
-    text = (SOURCE.replace("DEPTH_VALUE", str(config.depth)).replace("XRING_VALUE", str(config.xring))
+    text = (SOURCE.replace("DEPTH_VALUE", str(depth)).replace("XRING_VALUE", str(config.xring))
             .replace("PROBE_VALUE", str(config.probe)).replace("PREFETCH_VALUE", str(config.prefetch))
-            .replace("PDL_VALUE", str(int(pdl))).replace("EARLY_VALUE", str(int(bool(config.early))))
+            .replace("PDL_VALUE", str(int(pdl))).replace("WCACHE_VALUE", str(config.wcache)).replace("EARLY_VALUE", str(int(bool(config.early))))
             .replace("ARGTABLE_VALUE", str(int(bool(config.argtable))))
             .replace("TWO_VALUE", str(int(two))).replace("TILED_VALUE", str(int(bool(config.layout))))
             .replace("MINB_VALUE", str(config.minb)).replace(".DT.DT.", f".{kind}.{kind}."))
