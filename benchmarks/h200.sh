@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs of issues 10 and 11: a bf16 target beside an nf4 draft, random full-size weights
 # (--synthetic-weights 7b), DSEC-size inputs with mp4 decoding included, 10 samples, one GPU and two.
-#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|attention-sweep|attention-ab|same-gpu-5|pdl-ab|prefetch-ab|dense-prefetch-ab|early-ab|argtable-ab|wcache-ab|depth-ab|wcache-check|all]
+#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|attention-sweep|attention-ab|same-gpu-5|pdl-ab|prefetch-ab|dense-prefetch-ab|early-ab|argtable-ab|wcache-ab|depth-ab|wcache-check|persist-ab|all]
 # two-gpu needs two GPUs of one host. Needs PyAV (writing and reading the mp4 clips), Triton (the exact
 # step) and bitsandbytes (nf4). Each part is one `coordinator bench` run; bench.json/bench.md are written
 # after every (placement, MPS) session, so a run cut short keeps what it finished. MPS=on,off adds the MPS
@@ -129,6 +129,12 @@ if [[ $WHAT == depth-ab ]]; then   # evict-first weight loads with deeper rings 
     nf4_ab depth "wcache=1 wcache=2 wcache=2,depth1=4 wcache=2,depth1=5 wcache=1 wcache=2 wcache=2,depth1=5" \
         "wcache=2;wcache=2,depth=4;wcache=2,depth=5;wcache=2,depth=4,minb=3;wcache=2,depth=6,minb=3;wcache=2,depth=8,minb=2;wcache=2,probe=1;wcache=2,probe=6" \
         "wcache=2,depth1=5"
+    echo "$(date +%T) done"
+    exit 0
+fi
+if [[ $WHAT == persist-ab ]]; then   # persistent NF4 programs whose rings run on across (tile, split) items
+    nf4_ab persist "persist=0 persist=1 persist=1,programs=1536 persist=0 persist=1" \
+        "persist=1;persist=1,programs=1536;persist=1,programs=3072"
     echo "$(date +%T) done"
     exit 0
 fi

@@ -126,7 +126,7 @@ def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
                        dict(layout=1, early=1, tiles=3), dict(layout=1, argtable=1),
                        dict(layout=1, argtable=1, early=1), dict(layout=1, argtable=1, tiles=3),
                        dict(layout=1, argtable=0), dict(layout=1, wcache=0), dict(layout=1, wcache=2),
-                       dict(layout=1, depth1=5)):
+                       dict(layout=1, depth1=5), dict(layout=1, persist=1), dict(layout=1, persist=1, wcache=2)):
             other = torch.full((splits, rows, n), float("nan"), device="cuda")
             weight = nf4_cuda.tile_packed(packed, n, k) if change.get("layout") else packed
             nf4_cuda.partials(x, weight, tiles, pairs, n, k, other, per, replace(nf4_cuda.CONFIG, **change))
@@ -197,3 +197,37 @@ def test_wcache_and_depth1_change_only_the_loads_of_the_kernel_they_name():
     assert "#define DEPTH 5\n" in one and "_d5x" in one_name
     assert "#define DEPTH 3\n" in two and "_d3x" in two_name
     assert nf4_cuda.parse_config("wcache=2,depth1=4") == replace(nf4_cuda.Config(), wcache=2, depth1=4)
+
+
+def test_persistent_programs_take_the_fewest_rounds_with_the_fewest_programs():
+    assert nf4_cuda.persistent_programs(768, 528) == 384          # two rounds: 384 programs, not 528
+    assert nf4_cuda.persistent_programs(1536, 528) == 512
+    assert nf4_cuda.persistent_programs(100, 528) == 100
+    for items in (1, 527, 528, 529, 1376, 5504):
+        programs = nf4_cuda.persistent_programs(items, 528)
+        rounds = -(-items // programs)
+        assert programs <= 528 and rounds == -(-items // 528)
+
+
+@cuda
+@pytest.mark.parametrize("per", [8, 24, 64])
+def test_persistent_programs_give_the_same_bits_for_any_split(per):
+    """Persistent programs whose rings run on across items compute each (tile, split) item as the other path
+    does, for splits of 8 blocks, a last split shorter than the others (24, 24, 16) and one split."""
+    from dataclasses import replace
+    if nf4_cuda.unavailable_reason("cuda"):
+        pytest.skip("NF4 CUDA kernel unavailable")
+    n, k = 208, 4096
+    gen = torch.Generator().manual_seed(per)
+    packed, absmax = nf4.quantize(torch.randn(n, k, generator=gen))
+    tiled, scales = nf4_cuda.tile_packed(packed.cuda(), n, k), nf4_cuda.tile_absmax(absmax.cuda(), n, k)
+    pairs = nf4_cuda.pair_table(nf4.code_tensor("cuda"), torch.bfloat16)
+    splits = -(-(k // 64) // per)
+    for rows in (1, 9, 17):
+        x = torch.randn(rows, k, generator=gen).to("cuda", torch.bfloat16)
+        want = torch.full((splits, rows, n), float("nan"), device="cuda")
+        got = torch.full((splits, rows, n), float("nan"), device="cuda")
+        nf4_cuda.partials(x, tiled, scales, pairs, n, k, want, per, replace(nf4_cuda.CONFIG, persist=0))
+        nf4_cuda.partials(x, tiled, scales, pairs, n, k, got, per, replace(nf4_cuda.CONFIG, persist=1))
+        assert not want.isnan().any()
+        assert torch.equal(want, got), f"{rows} rows, {per} blocks a split"

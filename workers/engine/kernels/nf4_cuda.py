@@ -52,6 +52,8 @@ streams ~1 TB/s on an H200. Here a packed byte becomes one MMA operand register 
   With plain loads the weight stream evicted x from L1 and each block's x load went to L2: the loads alone
   cost 5 µs a layer more with x than without (one row); an EventGPT nf4 step 2.28–2.40 → 2.21–2.23 ms on an
   H200 (BENCHMARKS.md, ninth session).
+- `Config.persist` runs as many programs as take the fewest rounds of (tile, split) items, each warp's ring
+  running on from one item into the next: the same sums, and no faster on an H200 (ninth session): off.
 - `Config.probe` builds measurement-only variants (loads alone, loads and lookups, no table fill, whole-line
   loads) whose sums are wrong: which part of the kernel limits it (BENCHMARKS.md, fourth session).
 
@@ -63,7 +65,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -98,6 +100,7 @@ SOURCE = r"""
 #define EARLY EARLY_VALUE       // 1: the wait for the kernel ahead is predicated on the first ring's loaded values, so
                                 // ptxas cannot schedule it before those loads (it did: ACQBULK ahead of every LDG)
 #define WCACHE WCACHE_VALUE     // weight and scale loads: 0 plain, 1 L1::no_allocate (L1 keeps x), 2 evict-first (.cs)
+#define PERSIST PERSIST_VALUE   // 1: persistent programs whose rings run on from one (tile, split) item into the next
 #define PDL PDL_VALUE           // 1: launched with programmatic dependent launch: x is read and `out` written only
                                 // after the kernel ahead has finished (`wait_inputs`); weights are read before
 
@@ -266,6 +269,17 @@ __device__ __forceinline__ void reduce_tile(float* red, const float* acc, float*
     __syncthreads();                                       // the next tile reuses `red`
 }
 
+// PERSIST: the weight bytes and scales of block `q` of this warp in item `item` = tile · S + split (tile-major bytes)
+__device__ __forceinline__ void load_item_block(const unsigned char* w, const float2* absmax, int tile, int split,
+                                                int q, int KB, int split_blocks, int warp, int g, int t,
+                                                uint2& a, uint2& b, float2& s) {
+    const size_t off = (size_t)tile * KB + split * split_blocks + warp + 8 * q;
+    const uint2* pa = (const uint2*)(w + off * 512) + 4 * g + t;
+    a = load_w(pa);
+    b = load_w(pa + 32);
+    s = load_s(absmax + off * 8 + g);
+}
+
 #if PROBE
 // what `Config.probe` keeps of a block: its loads (1), or its loads and 16 table lookups (2), folded into
 // one value so nothing is dead code; no MMA
@@ -321,6 +335,65 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
     const uint4* xc0_row = (const uint4*)(x + (size_t)(m0 + (x_ok0 ? g : 0)) * KW) + 2 * t;
     const uint4* xc1_row = (const uint4*)(x + (size_t)(m0 + (x_ok1 ? 8 + g : 0)) * KW) + 2 * t;
 
+#if PERSIST && TILED && !PROBE
+    // Persistent programs (the host launches them only where K / 64 and the split are multiples of 8, so every
+    // warp has the same number of blocks in an item): program p takes the items (tile, split) p, p + gridDim.x,
+    // ... and each warp's ring runs on from one item into the next, so no item but the first starts with an
+    // empty ring. A warp still adds its blocks of an item in order and the warps are added in warp order
+    // (`reduce_tile`), so an item's sums are the other path's, whichever program computes it.
+    {
+        (void)split; (void)b_begin; (void)b_end;
+        const int S = (KB + split_blocks - 1) / split_blocks, items = tiles * S;
+        int l_item = blockIdx.x, l_tile = l_item / S, l_split = l_item - l_tile * S, l_q = 0;
+        int l_nb = min(split_blocks, KB - l_split * split_blocks) >> 3;
+        int c_item = l_item, c_tile = l_tile, c_split = l_split, c_q = 0, c_nb = l_nb;
+        uint2 ring_a[DEPTH], ring_b[DEPTH];
+        float2 ring_s[DEPTH];
+#pragma unroll
+        for (int d = 0; d < DEPTH; ++d) {
+            if (l_item < items) {
+                load_item_block(w, absmax, l_tile, l_split, l_q, KB, split_blocks, warp, g, t, ring_a[d], ring_b[d], ring_s[d]);
+                if (++l_q == l_nb) {
+                    l_item += gridDim.x; l_tile = l_item / S; l_split = l_item - l_tile * S; l_q = 0;
+                    l_nb = min(split_blocks, KB - l_split * split_blocks) >> 3;
+                }
+            }
+        }
+        wait_inputs();
+        __syncthreads();
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        while (c_item < items) {
+#pragma unroll
+            for (int d = 0; d < DEPTH; ++d) {
+                if (c_item < items) {                       // the same for every warp: items end together
+                    const int b = c_split * split_blocks + warp + 8 * c_q;
+                    unsigned xw0[8], xw1[8];
+                    unpack_x(xw0, xc0_row[(size_t)b * 8], xc0_row[(size_t)b * 8 + 1]);
+#if TWO
+                    unpack_x(xw1, xc1_row[(size_t)b * 8], xc1_row[(size_t)b * 8 + 1]);
+#endif
+                    float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+                    block_mma(part, lt, ring_a[d], ring_b[d], xw0, xw1, two);
+                    add_scaled(acc, part, ring_s[d].x, ring_s[d].y);
+                    if (l_item < items) {                   // refill this slot with the block DEPTH ahead
+                        load_item_block(w, absmax, l_tile, l_split, l_q, KB, split_blocks, warp, g, t, ring_a[d], ring_b[d], ring_s[d]);
+                        if (++l_q == l_nb) {
+                            l_item += gridDim.x; l_tile = l_item / S; l_split = l_item - l_tile * S; l_q = 0;
+                            l_nb = min(split_blocks, KB - l_split * split_blocks) >> 3;
+                        }
+                    }
+                    if (++c_q == c_nb) {                    // the item's last block: its sums out, the next item
+                        reduce_tile(red, acc, out, tid, c_tile, c_split, M, N, m0, here);
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+                        c_item += gridDim.x; c_tile = c_item / S; c_split = c_item - c_tile * S; c_q = 0;
+                        c_nb = min(split_blocks, KB - c_split * split_blocks) >> 3;
+                    }
+                }
+            }
+        }
+    }
+#else
     // a program takes tiles blockIdx.x, + gridDim.x, ...: the table is filled once for all of them
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         if (tile + (int)gridDim.x < tiles) prefetch_tile(w, absmax, tile + gridDim.x, KB, b_begin, b_end, tid);
@@ -452,6 +525,7 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
 #endif
         reduce_tile(red, acc, out, tid, tile, split, M, N, m0, here);
     }
+#endif
 }
 """
 
@@ -481,6 +555,8 @@ class Config:
                             # 0: copied from the `pairs` tensor
     wcache: int = 1         # weight and scale loads: 1 L1::no_allocate, so L1 keeps x (an EventGPT nf4 step 2.28–2.40
                             # → 2.21–2.23 ms on an H200, ninth session), 2 evict-first (.cs), 0 plain loads
+    persist: int = 0        # 1: persistent programs (as many as are resident, each taking every G-th (tile, split)
+                            # item) whose rings run on across items; where K / 64 and the split are multiples of 8
     early: int = 0          # 1: the wait for the kernel ahead (PDL) depends on the first ring's loads, so they are
                             # issued before it; 0: ptxas schedules the wait ahead of them (read in the SASS)
     prefetch: int = 0       # 1: each program first prefetches its tile's weight bytes and scales into L2 (a
@@ -530,11 +606,11 @@ def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True, pdl: b
     depth = config.depth1 if config.depth1 and not two else config.depth
     name = (f"eventspec_nf4_partials_{kind}_d{depth}x{config.xring}m{config.minb}r{1 + two}"
             + (f"p{config.probe}" if config.probe else "") + ("t" if config.layout else "")
-            + (f"f{config.prefetch}" if config.prefetch else "") + ("e" if config.early else "") + (f"c{config.wcache}" if config.wcache else "") + ("a" if config.argtable else "")
+            + (f"f{config.prefetch}" if config.prefetch else "") + ("e" if config.early else "") + (f"c{config.wcache}" if config.wcache else "") + ("s" if config.persist else "") + ("a" if config.argtable else "")
             + ("w" if pdl else ""))
     text = (SOURCE.replace("DEPTH_VALUE", str(depth)).replace("XRING_VALUE", str(config.xring))
             .replace("PROBE_VALUE", str(config.probe)).replace("PREFETCH_VALUE", str(config.prefetch))
-            .replace("PDL_VALUE", str(int(pdl))).replace("WCACHE_VALUE", str(config.wcache)).replace("EARLY_VALUE", str(int(bool(config.early))))
+            .replace("PDL_VALUE", str(int(pdl))).replace("WCACHE_VALUE", str(config.wcache)).replace("PERSIST_VALUE", str(int(bool(config.persist)))).replace("EARLY_VALUE", str(int(bool(config.early))))
             .replace("ARGTABLE_VALUE", str(int(bool(config.argtable))))
             .replace("TWO_VALUE", str(int(two))).replace("TILED_VALUE", str(int(bool(config.layout))))
             .replace("MINB_VALUE", str(config.minb)).replace(".DT.DT.", f".{kind}.{kind}."))
@@ -591,6 +667,14 @@ def splits_for(n: int, k: int, programs: int | None = None) -> tuple[int, int]:
     splits = max(1, min(blocks // MIN_SPLIT_BLOCKS, round((programs or CONFIG.programs) / tiles)))
     per_split = -(-blocks // splits)
     return -(-blocks // per_split), per_split
+
+
+def persistent_programs(items: int, slots: int) -> int:
+    """`Config.persist`'s program count for `items` (tile, split) items when `slots` programs are resident at once
+    (programs per SM × SMs): the fewest programs that still take the fewest rounds of items (a function of the
+    shape and the GPU only)."""
+    rounds = -(-items // slots)
+    return -(-items // rounds)
 
 
 def tile_absmax(absmax: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -651,13 +735,19 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
     if x.data_ptr() % 16 or packed.data_ptr() % 8:
         raise ValueError("x must be 16-byte aligned and the packed weight 8-byte aligned")
     two = m > 8
+    tiles = -(-n // 16)
+    grid = (-(-tiles // max(1, config.tiles)), splits, -(-m // ROWS_PER_PROGRAM))
+    if config.persist:
+        if config.layout and config.probe == 0 and (k // 64) % 8 == 0 and per_split % 8 == 0:
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            grid = (persistent_programs(tiles * splits, config.minb * sms), 1, grid[2])
+        else:
+            config = replace(config, persist=0)
     pdl = _pdl(x.device)
     kernel = _compile(x.device, x.dtype, config, two, pdl)
     if kernel is None:
         raise RuntimeError("the NF4 CUDA kernel is not available: "
                            f"{_failure.get((x.device.index, x.dtype, config, two, pdl))}")
-    tiles = -(-n // 16)
-    grid = (-(-tiles // max(1, config.tiles)), splits, -(-m // ROWS_PER_PROGRAM))
     words = getattr(pairs, "code_words", None)
     if words is None:
         raise ValueError("pairs must come from pair_table (it carries the codes as kernel arguments)")
