@@ -18,14 +18,13 @@ flight per program (a ring, refilled as each is folded).
 """
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.kernel_probe import graph_ms  # noqa: E402
 from workers.engine.kernels import cuda_launch  # noqa: E402
 
 SOURCE = r"""
@@ -35,8 +34,8 @@ SOURCE = r"""
 
 __device__ __forceinline__ unsigned fold(uint4 v) { return v.x ^ v.y ^ v.z ^ v.w; }
 
-// the byte offset of window i (0 <= i < count) of program p
-__device__ __forceinline__ size_t window(long long i, int p, int programs, long long per, long long count) {
+// the byte offset of window i (0 <= i < per) of program p
+__device__ __forceinline__ size_t window(long long i, int p, int programs, long long per) {
 #if PATTERN == 0
     return (size_t)(p * per + i) * 4096;
 #elif PATTERN == 1
@@ -94,13 +93,13 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(const unsigne
     uint4 ring[DEPTH];
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d)
-        if (d < per) ring[d] = load_window(src, window(d, p, programs, per, 0), tid);
+        if (d < per) ring[d] = load_window(src, window(d, p, programs, per), tid);
     for (long long i0 = 0; i0 < per; i0 += DEPTH) {
 #pragma unroll
         for (int d = 0; d < DEPTH; ++d) {
             if (i0 + d < per) {
                 h ^= fold(ring[d]);
-                if (i0 + d + DEPTH < per) ring[d] = load_window(src, window(i0 + d + DEPTH, p, programs, per, 0), tid);
+                if (i0 + d + DEPTH < per) ring[d] = load_window(src, window(i0 + d + DEPTH, p, programs, per), tid);
             }
         }
     }
@@ -125,24 +124,6 @@ def kernel(pattern: str, vec: int, depth: int, minb: int):
     return _kernels[key]
 
 
-def graph_ms(launch, copies: int, replays: int = 15) -> float:
-    """Median time of one launch among `copies` back-to-back launches captured in one CUDA graph."""
-    for c in range(copies):
-        launch(c)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in range(copies):
-            launch(c)
-    samples = []
-    for _ in range(replays):
-        torch.cuda.synchronize()
-        t0 = time.monotonic_ns()
-        graph.replay()
-        torch.cuda.synchronize()
-        samples.append((time.monotonic_ns() - t0) / 1e6 / copies)
-    return statistics.median(samples)
-
-
 def probe(pattern: str, size_name: str, vec: int, depth: int, programs: int, shared: int, minb: int = 4) -> dict:
     nbytes = SIZES[size_name]
     if pattern == "rows":
@@ -160,7 +141,7 @@ def probe(pattern: str, size_name: str, vec: int, depth: int, programs: int, sha
     if shared >= 48 * 1024:
         k.set_shared_memory_config(shared)
     ms = graph_ms(lambda c: cuda_launch.launch(k, (programs, 1, 1), (256, 1, 1), [bufs[c], out, per, programs, row_blocks],
-                                               shared), copies)
+                                               shared), copies, replays=15)
     del bufs
     return dict(pattern=pattern, size=size_name, bytes=nbytes, vec=vec, depth=depth, programs=programs,
                 shared=shared, minb=minb, us=round(ms * 1e3, 2), tbs=round(nbytes / ms / 1e9, 3))
@@ -188,7 +169,7 @@ def main():
             print(json.dumps(row), file=sys.stderr, flush=True)
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = graph_ms(lambda c: dst.copy_(src), 1)
+    ms = graph_ms(lambda c: dst.copy_(src), 1, replays=15)
     print(json.dumps({"device": torch.cuda.get_device_name(0), "copy_read_tbs": round((1 << 30) / ms / 1e9, 3),
                       "results": rows}))
 

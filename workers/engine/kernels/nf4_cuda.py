@@ -148,15 +148,8 @@ __device__ __forceinline__ uint2 load_w(const uint2* p) {
 }
 
 __device__ __forceinline__ float2 load_s(const float2* p) {
-#if WCACHE == 1
-    float2 v;
-    asm("ld.global.nc.L1::no_allocate.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "l"(p));
-    return v;
-#elif WCACHE == 2
-    return __ldcs(p);
-#else
-    return *p;
-#endif
+    const uint2 v = load_w((const uint2*)p);
+    return make_float2(__uint_as_float(v.x), __uint_as_float(v.y));
 }
 
 // `bytes` (a multiple of 16, 16-byte aligned) from `p` into L2, spread over the program's threads
@@ -269,11 +262,27 @@ __device__ __forceinline__ void reduce_tile(float* red, const float* acc, float*
     __syncthreads();                                       // the next tile reuses `red`
 }
 
-// PERSIST: the weight bytes and scales of block `q` of this warp in item `item` = tile · S + split (tile-major bytes)
-__device__ __forceinline__ void load_item_block(const unsigned char* w, const float2* absmax, int tile, int split,
-                                                int q, int KB, int split_blocks, int warp, int g, int t,
+// PERSIST: a warp's place in its sequence of blocks: block q of item `item` = tile · S + split, which holds `nb`
+// blocks of this warp (every warp the same: K / 64 and the split are multiples of 8)
+struct Cursor {
+    int item, tile, split, q, nb;
+};
+
+__device__ __forceinline__ Cursor cursor_at(int item, int S, int KB, int split_blocks) {
+    const int tile = item / S, split = item - tile * S;
+    return Cursor{item, tile, split, 0, min(split_blocks, KB - split * split_blocks) >> 3};
+}
+
+// the next block of the warp's sequence: the next of the item, or the first of the program's next item
+__device__ __forceinline__ void advance(Cursor& c, int S, int KB, int split_blocks) {
+    if (++c.q == c.nb) c = cursor_at(c.item + gridDim.x, S, KB, split_blocks);
+}
+
+// PERSIST: the weight bytes and scales of the block at `c` (tile-major bytes)
+__device__ __forceinline__ void load_item_block(const unsigned char* w, const float2* absmax, const Cursor& c,
+                                                int KB, int split_blocks, int warp, int g, int t,
                                                 uint2& a, uint2& b, float2& s) {
-    const size_t off = (size_t)tile * KB + split * split_blocks + warp + 8 * q;
+    const size_t off = (size_t)c.tile * KB + c.split * split_blocks + warp + 8 * c.q;
     const uint2* pa = (const uint2*)(w + off * 512) + 4 * g + t;
     a = load_w(pa);
     b = load_w(pa + 32);
@@ -344,29 +353,25 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
     {
         (void)split; (void)b_begin; (void)b_end;
         const int S = (KB + split_blocks - 1) / split_blocks, items = tiles * S;
-        int l_item = blockIdx.x, l_tile = l_item / S, l_split = l_item - l_tile * S, l_q = 0;
-        int l_nb = min(split_blocks, KB - l_split * split_blocks) >> 3;
-        int c_item = l_item, c_tile = l_tile, c_split = l_split, c_q = 0, c_nb = l_nb;
+        Cursor load = cursor_at(blockIdx.x, S, KB, split_blocks);     // the next block to load
+        Cursor comp = load;                                            // the next block to compute
         uint2 ring_a[DEPTH], ring_b[DEPTH];
         float2 ring_s[DEPTH];
 #pragma unroll
         for (int d = 0; d < DEPTH; ++d) {
-            if (l_item < items) {
-                load_item_block(w, absmax, l_tile, l_split, l_q, KB, split_blocks, warp, g, t, ring_a[d], ring_b[d], ring_s[d]);
-                if (++l_q == l_nb) {
-                    l_item += gridDim.x; l_tile = l_item / S; l_split = l_item - l_tile * S; l_q = 0;
-                    l_nb = min(split_blocks, KB - l_split * split_blocks) >> 3;
-                }
+            if (load.item < items) {
+                load_item_block(w, absmax, load, KB, split_blocks, warp, g, t, ring_a[d], ring_b[d], ring_s[d]);
+                advance(load, S, KB, split_blocks);
             }
         }
         wait_inputs();
         __syncthreads();
         float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        while (c_item < items) {
+        while (comp.item < items) {
 #pragma unroll
             for (int d = 0; d < DEPTH; ++d) {
-                if (c_item < items) {                       // the same for every warp: items end together
-                    const int b = c_split * split_blocks + warp + 8 * c_q;
+                if (comp.item < items) {                    // the same for every warp: items end together
+                    const int b = comp.split * split_blocks + warp + 8 * comp.q;
                     unsigned xw0[8], xw1[8];
                     unpack_x(xw0, xc0_row[(size_t)b * 8], xc0_row[(size_t)b * 8 + 1]);
 #if TWO
@@ -375,20 +380,16 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
                     float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
                     block_mma(part, lt, ring_a[d], ring_b[d], xw0, xw1, two);
                     add_scaled(acc, part, ring_s[d].x, ring_s[d].y);
-                    if (l_item < items) {                   // refill this slot with the block DEPTH ahead
-                        load_item_block(w, absmax, l_tile, l_split, l_q, KB, split_blocks, warp, g, t, ring_a[d], ring_b[d], ring_s[d]);
-                        if (++l_q == l_nb) {
-                            l_item += gridDim.x; l_tile = l_item / S; l_split = l_item - l_tile * S; l_q = 0;
-                            l_nb = min(split_blocks, KB - l_split * split_blocks) >> 3;
-                        }
+                    if (load.item < items) {                // refill this slot with the block DEPTH ahead
+                        load_item_block(w, absmax, load, KB, split_blocks, warp, g, t, ring_a[d], ring_b[d], ring_s[d]);
+                        advance(load, S, KB, split_blocks);
                     }
-                    if (++c_q == c_nb) {                    // the item's last block: its sums out, the next item
-                        reduce_tile(red, acc, out, tid, c_tile, c_split, M, N, m0, here);
+                    if (comp.q + 1 == comp.nb) {            // the item's last block: its sums out
+                        reduce_tile(red, acc, out, tid, comp.tile, comp.split, M, N, m0, here);
 #pragma unroll
                         for (int i = 0; i < 8; ++i) acc[i] = 0.f;
-                        c_item += gridDim.x; c_tile = c_item / S; c_split = c_item - c_tile * S; c_q = 0;
-                        c_nb = min(split_blocks, KB - c_split * split_blocks) >> 3;
                     }
+                    advance(comp, S, KB, split_blocks);
                 }
             }
         }
