@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs of issues 10 and 11: a bf16 target beside an nf4 draft, random full-size weights
 # (--synthetic-weights 7b), DSEC-size inputs with mp4 decoding included, 10 samples, one GPU and two.
-#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|attention-sweep|attention-ab|same-gpu-5|pdl-ab|prefetch-ab|dense-prefetch-ab|early-ab|argtable-ab|wcache-ab|depth-ab|wcache-check|persist-ab|all]
+#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|attention-sweep|attention-ab|same-gpu-5|pdl-ab|prefetch-ab|dense-prefetch-ab|early-ab|argtable-ab|wcache-ab|depth-ab|wcache-check|persist-ab|trigger-ab|all]
 # two-gpu needs two GPUs of one host. Needs PyAV (writing and reading the mp4 clips), Triton (the exact
 # step) and bitsandbytes (nf4). Each part is one `coordinator bench` run; bench.json/bench.md are written
 # after every (placement, MPS) session, so a run cut short keeps what it finished. MPS=on,off adds the MPS
@@ -135,6 +135,25 @@ fi
 if [[ $WHAT == persist-ab ]]; then   # persistent NF4 programs whose rings run on across (tile, split) items
     nf4_ab persist "persist=0 persist=1 persist=1,programs=1536 persist=0 persist=1" \
         "persist=1;persist=1,programs=1536;persist=1,programs=3072"
+    echo "$(date +%T) done"
+    exit 0
+fi
+if [[ $WHAT == trigger-ab ]]; then   # PDL triggers at the kernels' entry, attention K/V prefetched before its wait
+    # letters: T = the Triton kernels trigger at entry (EVENTSPEC_PDL_TRIGGER=early), N = the NF4 kernel too
+    # (EVENTSPEC_NF4_CUDA=trigger=1), A = the attention asks L2 for its chunk first (EVENTSPEC_ATTENTION=prefetch=1)
+    variant_env() {
+        local v=$1
+        echo "EVENTSPEC_PDL_TRIGGER=$([[ $v == *T* ]] && echo early || echo after)" \
+             "EVENTSPEC_NF4_CUDA=$([[ $v == *N* ]] && echo trigger=1)" \
+             "EVENTSPEC_ATTENTION=$([[ $v == *A* ]] && echo prefetch=1)"
+    }
+    env $(variant_env TNA) "$PY" -m pytest -q tests/test_nf4_cuda.py tests/test_engine_exact.py tests/test_pdl.py 2>&1 | tail -2
+    for v in ${VARIANTS:-0p TNAp T A TA TNA 0 TNA TA}; do
+        profile=$([[ $v == *p ]] && echo --profile)
+        echo "$(date +%T) step ${KINDS:-eventgpt} ${PRECISIONS:-nf4} $v: $(variant_env "${v%p}")"
+        env $(variant_env "${v%p}") "$PY" benchmarks/step_bench.py --kinds "${KINDS:-eventgpt}" --precisions "${PRECISIONS:-nf4}" \
+            --repeats 15 --no-previous $profile --out "$OUT/step-$v-$SECONDS.json" | cut -c1-300
+    done
     echo "$(date +%T) done"
     exit 0
 fi

@@ -109,9 +109,52 @@ def kernels_by_time(prof, per: int, top: int) -> tuple[float, list[dict]]:
             [{"name": name[:90], "ms": ms, "calls": calls} for name, ms, calls in kernels[:top]])
 
 
+def critical_path(events: list[dict], steps: int) -> dict:
+    """Where a run of `steps` steps spends its wall time, kernel by kernel: events (chrome-trace GPU events,
+    each with "name", "ts" and "dur" in µs) taken in order of start; a kernel's *marginal* time is how far its
+    end moves the latest end so far (what it adds to the step once the kernels before it are done, so with
+    programmatic dependent launch the time a kernel sat resident waiting is not counted), and *idle* the time
+    before it in which no kernel ran. Per kernel name, ms a step; the marginals plus the idle time add up
+    to the span from the first start to the last end."""
+    by_name: dict[str, dict] = {}
+    latest = None
+    first = None
+    for event in sorted(events, key=lambda e: (e["ts"], e["ts"] + e["dur"])):
+        start, end = float(event["ts"]), float(event["ts"]) + float(event["dur"])
+        first = start if first is None else first
+        idle = 0.0 if latest is None else max(0.0, start - latest)
+        marginal = end - start if latest is None else max(0.0, end - max(latest, start))
+        latest = end if latest is None else max(latest, end)
+        row = by_name.setdefault(event["name"][:90], {"calls": 0, "marginal_ms": 0.0, "idle_before_ms": 0.0,
+                                                      "duration_ms": 0.0})
+        row["calls"] += 1
+        row["marginal_ms"] += marginal / 1e3
+        row["idle_before_ms"] += idle / 1e3
+        row["duration_ms"] += (end - start) / 1e3
+    kernels = [{"name": name, **{k: (v / steps if k != "calls" else v / steps) for k, v in row.items()}}
+               for name, row in by_name.items()]
+    kernels.sort(key=lambda r: -r["marginal_ms"])
+    span = 0.0 if first is None else (latest - first) / 1e3 / steps
+    return {"span_ms": span, "idle_ms": sum(r["idle_before_ms"] for r in kernels), "kernels": kernels}
+
+
+def gpu_events(prof) -> list[dict]:
+    """The GPU kernels and copies of a torch.profiler run, from its chrome trace."""
+    import os
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+
+
 def kernel_profile(step, prompt, rows: int, steps: int = 5, top: int = 12) -> dict:
     """GPU time per kernel name in a step of `rows` rows (torch.profiler over `steps` graph replays): where
-    a step's time goes, and how much of the wall time no kernel runs (launch gaps)."""
+    a step's time goes, how much of the wall time no kernel runs (launch gaps), and each kernel's share of
+    the critical path (`critical_path`)."""
     from torch.profiler import ProfilerActivity, profile
     engine = TokenEngine(step)
     engine.start(prompt)
@@ -124,7 +167,12 @@ def kernel_profile(step, prompt, rows: int, steps: int = 5, top: int = 12) -> di
         wall_ms = (time.monotonic_ns() - t0) / 1e6 / steps
     step.crop(base)
     busy, kernels = kernels_by_time(prof, steps, top)
-    return {"rows": rows, "wall_ms_profiled": wall_ms, "kernel_ms": busy, "kernels": kernels}
+    out = {"rows": rows, "wall_ms_profiled": wall_ms, "kernel_ms": busy, "kernels": kernels}
+    try:
+        out["critical_path"] = critical_path(gpu_events(prof), steps)
+    except Exception as exc:  # noqa: BLE001 - the profile above stands without it
+        out["critical_path_error"] = repr(exc)
+    return out
 
 
 def prefill_profile(step, prompt, repeats: int = 5, top: int = 15) -> dict:

@@ -83,3 +83,24 @@ def test_plan_outcomes_pairs_each_request_with_its_own_samples_baseline():
     assert [(r["sample"], r["plan"], r["predicted"], r["measured"]) for r in rows] == [
         ("a", "drafting pays", 1.037, 0.8), ("b", "", None, 1.25)]
     assert [r["sample"] for r in outcomes(records, alpha=0.9)] == ["a"]
+
+
+def test_critical_path_charges_each_kernel_what_it_adds_to_the_step():
+    """benchmarks/step_bench.py's timeline: a kernel resident early (programmatic dependent launch) is charged
+    only for the time its end moves past the kernels before it, gaps are charged as idle time, and the
+    marginals plus the idle time make up the span."""
+    from benchmarks.step_bench import critical_path
+
+    events = [{"name": "matmul", "ts": 0, "dur": 50}, {"name": "finish", "ts": 40, "dur": 15},   # waits, ends at 55
+              {"name": "attention", "ts": 60, "dur": 10},                                          # 5 µs idle first
+              {"name": "matmul", "ts": 100, "dur": 50}, {"name": "finish", "ts": 145, "dur": 3}]   # inside the matmul
+    path = critical_path(events, steps=1)
+    rows = {r["name"]: r for r in path["kernels"]}
+    assert rows["matmul"]["marginal_ms"] == pytest.approx(0.100)
+    assert rows["matmul"]["idle_before_ms"] == pytest.approx(0.030)
+    assert rows["finish"]["marginal_ms"] == pytest.approx(0.005)
+    assert rows["finish"]["duration_ms"] == pytest.approx(0.018)
+    assert rows["attention"]["idle_before_ms"] == pytest.approx(0.005)
+    assert path["span_ms"] == pytest.approx(0.150)
+    assert sum(r["marginal_ms"] for r in path["kernels"]) + path["idle_ms"] == pytest.approx(path["span_ms"])
+    assert critical_path(events, steps=2)["span_ms"] == pytest.approx(0.075)

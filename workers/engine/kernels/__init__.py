@@ -16,6 +16,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 PDL = os.environ.get("EVENTSPEC_PDL", "1")
 if PDL not in ("0", "1"):
     raise ValueError(f"EVENTSPEC_PDL must be 0 or 1; got {PDL!r}")
+# When a Triton kernel launched with PDL lets the next kernel be scheduled: "after" its wait for the kernel ahead
+# (the next one becomes resident once this one's inputs are ready), or "early", before it (the next one may be
+# resident, and prefetch what no kernel of the step writes, while the kernel ahead of this one still runs)
+PDL_TRIGGER = os.environ.get("EVENTSPEC_PDL_TRIGGER", "after")
+if PDL_TRIGGER not in ("after", "early"):
+    raise ValueError(f"EVENTSPEC_PDL_TRIGGER must be after or early; got {PDL_TRIGGER!r}")
 
 
 def env_settings() -> dict:
@@ -63,3 +69,12 @@ def pdl_on(device) -> bool:
     H200 the nf4 draft's decode step 2.61 → 2.45 ms, the bf16 target's 1–2 %, rows bit-identical and a
     forced-drafting bench lossless (BENCHMARKS.md, seventh session)."""
     return _pdl_on(device.type, device.index)
+
+
+def pdl_mode(device) -> int:
+    """The Triton kernels' `PDL` argument on `device` (`common.wait_for_inputs`): 0 launched plainly, 1 with
+    programmatic dependent launch, letting the next kernel be scheduled after the wait for the kernel ahead,
+    2 before it (EVENTSPEC_PDL_TRIGGER=early)."""
+    if not pdl_on(device):
+        return 0
+    return 2 if PDL_TRIGGER == "early" else 1

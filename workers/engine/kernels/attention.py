@@ -37,8 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, pdl_on
-from .common import cast, dot_f32, wait_for_inputs
+from . import INTERPRET, pdl_mode
+from .common import cast, dot_f32, prefetch_l2, wait_for_inputs
 
 CHUNKS_AT_ONCE = 32        # chunks a merge reads in one vector load (more: in fixed groups of this many)
 
@@ -58,6 +58,9 @@ class Config:
     block_n: int = 64         # cache slots a loop step reads
     warps: int = 4
     stages: int = 2           # Triton's software pipelining of the slot loop
+    prefetch: int = 0         # 1 (with PDL, on the GPU): before it waits for the kernel ahead, a program asks L2 for
+                              # the K/V lines of its chunk, which earlier steps wrote (the slots of this step's rows
+                              # may be in flight: L2 is where their writes land, so a prefetch cannot go stale)
 
     def __post_init__(self):
         if self.merge not in MERGES:
@@ -103,6 +106,18 @@ _TICKETS: dict[torch.device, list[torch.Tensor]] = {}
 def _chunks_seen(start, mt, SLOTS, BLOCK_M: tl.constexpr, SPLIT_LEN: tl.constexpr):
     """The chunks some row of row tile `mt` can see: a function of the cache start and the tile, never of M."""
     return tl.minimum(tl.cdiv(start + (mt + 1) * BLOCK_M, SPLIT_LEN), tl.cdiv(SLOTS, SPLIT_LEN))
+
+
+@triton.jit
+def _prefetch_chunk(k_ptr, v_ptr, h, s, mt, start, SLOTS, GROUP: tl.constexpr, D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, SPLIT_LEN: tl.constexpr, LINE: tl.constexpr):
+    """Ask L2 for the K and V lines of the slots `_partial` will read for (head h, chunk s, row tile mt)."""
+    lo = s * SPLIT_LEN
+    last = tl.minimum(tl.minimum(lo + SPLIT_LEN, start + (mt + 1) * BLOCK_M), SLOTS) - 1
+    rn = tl.minimum(lo + tl.arange(0, SPLIT_LEN), last)               # repeats of the last slot: the same lines
+    offsets = (h // GROUP) * SLOTS * D + rn[:, None] * D + (tl.arange(0, D // LINE) * LINE)[None, :]
+    prefetch_l2(k_ptr + offsets)
+    prefetch_l2(v_ptr + offsets)
 
 
 @triton.jit
@@ -184,14 +199,18 @@ def _ticket_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, start_ptr, po_ptr, pm_ptr, pl
                    M, H, SLOTS, sm_scale,
                    GROUP: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr, EMULATE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr, CHUNKS: tl.constexpr,
-                   PDL: tl.constexpr):
+                   PDL: tl.constexpr, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64):
     """merge=ticket: partials, then the last program of a (head, row tile) merges the tile's rows."""
-    wait_for_inputs(PDL)
     h = tl.program_id(0)
     s = tl.program_id(1)
     mt = tl.program_id(2)
+    # the step's host copy wrote `start` before the step's first kernel, so it may be read before the wait
     start = tl.load(start_ptr)
     n_active = _chunks_seen(start, mt, SLOTS, BLOCK_M, SPLIT_LEN)
+    if PREFETCH:
+        if s < n_active:
+            _prefetch_chunk(k_ptr, v_ptr, h, s, mt, start, SLOTS, GROUP, D, BLOCK_M, SPLIT_LEN, LINE)
+    wait_for_inputs(PDL)
     if s < n_active:
         _partial(q_ptr, k_ptr, v_ptr, valid_ptr, po_ptr, pm_ptr, pl_ptr, h, s, mt, start, M, H, SLOTS, sm_scale,
                  GROUP, D, UPCAST, BLOCK_M, BLOCK_N, SPLIT_LEN)
@@ -207,13 +226,17 @@ def _ticket_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, start_ptr, po_ptr, pm_ptr, pl
 def _partial_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, start_ptr, po_ptr, pm_ptr, pl_ptr,
                     M, H, SLOTS, sm_scale,
                     GROUP: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr, PDL: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr, PDL: tl.constexpr,
+                    PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64):
     """merge=combine, first launch: the partial of every chunk a row tile can see."""
-    wait_for_inputs(PDL)
     h = tl.program_id(0)
     s = tl.program_id(1)
     mt = tl.program_id(2)
-    start = tl.load(start_ptr)
+    start = tl.load(start_ptr)                  # as in `_ticket_kernel`: readable before the wait
+    if PREFETCH:
+        if s < _chunks_seen(start, mt, SLOTS, BLOCK_M, SPLIT_LEN):
+            _prefetch_chunk(k_ptr, v_ptr, h, s, mt, start, SLOTS, GROUP, D, BLOCK_M, SPLIT_LEN, LINE)
+    wait_for_inputs(PDL)
     if s < _chunks_seen(start, mt, SLOTS, BLOCK_M, SPLIT_LEN):
         _partial(q_ptr, k_ptr, v_ptr, valid_ptr, po_ptr, pm_ptr, pl_ptr, h, s, mt, start, M, H, SLOTS, sm_scale,
                  GROUP, D, UPCAST, BLOCK_M, BLOCK_N, SPLIT_LEN)
@@ -262,17 +285,20 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: 
     out = torch.empty_like(q)
     grid = (h, nsplit, -(-m // config.block_m))
     chunks = min(CHUNKS_AT_ONCE, triton.next_power_of_2(nsplit))
-    pdl = pdl_on(q.device)
+    pdl = pdl_mode(q.device)
     common = dict(GROUP=h // kvh, D=d, UPCAST=INTERPRET or q.dtype == torch.float32, BLOCK_M=config.block_m,
                   BLOCK_N=config.block_n, SPLIT_LEN=config.split, num_warps=config.warps, num_stages=config.stages,
-                  PDL=pdl, launch_pdl=pdl)
+                  PDL=pdl, launch_pdl=pdl > 0)
+    # prefetching needs inline assembly (not in Triton's interpreter) and only pays ahead of a PDL wait
+    prefetch = dict(PREFETCH=int(bool(config.prefetch) and pdl > 0 and not INTERPRET),
+                    LINE=max(1, min(d, 128 // keys.element_size())))
     scale = 1.0 / math.sqrt(d)
     if config.merge == "ticket" or (config.merge == "auto" and m == 1):
         tickets = ticket_buffer(q.device, h * grid[2])
         _ticket_kernel[grid](q, keys, values, valid, start, po, pm, pl, out, tickets, m, h, slots, scale,
-                             EMULATE=INTERPRET, CHUNKS=chunks, **common)
+                             EMULATE=INTERPRET, CHUNKS=chunks, **common, **prefetch)
         return out
-    _partial_kernel[grid](q, keys, values, valid, start, po, pm, pl, m, h, slots, scale, **common)
+    _partial_kernel[grid](q, keys, values, valid, start, po, pm, pl, m, h, slots, scale, **common, **prefetch)
     _combine_kernel[(m, h)](po, pm, pl, out, start, m, h, slots, D=d, EMULATE=INTERPRET, BLOCK_M=config.block_m,
-                            SPLIT_LEN=config.split, CHUNKS=chunks, PDL=pdl, num_warps=4, launch_pdl=pdl)
+                            SPLIT_LEN=config.split, CHUNKS=chunks, PDL=pdl, num_warps=4, launch_pdl=pdl > 0)
     return out

@@ -41,11 +41,15 @@ def dot_f32(a, b):
 
 @triton.jit
 def wait_for_inputs(PDL: tl.constexpr):
-    """At a kernel's entry when it is launched with programmatic dependent launch (`pdl_on`): wait until the
-    kernel ahead of it has finished and its writes are visible, then let the next kernel be scheduled. Before
-    this call a kernel reads and writes nothing."""
-    if PDL:
+    """At a kernel's entry when it is launched with programmatic dependent launch (`kernels.pdl_mode`: PDL 1
+    or 2): wait until the kernel ahead of it has finished and its writes are visible, and let the next kernel
+    be scheduled, after the wait (1) or before it (2). Before this call a kernel reads nothing a kernel of
+    the step writes and writes nothing."""
+    if PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
+    if PDL > 0:
         tl.extra.cuda.gdc_wait()
+    if PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
 
 

@@ -6,13 +6,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, pdl_on
+from . import INTERPRET, pdl_mode
 from .common import cast, rms_normalize, wait_for_inputs
 
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, K, eps, BLOCK: tl.constexpr, EMULATE: tl.constexpr,
-                    PDL: tl.constexpr = False):
+                    PDL: tl.constexpr = 0):
     wait_for_inputs(PDL)
     row = tl.program_id(0)
     rk = tl.arange(0, BLOCK)
@@ -25,8 +25,8 @@ def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, K, eps, BLOCK: tl.constexpr, EMULATE:
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     m, k = x.shape
     out = torch.empty_like(x)
-    pdl = pdl_on(x.device)
+    pdl = pdl_mode(x.device)
     _rmsnorm_kernel[(m,)](x, weight, out, k, eps, BLOCK=triton.next_power_of_2(k), EMULATE=INTERPRET, PDL=pdl,
-                          launch_pdl=pdl)
+                          launch_pdl=pdl > 0)
     return out
 

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, nf4_cuda, pdl_on
+from . import INTERPRET, nf4_cuda, pdl_mode
 from .common import cast, dot_f32, prefetch_l2, rms_normalize, wait_for_inputs
 from .nf4_rows import _rows_kernel, ROWS_BLOCK_K, ROWS_BLOCK_N, ROWS_DUAL_N, ROWS_LOOKUP, ROWS_PROGRAMS, ROWS_WARPS, row_dot
 
@@ -165,7 +165,7 @@ def _accumulate(acc, x_ptr, w_ptr, absmax_ptr, code_ptr, rm, rows, row_ok, k0, M
 def _single_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, K_SPLIT,
                    SPLITS: tl.constexpr, NF4: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WA: tl.constexpr = True,
-                   PROBE: tl.constexpr = 0, FMA: tl.constexpr = False, PDL: tl.constexpr = False,
+                   PROBE: tl.constexpr = 0, FMA: tl.constexpr = False, PDL: tl.constexpr = 0,
                    PREFETCH: tl.constexpr = 0):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -289,7 +289,7 @@ def _dual_rows_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, K, GROUP, 
 def _dual_finish_kernel(part_ptr, x_ptr, out_ptr, M, N, GROUP, HALF, PER_GROUP,
                         k_cache_ptr, v_cache_ptr, start_ptr, inv_freq_ptr, scaling, Q_HEADS, KV_HEADS, SLOTS,
                         SPLITS: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
-                        PDL: tl.constexpr = False):
+                        PDL: tl.constexpr = 0):
     """`_dual_kernel`'s epilogue on float32 split partials [SPLITS, M, N] (nf4_cuda.py), one row per program,
     the partials added in split order."""
     wait_for_inputs(PDL)
@@ -308,7 +308,7 @@ def _dual_finish_kernel(part_ptr, x_ptr, out_ptr, M, N, GROUP, HALF, PER_GROUP,
 
 @triton.jit(do_not_specialize=["M"])
 def _finish_kernel(part_ptr, res_ptr, hidden_ptr, norm_w_ptr, normed_ptr, M, N, eps,
-                   SPLITS: tl.constexpr, BLOCK: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr = False):
+                   SPLITS: tl.constexpr, BLOCK: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr = 0):
     wait_for_inputs(PDL)
     row = tl.program_id(0)
     col = tl.arange(0, BLOCK)
@@ -457,10 +457,10 @@ def _single(x: torch.Tensor, weight: Weight, out: torch.Tensor, splits: int) -> 
                            XPAIR=_xpair(x), num_warps=ROWS_WARPS)
     else:
         grid = (_cdiv(weight.n, BLOCK_N), weight.splits, _cdiv(m, BLOCK_M))
-        pdl = pdl_on(x.device)
+        pdl = pdl_mode(x.device)
         _single_kernel[grid](x, *weight.pointers(x), out, m, weight.n, weight.k, weight.k_split, SPLITS=splits,
                              NF4=False, UPCAST=_upcast(x), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                             PDL=pdl, PREFETCH=DENSE_PREFETCH, num_warps=4, num_stages=STAGES, launch_pdl=pdl)
+                             PDL=pdl, PREFETCH=DENSE_PREFETCH, num_warps=4, num_stages=STAGES, launch_pdl=pdl > 0)
 
 
 def _xpair(x: torch.Tensor) -> bool:
@@ -498,9 +498,9 @@ def linear_residual_norm(x: torch.Tensor, weight: Weight, residual: torch.Tensor
     _single(x, weight, part, max(2, weight.splits))
     hidden = torch.empty((m, n), dtype=residual.dtype, device=x.device)
     normed = torch.empty_like(hidden)
-    pdl = pdl_on(x.device)
+    pdl = pdl_mode(x.device)
     _finish_kernel[(m,)](part, residual, hidden, norm_weight, normed, m, n, eps, SPLITS=weight.splits,
-                         BLOCK=triton.next_power_of_2(n), EMULATE=INTERPRET, PDL=pdl, num_warps=8, launch_pdl=pdl)
+                         BLOCK=triton.next_power_of_2(n), EMULATE=INTERPRET, PDL=pdl, num_warps=8, launch_pdl=pdl > 0)
     return hidden, normed
 
 
@@ -511,10 +511,10 @@ def _dual_from_partials(x: torch.Tensor, weight: Weight, out: torch.Tensor, grou
     position, frequency and head arguments (placeholders for gate/up)."""
     block = min(256, triton.next_power_of_2(half))
     per_group = _cdiv(half, block)
-    pdl = pdl_on(x.device)
+    pdl = pdl_mode(x.device)
     _dual_finish_kernel[(groups * per_group, x.shape[0])](
         weight.partials(x), x, out, x.shape[0], weight.n, group, half, per_group, *rope_args,
-        SPLITS=weight.splits, ROPE=rope, UPCAST=_upcast(x), BLOCK_N=block, PDL=pdl, num_warps=4, launch_pdl=pdl)
+        SPLITS=weight.splits, ROPE=rope, UPCAST=_upcast(x), BLOCK_N=block, PDL=pdl, num_warps=4, launch_pdl=pdl > 0)
 
 
 def gate_up_silu(x: torch.Tensor, weight: Weight) -> torch.Tensor:

@@ -101,6 +101,7 @@ SOURCE = r"""
                                 // ptxas cannot schedule it before those loads (it did: ACQBULK ahead of every LDG)
 #define WCACHE WCACHE_VALUE     // weight and scale loads: 0 plain, 1 L1::no_allocate (L1 keeps x), 2 evict-first (.cs)
 #define PERSIST PERSIST_VALUE   // 1: persistent programs whose rings run on from one (tile, split) item into the next
+#define TRIGGER TRIGGER_VALUE   // PDL: 0 the next kernel may be scheduled once this one's wait is over, 1 from its entry
 #define PDL PDL_VALUE           // 1: launched with programmatic dependent launch: x is read and `out` written only
                                 // after the kernel ahead has finished (`wait_inputs`); weights are read before
 
@@ -118,7 +119,9 @@ __device__ __forceinline__ void mma(float* d, unsigned a0, unsigned a1, unsigned
 __device__ __forceinline__ void wait_inputs() {
 #if PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#if !TRIGGER
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
 #endif
 }
 
@@ -129,7 +132,9 @@ __device__ __forceinline__ void wait_inputs_after(unsigned dep, unsigned nonzero
 #if PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("{\n.reg .pred p;\n.reg .b32 v;\nor.b32 v, %0, %1;\nsetp.ne.u32 p, v, 0;\n@p griddepcontrol.wait;\n}\n"
                  :: "r"(dep), "r"(nonzero) : "memory");
+#if !TRIGGER
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
 #endif
 }
 
@@ -318,6 +323,9 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
         unsigned c0, unsigned c1, unsigned c2, unsigned c3,   // the codes (ARGTABLE): code 2j | code 2j + 1 << 16
         unsigned c4, unsigned c5, unsigned c6, unsigned c7) {
     extern __shared__ unsigned shared[];
+#if PDL && TRIGGER && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");   // the next kernel may be scheduled now
+#endif
     float* red = (float*)(shared + TABLE_WORDS);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int KB = K >> 6, KW = K >> 1;
@@ -560,6 +568,8 @@ class Config:
                             # item) whose rings run on across items; where K / 64 and the split are multiples of 8
     early: int = 0          # 1: the wait for the kernel ahead (PDL) depends on the first ring's loads, so they are
                             # issued before it; 0: ptxas schedules the wait ahead of them (read in the SASS)
+    trigger: int = 0        # PDL: 1 lets the next kernel be scheduled from this one's entry (it may then be resident
+                            # while this one runs), 0 only after this one's wait for the kernel ahead
     prefetch: int = 0       # 1: each program first prefetches its tile's weight bytes and scales into L2 (a
                             # prefetch a line), 2: as 4 KB bulk prefetches (compute capability 9+); tile-major only
     probe: int = 0          # measurement only (kernel_probe.py), the sums are wrong: 1 = the weight, scale and
@@ -608,10 +618,11 @@ def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True, pdl: b
     name = (f"eventspec_nf4_partials_{kind}_d{depth}x{config.xring}m{config.minb}r{1 + two}"
             + (f"p{config.probe}" if config.probe else "") + ("t" if config.layout else "")
             + (f"f{config.prefetch}" if config.prefetch else "") + ("e" if config.early else "") + (f"c{config.wcache}" if config.wcache else "") + ("s" if config.persist else "") + ("a" if config.argtable else "")
-            + ("w" if pdl else ""))
+            + ("g" if config.trigger else "") + ("w" if pdl else ""))
     text = (SOURCE.replace("DEPTH_VALUE", str(depth)).replace("XRING_VALUE", str(config.xring))
             .replace("PROBE_VALUE", str(config.probe)).replace("PREFETCH_VALUE", str(config.prefetch))
             .replace("PDL_VALUE", str(int(pdl))).replace("WCACHE_VALUE", str(config.wcache)).replace("PERSIST_VALUE", str(int(bool(config.persist)))).replace("EARLY_VALUE", str(int(bool(config.early))))
+            .replace("TRIGGER_VALUE", str(int(bool(config.trigger))))
             .replace("ARGTABLE_VALUE", str(int(bool(config.argtable))))
             .replace("TWO_VALUE", str(int(two))).replace("TILED_VALUE", str(int(bool(config.layout))))
             .replace("MINB_VALUE", str(config.minb)).replace(".DT.DT.", f".{kind}.{kind}."))
