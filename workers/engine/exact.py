@@ -26,7 +26,7 @@ from .fast import CudaGraphStepModel
 from .kernels import usable_on
 from .kernels.attention import attention
 from .kernels.elementwise import rmsnorm
-from .kernels.linear import Weight, gate_up_silu, linear, linear_residual_norm, qkv_rope_store
+from .kernels.linear import L2_AHEAD, Weight, gate_up_silu, linear, linear_residual_norm, qkv_rope_store
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def _is_nf4(module) -> bool:
     return hasattr(getattr(module, "weight", None), "quant_state")
 
 
-def _stack(modules, nf4_kernel: str = "auto") -> Weight:
+def _stack(modules, nf4_kernel: str = "auto", l2_ahead: int = 0) -> Weight:
     """One Weight over several linear modules stacked along N; the modules then read views of it."""
     for mod in modules:
         if getattr(mod, "bias", None) is not None:
@@ -61,7 +61,7 @@ def _stack(modules, nf4_kernel: str = "auto") -> Weight:
         for mod in modules:
             mod.weight.data = dense[offset: offset + mod.out_features]
             offset += mod.out_features
-        return Weight(n, k, dense=dense)
+        return Weight(n, k, dense=dense, l2_ahead=l2_ahead)
     earlier = getattr(modules[0], "_eventspec_tile_major", None)
     if earlier is not None:     # a step model built before over these modules laid their bytes out tile-major
         if earlier.n != n or not all(getattr(m, "_eventspec_tile_major", None) is earlier for m in modules):
@@ -75,7 +75,7 @@ def _stack(modules, nf4_kernel: str = "auto") -> Weight:
         # bitsandbytes keeps reading its own parameter (prefill): make it a view of the stacked bytes
         mod.weight.data = packed[offset: offset + p.numel()].view(mod.weight.data.shape)
         offset += p.numel()
-    weight = Weight(n, k, packed=packed, absmax=absmax, code=parts[0][2], nf4_kernel=nf4_kernel)
+    weight = Weight(n, k, packed=packed, absmax=absmax, code=parts[0][2], nf4_kernel=nf4_kernel, l2_ahead=l2_ahead)
     if weight.tile_major:
         _read_tile_major(modules, weight)
     return weight
@@ -127,7 +127,7 @@ class ExactStepModel(CudaGraphStepModel):
                     post_norm=layer.post_attention_layernorm.weight.data,
                     eps=float(getattr(layer.input_layernorm, "variance_epsilon", config.rms_norm_eps)),
                     qkv=_stack([attn.q_proj, attn.k_proj, attn.v_proj], kernel),
-                    o=_stack([attn.o_proj], kernel),
+                    o=_stack([attn.o_proj], kernel, l2_ahead=L2_AHEAD),
                     gate_up=_stack([mlp.gate_proj, mlp.up_proj], kernel),
                     down=_stack([mlp.down_proj], kernel),
                 ))

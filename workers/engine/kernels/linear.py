@@ -33,7 +33,7 @@ values, high nibbles against the even columns of x and low nibbles against the o
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -55,6 +55,12 @@ DENSE_DUAL = os.environ.get("EVENTSPEC_DENSE_DUAL", "split")    # split | fused 
 # K tiles of its weight rows a dense program asks L2 for before it waits for its inputs (GPU only; with
 # programmatic dependent launch, while the kernel ahead still runs)
 DENSE_PREFETCH = 0 if INTERPRET else int(os.environ.get("EVENTSPEC_DENSE_PREFETCH", "0"))
+# A weight built with `l2_ahead` (the exact step's o projection, EVENTSPEC_L2_AHEAD) asks L2 for its whole weight
+# range before it waits for its input, i.e. while the attention ahead of it runs, which reads little and waits
+# on latency: 1 a prefetch a line, 2 (NF4 only) 4 KB bulk prefetches. GPU with PDL only
+L2_AHEAD = 0 if INTERPRET else int(os.environ.get("EVENTSPEC_L2_AHEAD", "0"))
+if L2_AHEAD not in (0, 1, 2):
+    raise ValueError(f"EVENTSPEC_L2_AHEAD must be 0, 1 or 2; got {L2_AHEAD}")
 RESIDENT = 2                   # dense MMA programs resident per SM (STAGES × 24 KB of shared memory each)
 MAX_SPLITS = 8
 
@@ -343,6 +349,7 @@ class Weight:
     absmax: torch.Tensor | None = None
     code: torch.Tensor | None = None
     nf4_kernel: str = "auto"        # "rows": nf4_rows.py even where nf4_cuda.py could run (float32 inputs)
+    l2_ahead: int = 0               # ask L2 for the whole weight before waiting for x (`L2_AHEAD`); speed only
 
     def __post_init__(self):
         if self.packed is not None and self.k % NF4_BLOCK:
@@ -416,7 +423,10 @@ class Weight:
             return out
         if x.dtype not in self.pairs:
             raise ValueError(f"the NF4 CUDA kernel takes bf16 or fp16 inputs; got {x.dtype}")
-        return nf4_cuda.partials(x, self.packed, self.absmax, self.pairs[x.dtype], self.n, self.k, out)
+        config = nf4_cuda.CONFIG
+        if self.l2_ahead and config.layout and pdl_mode(x.device):
+            config = replace(config, prefetch=self.l2_ahead)
+        return nf4_cuda.partials(x, self.packed, self.absmax, self.pairs[x.dtype], self.n, self.k, out, config=config)
 
     def pointers(self, x: torch.Tensor):
         if self.nf4:
@@ -460,7 +470,17 @@ def _single(x: torch.Tensor, weight: Weight, out: torch.Tensor, splits: int) -> 
         pdl = pdl_mode(x.device)
         _single_kernel[grid](x, *weight.pointers(x), out, m, weight.n, weight.k, weight.k_split, SPLITS=splits,
                              NF4=False, UPCAST=_upcast(x), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                             PDL=pdl, PREFETCH=DENSE_PREFETCH, num_warps=4, num_stages=STAGES, launch_pdl=pdl > 0)
+                             PDL=pdl, PREFETCH=_dense_prefetch(weight, pdl), num_warps=4, num_stages=STAGES,
+                             launch_pdl=pdl > 0)
+
+
+def _dense_prefetch(weight: Weight, pdl: int) -> int:
+    """K tiles of its rows a dense program asks L2 for before it waits: its whole split for an `l2_ahead` weight
+    under PDL (a power of two: the kernel's arange), else EVENTSPEC_DENSE_PREFETCH's."""
+    if weight.l2_ahead and pdl:
+        tiles = weight.k_split // BLOCK_K
+        return 1 << (tiles.bit_length() - 1) if tiles > 0 else 0
+    return DENSE_PREFETCH
 
 
 def _xpair(x: torch.Tensor) -> bool:
