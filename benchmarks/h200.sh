@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs of issues 10 and 11: a bf16 target beside an nf4 draft, random full-size weights
 # (--synthetic-weights 7b), DSEC-size inputs with mp4 decoding included, 10 samples, one GPU and two.
-#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|attention-sweep|attention-ab|same-gpu-5|pdl-ab|prefetch-ab|dense-prefetch-ab|early-ab|argtable-ab|wcache-ab|depth-ab|wcache-check|persist-ab|trigger-ab|l2ahead-ab|all]
+#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|attention-sweep|attention-ab|same-gpu-5|pdl-ab|prefetch-ab|dense-prefetch-ab|early-ab|argtable-ab|wcache-ab|depth-ab|wcache-check|persist-ab|trigger-ab|l2ahead-ab|dq-ab|all]
 # two-gpu needs two GPUs of one host. Needs PyAV (writing and reading the mp4 clips), Triton (the exact
 # step) and bitsandbytes (nf4). Each part is one `coordinator bench` run; bench.json/bench.md are written
 # after every (placement, MPS) session, so a run cut short keeps what it finished. MPS=on,off adds the MPS
@@ -169,6 +169,19 @@ if [[ $WHAT == l2ahead-ab ]]; then   # the o projection's weight asked into L2 w
         echo "$(date +%T) step $kind $precision EVENTSPEC_L2_AHEAD=${v%p}"
         EVENTSPEC_L2_AHEAD=${v%p} "$PY" benchmarks/step_bench.py --kinds "$kind" --precisions "$precision" --repeats 15 \
             --no-previous $profile --out "$OUT/step-$kind-$precision-$v-$SECONDS.json" | cut -c1-300
+    done
+    echo "$(date +%T) done"
+    exit 0
+fi
+if [[ $WHAT == dq-ab ]]; then   # the NF4 kernel reading double-quantized scale bytes (dq=1, default) or float32 scales (0)
+    "$PY" -m pytest -q tests/test_nf4_cuda.py tests/test_pdl.py tests/test_engine_exact.py 2>&1 | tail -2
+    for e in ${ENTRIES:-eventgpt/1 eventgpt/0 eventgpt/1 eventgpt/0 videollava/1 videollava/0 videollava/1 eventgpt/1p}; do
+        IFS=/ read -r kind v <<< "$e"
+        profile=""
+        if [[ $v == *p ]]; then profile=--profile; fi
+        echo "$(date +%T) step $kind nf4 dq=${v%p}"
+        EVENTSPEC_NF4_CUDA=dq=${v%p} "$PY" benchmarks/step_bench.py --kinds "$kind" --precisions nf4 --repeats 15 \
+            --no-previous $profile --out "$OUT/step-$kind-nf4-dq$v-$SECONDS.json" | cut -c1-300
     done
     echo "$(date +%T) done"
     exit 0

@@ -125,6 +125,11 @@ def test_unpack_bnb_expands_double_quantized_absmax():
     got_packed, got_absmax, code = nf4.unpack_bnb(param)
     expected = nested.code[state.absmax.long()] * nested.absmax.repeat_interleave(8) + 0.25
     assert torch.equal(got_packed, packed) and torch.equal(got_absmax, expected) and torch.equal(code, state.code)
+    kept = nf4.nested_absmax(param)            # what the NF4 CUDA kernel reads instead (nf4_cuda.Config.dq)
+    assert kept.q.dtype == torch.uint8 and kept.group == 8 and torch.equal(kept.expand(), expected)
+    state.nested = False
+    assert nf4.nested_absmax(param) is None
+    state.nested = True
     state.blocksize = 128
     with pytest.raises(ValueError, match="block size 64"):
         nf4.unpack_bnb(param)

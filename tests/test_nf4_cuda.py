@@ -231,3 +231,62 @@ def test_persistent_programs_give_the_same_bits_for_any_split(per):
         nf4_cuda.partials(x, tiled, scales, pairs, n, k, got, per, replace(nf4_cuda.CONFIG, persist=1))
         assert not want.isnan().any()
         assert torch.equal(want, got), f"{rows} rows, {per} blocks a split"
+
+
+def _nested(rows: int, k: int, gen: torch.Generator, offset: float) -> nf4.Nested:
+    """A made-up double quantization of a [rows, k] weight's absmax (random bytes and second-level scales)."""
+    blocks = rows * k // 64
+    return nf4.Nested(q=torch.randint(0, 256, (blocks,), dtype=torch.uint8, generator=gen),
+                      absmax2=torch.rand(-(-blocks // 256), generator=gen) + 0.5,
+                      code2=torch.sort(torch.rand(256, generator=gen)).values, offset=offset, group=256)
+
+
+def test_double_quantized_scale_bytes_expand_to_the_float32_scales_of_each_tile():
+    """`Config.dq`: a stack of two modules (their own offsets; K / 64 = 172, so a row's blocks cross a group of
+    256) keeps its scale bytes tile by tile, and expanding a tile's bytes as the kernel does (`expand_tiles`)
+    gives `tile_absmax` of bitsandbytes' float32 absmax, bit for bit, also for a slice of tiles."""
+    k = 11008
+    gen = torch.Generator().manual_seed(5)
+    parts = [_nested(64, k, gen, 0.25), _nested(128, k, gen, -0.125)]
+    parts[1].code2 = parts[0].code2.clone()
+    q, dq = nf4_cuda.double_quant(parts, k)
+    n = 192
+    want = nf4_cuda.tile_absmax(torch.cat([p.expand() for p in parts]), n, k)
+    q_tiles = nf4_cuda.tile_scale_bytes(q, n, k)
+    assert q_tiles.dtype == torch.uint8 and q_tiles.shape == want.shape == (12, 172, 8, 2)
+    assert dq.tile_offset.tolist() == [0.25] * 4 + [-0.125] * 8
+    assert torch.equal(dq.expand_tiles(q_tiles, k), want)
+    assert torch.equal(dq.expand_tiles(q_tiles, k, 3, 7), want[3:7])
+    # where the kernel cannot read them, the weight keeps float32 scales
+    assert nf4_cuda.double_quant([parts[0], None], k) is None
+    assert nf4_cuda.double_quant([parts[0], _nested(64, k, gen, 0.0)], k) is None      # another second-level code
+    assert nf4_cuda.double_quant([_nested(32, k, gen, 0.0)], k) is None                 # blocks not whole groups
+    assert nf4_cuda.double_quant([_nested(64, 16448, gen, 0.0)], 16448) is None         # K / 64 > 256
+
+
+@cuda
+@pytest.mark.parametrize("shape", [(256, 4096), (4096, 11008)])
+def test_double_quantized_scales_give_the_kernel_the_float32_scales_bits(shape):
+    """The kernel reading the scale bytes (`dq`) and computing each absmax gives the partials of the float32
+    scales, bit for bit, for 1, 9 and 17 rows: two stacked modules with their own offsets."""
+    if nf4_cuda.unavailable_reason("cuda"):
+        pytest.skip("NF4 CUDA kernel unavailable")
+    n, k = shape
+    gen = torch.Generator().manual_seed(n + k)
+    packed, _ = nf4.quantize(torch.randn(n, k, generator=gen))
+    parts = [_nested(n // 2, k, gen, 0.5), _nested(n // 2, k, gen, 0.0625)]
+    parts[1].code2 = parts[0].code2.clone()
+    q, dq = nf4_cuda.double_quant(parts, k)
+    dq = nf4_cuda.DoubleQuant(dq.absmax2.cuda(), dq.code2.cuda(), dq.tile_offset.cuda())
+    scales = nf4_cuda.tile_absmax(torch.cat([p.expand() for p in parts]).cuda(), n, k)
+    q_tiles = nf4_cuda.tile_scale_bytes(q.cuda(), n, k)
+    weight = nf4_cuda.tile_packed(packed.cuda(), n, k)
+    pairs = nf4_cuda.pair_table(nf4.code_tensor("cuda"), torch.bfloat16)
+    splits, per = nf4_cuda.splits_for(n, k)
+    for rows in (1, 9, 17):
+        x = torch.randn(rows, k, generator=gen).to("cuda", torch.bfloat16)
+        want = torch.full((splits, rows, n), float("nan"), device="cuda")
+        got = torch.full((splits, rows, n), float("nan"), device="cuda")
+        nf4_cuda.partials(x, weight, scales, pairs, n, k, want, per)
+        nf4_cuda.partials(x, weight, q_tiles, pairs, n, k, got, per, dq=dq)
+        assert not want.isnan().any() and torch.equal(want, got), f"{rows} rows"

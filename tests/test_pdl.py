@@ -23,11 +23,13 @@ from workers.engine.exact import ExactStepModel
 from workers.engine.kernels import pdl_on
 
 torch.manual_seed(11)
-config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+dq = sys.argv[3] == "nf4dq"        # double-quantized scales: every module's blocks whole groups of 256
+config = LlamaConfig(vocab_size=96, hidden_size=256 if dq else 64, intermediate_size=512 if dq else 128,
+                     num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                      initializer_range=0.2)
 model = LlamaForCausalLM(config).eval().to(device="cuda", dtype=torch.bfloat16)
-if sys.argv[3] == "nf4":            # NF4 projections (our quantizer standing in for bitsandbytes' Params4bit)
+if sys.argv[3] in ("nf4", "nf4dq"):   # NF4 projections (our quantizer standing in for bitsandbytes' Params4bit)
     from workers.engine import nf4
 
     class QuantState:
@@ -42,6 +44,17 @@ if sys.argv[3] == "nf4":            # NF4 projections (our quantizer standing in
             param = Params4bit(packed.reshape(-1, 1).cuda(), requires_grad=False)
             param.quant_state = QuantState()
             param.quant_state.absmax, param.quant_state.code = absmax.cuda(), nf4.code_tensor("cuda")
+            if dq:                  # bitsandbytes' double quantization: absmax = code2[q] * absmax2[i // 256] + offset
+                blocks = absmax.numel()
+                nested = QuantState()
+                nested.code = torch.sort(torch.rand(256)).values.cuda()
+                nested.absmax = (absmax.reshape(-1, 256).amax(1) * 0.5).cuda()
+                nested.blocksize = 256
+                param.quant_state = QuantState()
+                param.quant_state.nested, param.quant_state.state2 = True, nested
+                param.quant_state.absmax = torch.randint(0, 256, (blocks,), dtype=torch.uint8).cuda()
+                param.quant_state.offset = torch.tensor(float(absmax.mean())).cuda()
+                param.quant_state.code = nf4.code_tensor("cuda")
             mod.weight = param
 step = ExactStepModel(model, max_cache_len=96, buckets=(1, 2, 5, 9), use_graphs=True)
 step.prefill({"input_ids": torch.tensor([[1, 5, 9, 22, 40, 7]], device="cuda")})
@@ -49,7 +62,8 @@ rows = [step.forward([20 + i]).logits for i in range(6)]                     # d
 rows.append(step.forward(list(range(10, 18))).logits)                        # a verification of 8
 out = torch.cat(rows).float().cpu().numpy()
 np.save(sys.argv[1], out)
-print("pdl", pdl_on(torch.device("cuda")), "kernel", step.layers_w[0].qkv.kernel)
+print("pdl", pdl_on(torch.device("cuda")), "kernel", step.layers_w[0].qkv.kernel,
+      "dq", all(w.dq is not None for layer in step.layers_w for w in (layer.qkv, layer.o, layer.gate_up, layer.down)))
 """
 
 
@@ -88,3 +102,21 @@ def test_launch_structures_follow_cuda_h():
     assert config.stream == 0x1234
     assert config.attrs.contents.id == 6
     assert ctypes.c_int.from_buffer(config.attrs.contents, 8).value == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8,
+                    reason="the NF4 tensor-core kernel needs a CUDA GPU")
+def test_double_quantized_scales_read_in_the_kernel_keep_every_bit(tmp_path):
+    """`nf4_cuda.Config.dq`: the kernel reading bitsandbytes' double-quantized scale bytes (and computing each
+    absmax as bitsandbytes does) gives the step the logits of the float32 scales expanded once, bit for bit."""
+    outputs = {}
+    for dq in ("0", "1"):
+        path = tmp_path / f"logits-dq{dq}.npy"
+        env = dict(os.environ, EVENTSPEC_NF4_CUDA=f"dq={dq}")
+        done = subprocess.run([sys.executable, "-c", SCRIPT, str(path), str(ROOT), "nf4dq"], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "kernel nf4-cuda" in done.stdout and f"dq {dq == '1'}" in done.stdout, done.stdout
+        outputs[dq] = np.load(path, allow_pickle=False)
+    assert outputs["0"].shape == (14, 96) and np.isfinite(outputs["0"]).all()
+    assert np.array_equal(outputs["0"], outputs["1"])

@@ -75,7 +75,8 @@ def _stack(modules, nf4_kernel: str = "auto", l2_ahead: int = 0) -> Weight:
         # bitsandbytes keeps reading its own parameter (prefill): make it a view of the stacked bytes
         mod.weight.data = packed[offset: offset + p.numel()].view(mod.weight.data.shape)
         offset += p.numel()
-    weight = Weight(n, k, packed=packed, absmax=absmax, code=parts[0][2], nf4_kernel=nf4_kernel, l2_ahead=l2_ahead)
+    weight = Weight(n, k, packed=packed, absmax=absmax, code=parts[0][2], nf4_kernel=nf4_kernel, l2_ahead=l2_ahead,
+                    nested=[nf4.nested_absmax(m.weight) for m in modules])
     if weight.tile_major:
         _read_tile_major(modules, weight)
     return weight

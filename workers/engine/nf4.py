@@ -9,6 +9,8 @@ a dense tensor (tests on the CPU); `dequantize` is the reference the kernels are
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 BLOCK = 64
@@ -59,3 +61,32 @@ def unpack_bnb(param) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         scales = nested.absmax.float().repeat_interleave(int(nested.blocksize))[: absmax.numel()]
         absmax = codes * scales + state.offset
     return param.data.reshape(-1).contiguous(), absmax.float().contiguous(), state.code.float().contiguous()
+
+
+@dataclass
+class Nested:
+    """A double-quantized absmax as bitsandbytes keeps it: absmax[i] = code2[q[i]] · absmax2[i // group] +
+    offset (float32, the product rounded before the sum, as `unpack_bnb` computes it)."""
+
+    q: torch.Tensor              # uint8 [blocks]
+    absmax2: torch.Tensor        # float32 [ceil(blocks / group)]
+    code2: torch.Tensor          # float32 [256]
+    offset: float
+    group: int
+
+    def expand(self) -> torch.Tensor:
+        """The float32 absmax [blocks] (what `unpack_bnb` returns)."""
+        scales = self.absmax2.repeat_interleave(self.group)[: self.q.numel()]
+        return self.code2[self.q.long()] * scales + self.offset
+
+
+def nested_absmax(param) -> Nested | None:
+    """The double-quantized absmax of a bitsandbytes NF4 Params4bit, or None when it is not double-quantized."""
+    state = param.quant_state
+    if not getattr(state, "nested", False):
+        return None
+    nested = state.state2
+    offset = state.offset
+    offset = float(offset.item() if torch.is_tensor(offset) else offset)
+    return Nested(state.absmax.reshape(-1).contiguous(), nested.absmax.float().reshape(-1).contiguous(),
+                  nested.code.float().reshape(-1).contiguous(), offset, int(nested.blocksize))

@@ -350,11 +350,13 @@ class Weight:
     code: torch.Tensor | None = None
     nf4_kernel: str = "auto"        # "rows": nf4_rows.py even where nf4_cuda.py could run (float32 inputs)
     l2_ahead: int = 0               # ask L2 for the whole weight before waiting for x (`L2_AHEAD`); speed only
+    nested: list | None = None      # the stacked modules' double-quantized scales (`nf4.Nested` each), if any
 
     def __post_init__(self):
         if self.packed is not None and self.k % NF4_BLOCK:
             raise ValueError(f"NF4 weights need K divisible by {NF4_BLOCK}; got K = {self.k}")
         self.tensor_cores = False           # NF4 on nf4_cuda.py's kernel
+        self.dq = None                      # nf4_cuda.DoubleQuant: `absmax` holds the scale bytes, read as such
         self.tile_major = False             # NF4 bytes re-laid out by nf4_cuda.tile_packed
         self.nf4_kernel_note = None         # why not, when an NF4 weight could not use it
         if self.nf4:
@@ -388,8 +390,19 @@ class Weight:
             return
         self.tensor_cores = True
         self.pairs = {dtype: nf4_cuda.pair_table(self.code, dtype) for dtype in (torch.bfloat16, torch.float16)}
-        # only the kernel's tiled layout is kept (nf4_cuda.tile_absmax); `absmax` then holds that
-        self.absmax = nf4_cuda.tile_absmax(self.absmax, self.n, self.k)
+        # only the kernel's tiled layout is kept: bitsandbytes' double-quantized bytes where the kernel can read
+        # them (`nf4_cuda.Config.dq`, `tile_scale_bytes`: a quarter of the float32 scales' bytes, the same
+        # values), else the float32 absmax (`tile_absmax`); `absmax` then holds that
+        config = nf4_cuda.CONFIG
+        stacked = None
+        if config.dq and config.layout and not (config.persist or config.xring):
+            stacked = nf4_cuda.double_quant(self.nested or [], self.k)
+        if stacked is not None:
+            q, self.dq = stacked
+            self.absmax = nf4_cuda.tile_scale_bytes(q, self.n, self.k)
+        else:
+            self.absmax = nf4_cuda.tile_absmax(self.absmax, self.n, self.k)
+        self.nested = None
         # and, where `nf4_cuda.Config.layout` says so (the default), the bytes tile-major (`tile_packed`): a
         # warp's load is 256 contiguous bytes. Whoever else reads them (transformers' prefill through
         # bitsandbytes) must then read the tile-major form: `exact._stack` re-points the modules
@@ -426,7 +439,8 @@ class Weight:
         config = nf4_cuda.CONFIG
         if self.l2_ahead and config.layout and pdl_mode(x.device):
             config = replace(config, prefetch=self.l2_ahead)
-        return nf4_cuda.partials(x, self.packed, self.absmax, self.pairs[x.dtype], self.n, self.k, out, config=config)
+        return nf4_cuda.partials(x, self.packed, self.absmax, self.pairs[x.dtype], self.n, self.k, out, config=config,
+                                 dq=self.dq)
 
     def pointers(self, x: torch.Tensor):
         if self.nf4:
@@ -436,10 +450,17 @@ class Weight:
     def dense_rows(self, row0: int, rows: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows row0 .. row0 + rows - 1 as a dense weight of `dtype` (a tile-major NF4 weight; prefill)."""
         from .nf4_dequant import dequantize_tiled
-        return dequantize_tiled(self.packed, self.absmax, self.code, row0, rows, self.k, dtype)
+        if self.dq is None:
+            return dequantize_tiled(self.packed, self.absmax, self.code, row0, rows, self.k, dtype)
+        t0, t1 = row0 // 16, -(-(row0 + rows) // 16)        # the float32 scales of these rows' tiles only
+        scales = self.dq.expand_tiles(self.absmax, self.k, t0, t1)
+        return dequantize_tiled(self.packed[t0:t1], scales, self.code, row0 - 16 * t0, rows, self.k, dtype)
 
     def bytes_read(self) -> int:
         if self.nf4:        # the weight's own bytes (a tile-major copy's padding rows are not the weight's)
+            if self.dq is not None:         # the scale bytes, and the second level a program reads
+                return (self.n * self.k // 2 + self.absmax.numel()
+                        + 4 * (self.dq.absmax2.numel() + self.dq.tile_offset.numel() + self.dq.code2.numel()))
             return self.n * self.k // 2 + 4 * self.absmax.numel()
         return self.dense.numel() * self.dense.element_size()
 

@@ -74,7 +74,7 @@ from . import cuda_launch
 
 WARPS = 8
 TABLE_WORDS = 256 * 32
-SHARED_BYTES = 4 * TABLE_WORDS + 4 * WARPS * 16 * 16
+SHARED_BYTES = 4 * TABLE_WORDS + 4 * WARPS * 16 * 16 + 4 * 256     # table, the warps' sums, the DQ code
 ROWS_PER_PROGRAM = 16
 TARGET_PROGRAMS = 512          # programs a weight aims at (an H200 has 132 SMs, ~3 programs resident on each)
 MIN_SPLIT_BLOCKS = 16          # NF4 blocks per split at least (8 warps × 2)
@@ -101,6 +101,11 @@ SOURCE = r"""
                                 // ptxas cannot schedule it before those loads (it did: ACQBULK ahead of every LDG)
 #define WCACHE WCACHE_VALUE     // weight and scale loads: 0 plain, 1 L1::no_allocate (L1 keeps x), 2 evict-first (.cs)
 #define PERSIST PERSIST_VALUE   // 1: persistent programs whose rings run on from one (tile, split) item into the next
+#define DQ DQ_VALUE             // 1: the scales are bitsandbytes' double-quantized bytes (`absmax` holds a tile's uint8
+                                // pairs), turned into the float32 absmax in the kernel: code2[q] · absmax2[i / 256] + offset
+#if DQ && (PERSIST || PROBE == 4 || XRING)
+#error "double-quantized scales are read by the ring of the default path only"
+#endif
 #define TRIGGER TRIGGER_VALUE   // PDL: 0 the next kernel may be scheduled once this one's wait is over, 1 from its entry
 #define PDL PDL_VALUE           // 1: launched with programmatic dependent launch: x is read and `out` written only
                                 // after the kernel ahead has finished (`wait_inputs`); weights are read before
@@ -150,6 +155,35 @@ __device__ __forceinline__ uint2 load_w(const uint2* p) {
 #else
     return *p;
 #endif
+}
+
+// a tile's two double-quantized scale bytes of one block (rows g, g + 8), cached as the weights are
+__device__ __forceinline__ unsigned load_q(const unsigned short* p) {
+#if WCACHE == 1
+    unsigned short v;
+    asm("ld.global.nc.L1::no_allocate.u16 %0, [%1];\n" : "=h"(v) : "l"(p));
+    return v;
+#elif WCACHE == 2
+    return __ldcs(p);
+#else
+    return *p;
+#endif
+}
+
+// bitsandbytes' absmax of a block from its double-quantized byte: the product rounded, then the offset added
+// (as `nf4.Nested.expand` and `nf4.unpack_bnb` compute it), so the same float32 as the expanded scales
+__device__ __forceinline__ float dq_scale(const float* code2, unsigned q, float absmax2, float offset) {
+    return __fadd_rn(__fmul_rn(code2[q], absmax2), offset);
+}
+
+// the absmax2 values a row's blocks [b_begin, ...) of one split use: v0 below block `boundary`, v1 from it on
+// (a row holds K / 64 <= 256 blocks, so a split crosses at most one group of 256)
+__device__ __forceinline__ void dq_groups(const float* absmax2, int n2, int row, int KB, int b_begin,
+                                          float& v0, float& v1, int& boundary) {
+    const int first = row * KB + b_begin, g0 = first >> 8;
+    boundary = ((g0 + 1) << 8) - row * KB;
+    v0 = __ldg(absmax2 + min(g0, n2 - 1));
+    v1 = __ldg(absmax2 + min(g0 + 1, n2 - 1));
 }
 
 __device__ __forceinline__ float2 load_s(const float2* p) {
@@ -321,12 +355,18 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
         float* __restrict__ out,                   // [S, M, N] float32 partials
         int M, int N, int K, int split_blocks,
         unsigned c0, unsigned c1, unsigned c2, unsigned c3,   // the codes (ARGTABLE): code 2j | code 2j + 1 << 16
-        unsigned c4, unsigned c5, unsigned c6, unsigned c7) {
+        unsigned c4, unsigned c5, unsigned c6, unsigned c7,
+        const float* __restrict__ absmax2,         // DQ: [n2] float32, one per 256 blocks (bitsandbytes' order)
+        const float* __restrict__ code2,           // DQ: [256] float32, the second-level code
+        const float* __restrict__ tile_offset,     // DQ: [tiles] float32, the offset of each tile's module
+        int n2) {
     extern __shared__ unsigned shared[];
 #if PDL && TRIGGER && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");   // the next kernel may be scheduled now
 #endif
     float* red = (float*)(shared + TABLE_WORDS);
+    float* code2s = red + WARPS * 256;                     // DQ: the second-level code (1 KB)
+    (void)absmax2; (void)code2; (void)tile_offset; (void)n2; (void)code2s;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int KB = K >> 6, KW = K >> 1;
     const int split = blockIdx.y, m0 = blockIdx.z * 16;
@@ -455,6 +495,15 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
         const uint2* pb = (const uint2*)(w + (size_t)min(n_b, N - 1) * KW) + t + (size_t)first * 4;
 #endif
         const float2* ps = scales + (size_t)first * 8;
+#if DQ
+        const unsigned short* pq = (const unsigned short*)absmax + ((size_t)tile * KB + first) * 8 + g;
+        float a2a0, a2a1, a2b0, a2b1;
+        int bnd_a, bnd_b;
+        dq_groups(absmax2, n2, min(n_a, N - 1), KB, b_begin, a2a0, a2a1, bnd_a);
+        dq_groups(absmax2, n2, min(n_b, N - 1), KB, b_begin, a2b0, a2b1, bnd_b);
+        const float offset = tile_offset[tile];
+        unsigned ring_q[DEPTH];
+#endif
         const uint4* px0 = xc0_row + (size_t)first * 8;
 #if TWO
         const uint4* px1 = xc1_row + (size_t)first * 8;
@@ -474,7 +523,11 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
             if (first + d * WARPS < b_end) {
                 ring_a[d] = load_w(pa + d * WARPS * BSTRIDE);
                 ring_b[d] = load_w(pb + d * WARPS * BSTRIDE);
+#if DQ
+                ring_q[d] = LOAD_S ? load_q(pq + d * WARPS * 8) : 0u;
+#else
                 ring_s[d] = LOAD_S ? load_s(ps + d * WARPS * 8) : make_float2(1.f, 1.f);
+#endif
 #if XRING
                 ring_x[d][0] = px0[d * WARPS * 8];
                 ring_x[d][1] = px0[d * WARPS * 8 + 1];
@@ -485,11 +538,18 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
         {                                                   // the ring holds weights and scales only: wait once
             unsigned dep = 0u;                              // they have landed (EARLY)
 #pragma unroll
+#if DQ
+            for (int d = 0; d < DEPTH; ++d) dep ^= ring_a[d].x ^ ring_b[d].y ^ ring_q[d];
+#else
             for (int d = 0; d < DEPTH; ++d) dep ^= ring_a[d].x ^ ring_b[d].y ^ __float_as_uint(ring_s[d].x);
+#endif
             wait_inputs_after(dep, (unsigned)K);
         }
 #elif !XRING
         wait_inputs();                                      // the ring holds weights and scales only
+#endif
+#if DQ
+        if (tile == (int)blockIdx.x && tid < 256) code2s[tid] = code2[tid];   // once, after the ring's loads
 #endif
         __syncthreads();
         for (int b0 = first; b0 < b_end; b0 += DEPTH * WARPS) {
@@ -507,18 +567,29 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
 #if TWO
                     unpack_x(xw1, px1[d * WARPS * 8], px1[d * WARPS * 8 + 1]);
 #endif
+#if DQ
+                    const int b = b0 + d * WARPS;
+                    const float sa = dq_scale(code2s, ring_q[d] & 255u, b < bnd_a ? a2a0 : a2a1, offset);
+                    const float sb = dq_scale(code2s, ring_q[d] >> 8, b < bnd_b ? a2b0 : a2b1, offset);
+#else
+                    const float sa = ring_s[d].x, sb = ring_s[d].y;
+#endif
 #if PROBE
-                    acc[0] += block_probe(lt, ring_a[d], ring_b[d], xw0, ring_s[d].x + ring_s[d].y);
+                    acc[0] += block_probe(lt, ring_a[d], ring_b[d], xw0, sa + sb);
                     (void)xw1;
 #else
                     float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
                     block_mma(part, lt, ring_a[d], ring_b[d], xw0, xw1, two);
-                    add_scaled(acc, part, ring_s[d].x, ring_s[d].y);
+                    add_scaled(acc, part, sa, sb);
 #endif
                     if (b0 + (DEPTH + d) * WARPS < b_end) {     // refill this slot with the block DEPTH ahead
                         ring_a[d] = load_w(pa + (DEPTH + d) * WARPS * BSTRIDE);
                         ring_b[d] = load_w(pb + (DEPTH + d) * WARPS * BSTRIDE);
+#if DQ
+                        ring_q[d] = LOAD_S ? load_q(pq + (DEPTH + d) * WARPS * 8) : 0u;
+#else
                         ring_s[d] = LOAD_S ? load_s(ps + (DEPTH + d) * WARPS * 8) : make_float2(1.f, 1.f);
+#endif
 #if XRING
                         ring_x[d][0] = px0[(DEPTH + d) * WARPS * 8];
                         ring_x[d][1] = px0[(DEPTH + d) * WARPS * 8 + 1];
@@ -527,6 +598,9 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
                 }
             }
             pa += DEPTH * WARPS * BSTRIDE; pb += DEPTH * WARPS * BSTRIDE; ps += DEPTH * WARPS * 8; px0 += DEPTH * WARPS * 8;
+#if DQ
+            pq += DEPTH * WARPS * 8;
+#endif
 #if TWO
             px1 += DEPTH * WARPS * 8;
 #endif
@@ -568,6 +642,9 @@ class Config:
                             # item) whose rings run on across items; where K / 64 and the split are multiples of 8
     early: int = 0          # 1: the wait for the kernel ahead (PDL) depends on the first ring's loads, so they are
                             # issued before it; 0: ptxas schedules the wait ahead of them (read in the SASS)
+    dq: int = 1             # 1: a weight whose bitsandbytes scales are double-quantized keeps them so (uint8 a block,
+                            # float32 per 256 blocks) and the kernel computes each absmax as bitsandbytes does: the
+                            # same values, a quarter of the float32 scales' bytes; 0: float32 absmax
     trigger: int = 0        # PDL: 1 lets the next kernel be scheduled from this one's entry (it may then be resident
                             # while this one runs), 0 only after this one's wait for the kernel ahead
     prefetch: int = 0       # 1: each program first prefetches its tile's weight bytes and scales into L2 (a
@@ -608,21 +685,22 @@ def _config_from_env() -> Config:
 CONFIG = _config_from_env()
 
 
-def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True, pdl: bool = False) -> tuple[str, str]:
+def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True, pdl: bool = False,
+           dq: bool = False) -> tuple[str, str]:
     """(CUDA C source, kernel name) for 16-bit x of `dtype` under `config`; `two`: programs of 9–16 rows
     (else at most 8: no second MMA, no loads of x rows 8–15; a row's arithmetic is the same in both); `pdl`:
     the kernel is launched with programmatic dependent launch and waits for its inputs after its first
-    weight loads (`launch`)."""
+    weight loads (`launch`); `dq`: the scales are double-quantized bytes (`tile_scale_bytes`)."""
     kind = _MMA_TYPE[dtype]
     depth = config.depth1 if config.depth1 and not two else config.depth
     name = (f"eventspec_nf4_partials_{kind}_d{depth}x{config.xring}m{config.minb}r{1 + two}"
             + (f"p{config.probe}" if config.probe else "") + ("t" if config.layout else "")
             + (f"f{config.prefetch}" if config.prefetch else "") + ("e" if config.early else "") + (f"c{config.wcache}" if config.wcache else "") + ("s" if config.persist else "") + ("a" if config.argtable else "")
-            + ("g" if config.trigger else "") + ("w" if pdl else ""))
+            + ("g" if config.trigger else "") + ("q" if dq else "") + ("w" if pdl else ""))
     text = (SOURCE.replace("DEPTH_VALUE", str(depth)).replace("XRING_VALUE", str(config.xring))
             .replace("PROBE_VALUE", str(config.probe)).replace("PREFETCH_VALUE", str(config.prefetch))
             .replace("PDL_VALUE", str(int(pdl))).replace("WCACHE_VALUE", str(config.wcache)).replace("PERSIST_VALUE", str(int(bool(config.persist)))).replace("EARLY_VALUE", str(int(bool(config.early))))
-            .replace("TRIGGER_VALUE", str(int(bool(config.trigger))))
+            .replace("TRIGGER_VALUE", str(int(bool(config.trigger)))).replace("DQ_VALUE", str(int(dq)))
             .replace("ARGTABLE_VALUE", str(int(bool(config.argtable))))
             .replace("TWO_VALUE", str(int(two))).replace("TILED_VALUE", str(int(bool(config.layout))))
             .replace("MINB_VALUE", str(config.minb)).replace(".DT.DT.", f".{kind}.{kind}."))
@@ -630,15 +708,15 @@ def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True, pdl: b
 
 
 def _compile(device: torch.device, dtype: torch.dtype, config: Config = CONFIG, two: bool = True,
-             pdl: bool = False):
-    key = (device.index, dtype, config, two, pdl)
+             pdl: bool = False, dq: bool = False):
+    key = (device.index, dtype, config, two, pdl) + ((True,) if dq else ())
     with _lock:
         if key in _kernels:
             return _kernels[key]
         if key in _failure:
             return None
         try:
-            text, name = source(dtype, config, two, pdl)
+            text, name = source(dtype, config, two, pdl, dq)
             with torch.cuda.device(device):
                 kernel = torch.cuda._compile_kernel(text, name)
                 if config.shared_bytes() >= 48 * 1024:
@@ -699,6 +777,60 @@ def tile_absmax(absmax: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return padded.reshape(tiles, 2, 8, blocks).permute(0, 3, 2, 1).contiguous()
 
 
+@dataclass
+class DoubleQuant:
+    """The rest of a weight's double-quantized scales, beside its `tile_scale_bytes` (`Config.dq`): absmax =
+    code2[q] · absmax2[(row · K / 64 + block) // 256] + the offset of the row's tile (stacked modules each keep
+    their own offset; a tile never straddles two)."""
+
+    absmax2: torch.Tensor       # float32 [n2]
+    code2: torch.Tensor         # float32 [256]
+    tile_offset: torch.Tensor   # float32 [tiles]
+
+    def expand_tiles(self, q_tiles: torch.Tensor, k: int, t0: int = 0, t1: int | None = None) -> torch.Tensor:
+        """The float32 scales of tiles t0..t1 in `tile_absmax`'s layout, from their bytes: the same values
+        (the product rounded, then the offset added) the kernel computes."""
+        t1 = q_tiles.shape[0] if t1 is None else t1
+        kb = k // 64
+        dev = q_tiles.device
+        tile = torch.arange(t0, t1, device=dev)[:, None, None, None]
+        block = torch.arange(kb, device=dev)[None, :, None, None]
+        g = torch.arange(8, device=dev)[None, None, :, None]
+        h = torch.arange(2, device=dev)[None, None, None, :]
+        group = ((tile * 16 + h * 8 + g) * kb + block) // 256
+        group = group.clamp_max(self.absmax2.numel() - 1)
+        products = self.code2[q_tiles[t0:t1].long()] * self.absmax2[group]
+        return products + self.tile_offset[t0:t1, None, None, None]
+
+
+def double_quant(parts, k: int) -> tuple[torch.Tensor, DoubleQuant] | None:
+    """A stack of modules' double-quantized scales (`nf4.Nested` each, in stacking order) as (bytes in
+    bitsandbytes' order [N·K/64], DoubleQuant with per-tile offsets), or None where the kernel cannot read them
+    (a module not double-quantized, groups other than 256 blocks, rows not a multiple of 16, a module's
+    blocks not whole groups, K / 64 > 256, or different second-level codes)."""
+    kb = k // 64
+    if not parts or any(p is None for p in parts) or kb > 256:
+        return None
+    if any(p.group != 256 or p.q.numel() % kb or (p.q.numel() // kb) % 16 or p.q.numel() % 256 for p in parts):
+        return None
+    if any(not torch.equal(p.code2, parts[0].code2) or p.code2.numel() != 256 for p in parts):
+        return None
+    offsets = torch.cat([torch.full((p.q.numel() // kb // 16,), p.offset, dtype=torch.float32, device=p.q.device)
+                         for p in parts])
+    q = torch.cat([p.q for p in parts]).contiguous()
+    absmax2 = torch.cat([p.absmax2 for p in parts]).float().contiguous()
+    return q, DoubleQuant(absmax2, parts[0].code2.float().contiguous(), offsets.contiguous())
+
+
+def tile_scale_bytes(q: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Double-quantized scale bytes in bitsandbytes' order [n·k/64] → `tile_absmax`'s layout as uint8
+    [ceil(n/16), k/64, 8, 2]: a lane reads its rows g and g + 8 of a block as one 16-bit word."""
+    tiles, blocks = -(-n // 16), k // 64
+    padded = torch.zeros((tiles * 16, blocks), dtype=torch.uint8, device=q.device)
+    padded[:n] = q.reshape(n, blocks)
+    return padded.reshape(tiles, 2, 8, blocks).permute(0, 3, 2, 1).contiguous()
+
+
 def tile_packed(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """bitsandbytes' row-major packed bytes [n·k/2] → tile-major [ceil(n/16), k/64, 16, 32] (`Config.layout`):
     each block's 16 rows of a tile are 512 contiguous bytes (rows past n are zeros; their sums are never
@@ -727,9 +859,10 @@ def code_words(code: torch.Tensor, dtype: torch.dtype) -> tuple[int, ...]:
 
 
 def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor, n: int, k: int,
-             out: torch.Tensor, per_split: int | None = None, config: Config = CONFIG) -> torch.Tensor:
-    """Float32 split partials out [S, M, n] of x [M, k] @ W.T; `absmax` from `tile_absmax`, `pairs` from
-    `pair_table` in x's dtype.
+             out: torch.Tensor, per_split: int | None = None, config: Config = CONFIG,
+             dq: DoubleQuant | None = None) -> torch.Tensor:
+    """Float32 split partials out [S, M, n] of x [M, k] @ W.T; `absmax` from `tile_absmax` (float32), or with
+    `dq` the bytes from `tile_scale_bytes` (uint8), `pairs` from `pair_table` in x's dtype.
     `per_split` (NF4 blocks per split) and `config` override the step's choice for
     benchmarks/kernel_probe.py's sweep."""
     m = x.shape[0]
@@ -741,6 +874,11 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
         raise ValueError(f"expected float32 partials of shape {(splits, m, n)}; got {tuple(out.shape)} {out.dtype}")
     if absmax.shape != (-(-n // 16), k // 64, 8, 2):
         raise ValueError(f"absmax must come from tile_absmax: shape {(-(-n // 16), k // 64, 8, 2)}; got {tuple(absmax.shape)}")
+    if (absmax.dtype == torch.uint8) != (dq is not None):
+        raise ValueError(f"uint8 scales (tile_scale_bytes) go with their DoubleQuant, float32 ones without; got "
+                         f"{absmax.dtype} and dq={'given' if dq is not None else 'None'}")
+    if dq is not None and (config.persist or config.probe == 4 or config.xring or not config.layout):
+        raise ValueError("double-quantized scales are read by the default path only (no persist, xring, probe 4; layout 1)")
     want = (-(-n // 16), k // 64, 16, 32)
     if config.layout and tuple(packed.shape) != want:
         raise ValueError(f"Config.layout=1 reads tile_packed weights of shape {want}; got {tuple(packed.shape)}")
@@ -756,13 +894,14 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
         else:
             config = replace(config, persist=0)
     pdl = _pdl(x.device)
-    kernel = _compile(x.device, x.dtype, config, two, pdl)
+    kernel = _compile(x.device, x.dtype, config, two, pdl, dq is not None)
     if kernel is None:
         raise RuntimeError("the NF4 CUDA kernel is not available: "
-                           f"{_failure.get((x.device.index, x.dtype, config, two, pdl))}")
+                           f"{_failure.get((x.device.index, x.dtype, config, two, pdl) + ((True,) if dq else ()))}")
     words = getattr(pairs, "code_words", None)
     if words is None:
         raise ValueError("pairs must come from pair_table (it carries the codes as kernel arguments)")
-    cuda_launch.launch(kernel, grid, (32 * WARPS, 1, 1), [x, packed, absmax, pairs, out, m, n, k, per_split, *words],
+    extra = [dq.absmax2, dq.code2, dq.tile_offset, dq.absmax2.numel()] if dq is not None else [x, x, x, 1]
+    cuda_launch.launch(kernel, grid, (32 * WARPS, 1, 1), [x, packed, absmax, pairs, out, m, n, k, per_split, *words, *extra],
            config.shared_bytes(), pdl=pdl)
     return out
