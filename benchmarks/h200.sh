@@ -174,7 +174,7 @@ if [[ $WHAT == l2ahead-ab ]]; then   # the o projection's weight asked into L2 w
     exit 0
 fi
 if [[ $WHAT == dq-ab ]]; then   # the NF4 kernel reading double-quantized scale bytes (dq=1, default) or float32 scales (0)
-    "$PY" -m pytest -q tests/test_nf4_cuda.py tests/test_pdl.py tests/test_engine_exact.py 2>&1 | tail -2
+    "$PY" -m pytest -q ${DQ_TESTS:-tests/test_nf4_cuda.py tests/test_pdl.py tests/test_engine_exact.py} 2>&1 | tail -2
     for e in ${ENTRIES:-eventgpt/1 eventgpt/0 eventgpt/1 eventgpt/0 videollava/1 videollava/0 videollava/1 eventgpt/1p}; do
         IFS=/ read -r kind v <<< "$e"
         profile=""

@@ -38,6 +38,7 @@ if sys.argv[3] in ("nf4", "nf4dq"):   # NF4 projections (our quantizer standing 
     class Params4bit(torch.nn.Parameter):
         pass
 
+    code2 = torch.sort(torch.rand(256)).values.cuda()      # one second-level code for all, as bitsandbytes has
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and name != "lm_head":
             packed, absmax = nf4.quantize(mod.weight.data.float().cpu())
@@ -47,7 +48,7 @@ if sys.argv[3] in ("nf4", "nf4dq"):   # NF4 projections (our quantizer standing 
             if dq:                  # bitsandbytes' double quantization: absmax = code2[q] * absmax2[i // 256] + offset
                 blocks = absmax.numel()
                 nested = QuantState()
-                nested.code = torch.sort(torch.rand(256)).values.cuda()
+                nested.code = code2
                 nested.absmax = (absmax.reshape(-1, 256).amax(1) * 0.5).cuda()
                 nested.blocksize = 256
                 param.quant_state = QuantState()
