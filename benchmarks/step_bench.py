@@ -221,6 +221,11 @@ def bench_one(kind: str, precision: str, repeats: int, tbs: float | None, copy_t
         "weight_bytes": sizes["weights"], "kv_bytes": sizes["kv_per_position"] * (prompt_len + 5),
         "floor_ms": step_bytes / (tbs * 1e9) if tbs else None,
         "floor_measured_bw_ms": step_bytes / (copy_tbs * 1e9),
+        # the floor of the weights as their format stores them (NF4: bitsandbytes' double-quantized scales,
+        # a byte a block, where the kernel reads float32 ones unless nf4_cuda.Config.dq)
+        "weight_bytes_as_stored": sizes.get("weights_as_stored"),
+        "floor_as_stored_ms": ((sizes.get("weights_as_stored", sizes["weights"]) + sizes["kv_per_position"] * (prompt_len + 5))
+                               / (tbs * 1e9) if tbs else None),
     })
     if result["floor_ms"]:
         result["decode_over_floor"] = result["decode_ms"] / result["floor_ms"]

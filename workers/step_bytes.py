@@ -69,6 +69,8 @@ def describe_step_bytes(model, step_model=None) -> dict:
         mine = own()
         out.update(module_weight_bytes=total, weight_bytes=int(mine["weights"]),
                    kv_bytes_per_position=int(mine["kv_per_position"]), counted_by=type(step_model).__name__)
+        if mine.get("weights_as_stored") is not None:     # NF4: bitsandbytes' scales as stored, not as read
+            out["weight_bytes_as_stored"] = int(mine["weights_as_stored"])
         if mine.get("kernel"):
             out["matmul_kernel"] = mine["kernel"]       # dense-mma, nf4-cuda or nf4-rows
     return out

@@ -151,8 +151,11 @@ class ExactStepModel(CudaGraphStepModel):
         """Bytes one step reads: every weight once, plus the K/V of the cached positions (for the floor)."""
         weights = sum(w.bytes_read() for layer in self.layers_w for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
         weights += self.head.bytes_read()
+        stored = sum(w.format_bytes() for layer in self.layers_w for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        stored += self.head.format_bytes()
         kv_per_position = 2 * sum(k.shape[1] * k.shape[3] * k.element_size() for k in self.kv.keys)   # K and V, [1, kvh, slots, d]
-        return {"weights": weights, "kv_per_position": kv_per_position, "kernel": self.layers_w[0].qkv.kernel}
+        return {"weights": weights, "weights_as_stored": stored, "kv_per_position": kv_per_position,
+                "kernel": self.layers_w[0].qkv.kernel}
 
     def _compute(self, bucket: int):
         """Per layer: qkv + RoPE + cache write, attention, o + residual + norm, gate/up + silu, down +

@@ -357,6 +357,12 @@ class Weight:
             raise ValueError(f"NF4 weights need K divisible by {NF4_BLOCK}; got K = {self.k}")
         self.tensor_cores = False           # NF4 on nf4_cuda.py's kernel
         self.dq = None                      # nf4_cuda.DoubleQuant: `absmax` holds the scale bytes, read as such
+        # the scales' bytes as bitsandbytes stores them (a byte a block and a float32 per 256 where double-quantized)
+        blocks = self.n * self.k // NF4_BLOCK
+        if self.nf4 and self.nested and all(p is not None for p in self.nested):
+            self.format_scale_bytes = blocks + 4 * sum(p.absmax2.numel() for p in self.nested)
+        else:
+            self.format_scale_bytes = 4 * blocks
         self.tile_major = False             # NF4 bytes re-laid out by nf4_cuda.tile_packed
         self.nf4_kernel_note = None         # why not, when an NF4 weight could not use it
         if self.nf4:
@@ -455,6 +461,13 @@ class Weight:
         t0, t1 = row0 // 16, -(-(row0 + rows) // 16)        # the float32 scales of these rows' tiles only
         scales = self.dq.expand_tiles(self.absmax, self.k, t0, t1)
         return dequantize_tiled(self.packed[t0:t1], scales, self.code, row0 - 16 * t0, rows, self.k, dtype)
+
+    def format_bytes(self) -> int:
+        """The weight's bytes as its format stores them (NF4: bitsandbytes' codes and scales, which the
+        kernel may read in another form): the floor's bytes for the format, whatever the kernel reads."""
+        if self.nf4:
+            return self.n * self.k // 2 + self.format_scale_bytes
+        return self.dense.numel() * self.dense.element_size()
 
     def bytes_read(self) -> int:
         if self.nf4:        # the weight's own bytes (a tile-major copy's padding rows are not the weight's)

@@ -52,6 +52,11 @@ streams ~1 TB/s on an H200. Here a packed byte becomes one MMA operand register 
   With plain loads the weight stream evicted x from L1 and each block's x load went to L2: the loads alone
   cost 5 µs a layer more with x than without (one row); an EventGPT nf4 step 2.28–2.40 → 2.21–2.23 ms on an
   H200 (BENCHMARKS.md, ninth session).
+- `Config.dq=1` keeps bitsandbytes' double-quantized scales as they are (a byte a block, a float32 per 256
+  blocks, each stacked module's offset per tile) and computes each absmax in the kernel with bitsandbytes'
+  rounding (product, then sum), so the sums are the float32 scales' bit for bit; a quarter of the scales'
+  bytes (0.28 GiB of a 7B model), but the byte's lookup and the two roundings per block cost more than the
+  bytes saved: off (BENCHMARKS.md, tenth session).
 - `Config.persist` runs as many programs as take the fewest rounds of (tile, split) items, each warp's ring
   running on from one item into the next: the same sums, and no faster on an H200 (ninth session): off.
 - `Config.probe` builds measurement-only variants (loads alone, loads and lookups, no table fill, whole-line
@@ -642,9 +647,11 @@ class Config:
                             # item) whose rings run on across items; where K / 64 and the split are multiples of 8
     early: int = 0          # 1: the wait for the kernel ahead (PDL) depends on the first ring's loads, so they are
                             # issued before it; 0: ptxas schedules the wait ahead of them (read in the SASS)
-    dq: int = 1             # 1: a weight whose bitsandbytes scales are double-quantized keeps them so (uint8 a block,
+    dq: int = 0             # 1: a weight whose bitsandbytes scales are double-quantized keeps them so (uint8 a block,
                             # float32 per 256 blocks) and the kernel computes each absmax as bitsandbytes does: the
-                            # same values, a quarter of the float32 scales' bytes; 0: float32 absmax
+                            # same bits, 0.28 GiB less GPU memory for a 7B model, and on an H200 no faster a decode
+                            # step (2.25 against 2.21-2.26 ms) and 5 % slower a verification of 8 (tenth session);
+                            # 0: float32 absmax expanded once
     trigger: int = 0        # PDL: 1 lets the next kernel be scheduled from this one's entry (it may then be resident
                             # while this one runs), 0 only after this one's wait for the kernel ahead
     prefetch: int = 0       # 1: each program first prefetches its tile's weight bytes and scales into L2 (a
