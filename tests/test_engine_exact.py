@@ -517,3 +517,16 @@ def test_tile_major_modules_compute_their_own_rows_and_are_stacked_once():
     assert _stack(modules) is weight
     with pytest.raises(ValueError, match="stacked differently"):
         _stack(modules[:2])
+
+
+def test_nf4_scales_option_is_checked_before_anything_is_built():
+    """`nf4_scales` (`--draft-option nf4_scales=bytes`) takes float32 or bytes; anything else is refused by the
+    step model and by the backend, with the option's name, before a weight is touched."""
+    from workers.backends.videollava import VideoLlavaBackend
+    with pytest.raises(ValueError, match="nf4_scales must be one of float32, bytes; got 'float16'"):
+        ExactStepModel(object(), nf4_scales="float16", max_cache_len=8)
+    backend = VideoLlavaBackend("draft", {"nf4_scales": "half"})
+    with pytest.raises(ValueError, match="--draft-option nf4_scales=half: expected one of float32, bytes"):
+        backend._nf4_scales()
+    assert VideoLlavaBackend("target", {"nf4_scales": "bytes"})._nf4_scales() == "bytes"
+    assert VideoLlavaBackend("target", {})._nf4_scales() == "float32"

@@ -57,7 +57,8 @@ if sys.argv[3] in ("nf4", "nf4dq"):   # NF4 projections (our quantizer standing 
                 param.quant_state.offset = torch.tensor(float(absmax.mean())).cuda()
                 param.quant_state.code = nf4.code_tensor("cuda")
             mod.weight = param
-step = ExactStepModel(model, max_cache_len=96, buckets=(1, 2, 5, 9), use_graphs=True)
+scales = sys.argv[4] if len(sys.argv) > 4 else "float32"
+step = ExactStepModel(model, max_cache_len=96, buckets=(1, 2, 5, 9), use_graphs=True, nf4_scales=scales)
 step.prefill({"input_ids": torch.tensor([[1, 5, 9, 22, 40, 7]], device="cuda")})
 rows = [step.forward([20 + i]).logits for i in range(6)]                     # decode steps
 rows.append(step.forward(list(range(10, 18))).logits)                        # a verification of 8
@@ -108,16 +109,17 @@ def test_launch_structures_follow_cuda_h():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8,
                     reason="the NF4 tensor-core kernel needs a CUDA GPU")
 def test_double_quantized_scales_read_in_the_kernel_keep_every_bit(tmp_path):
-    """`nf4_cuda.Config.dq`: the kernel reading bitsandbytes' double-quantized scale bytes (and computing each
-    absmax as bitsandbytes does) gives the step the logits of the float32 scales expanded once, bit for bit."""
+    """The kernel reading bitsandbytes' double-quantized scale bytes (and computing each absmax as bitsandbytes
+    does), asked for by `nf4_scales=bytes` or `EVENTSPEC_NF4_CUDA=dq=1`, gives the step the logits of the
+    float32 scales expanded once, bit for bit."""
     outputs = {}
-    for dq in ("0", "1"):
-        path = tmp_path / f"logits-dq{dq}.npy"
+    for name, dq, scales in (("float32", "0", "float32"), ("option", "0", "bytes"), ("env", "1", "float32")):
+        path = tmp_path / f"logits-{name}.npy"
         env = dict(os.environ, EVENTSPEC_NF4_CUDA=f"dq={dq}")
-        done = subprocess.run([sys.executable, "-c", SCRIPT, str(path), str(ROOT), "nf4dq"], env=env,
+        done = subprocess.run([sys.executable, "-c", SCRIPT, str(path), str(ROOT), "nf4dq", scales], env=env,
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
-        assert "kernel nf4-cuda" in done.stdout and f"dq {dq == '1'}" in done.stdout, done.stdout
-        outputs[dq] = np.load(path, allow_pickle=False)
-    assert outputs["0"].shape == (14, 96) and np.isfinite(outputs["0"]).all()
-    assert np.array_equal(outputs["0"], outputs["1"])
+        assert "kernel nf4-cuda" in done.stdout and f"dq {name != 'float32'}" in done.stdout, done.stdout
+        outputs[name] = np.load(path, allow_pickle=False)
+    assert outputs["float32"].shape == (14, 96) and np.isfinite(outputs["float32"]).all()
+    assert np.array_equal(outputs["float32"], outputs["option"]) and np.array_equal(outputs["float32"], outputs["env"])

@@ -103,7 +103,9 @@ class HFBackend(Backend):
                                      else getattr(self.lm, "weights", "released")),
                          "step_model": type(self.step_model).__name__,
                          "cuda_device": torch.cuda.get_device_name() if self.device.startswith("cuda") else None,
-                         "torch": torch.__version__, **kernel_settings(self.device)}}
+                         "torch": torch.__version__, **kernel_settings(self.device),
+                         **({"nf4_scales": self.step_model.nf4_scales}
+                            if self.precision == "nf4" and hasattr(self.step_model, "nf4_scales") else {})}}
 
     def _make_step_model(self, max_cache_len: int | None = None):
         want_hidden = bool(self.options.get("want_hidden"))
@@ -116,8 +118,18 @@ class HFBackend(Backend):
                                                                       default + CACHE_MARGIN),
                                    cuda_graphs=True, want_hidden=want_hidden, buckets=VERIFY_BUCKETS,
                                    compile=bool(self.options.get("compile", False)),
-                                   exact=bool(self.options.get("exact", self._exact_by_default())))
+                                   exact=bool(self.options.get("exact", self._exact_by_default())),
+                                   nf4_scales=self._nf4_scales())
         return HFStepModel(self.lm.model, want_hidden=want_hidden)
+
+    def _nf4_scales(self) -> str:
+        """The `nf4_scales` option (`ExactStepModel`): "float32" (default) or "bytes"."""
+        from workers.engine.exact import ExactStepModel
+        value = str(self.options.get("nf4_scales") or "float32")
+        if value not in ExactStepModel.NF4_SCALES:
+            raise ValueError(f"--{self.role}-option nf4_scales={value}: expected one of "
+                             f"{', '.join(ExactStepModel.NF4_SCALES)}")
+        return value
 
     def _exact_by_default(self) -> bool:
         """The target always takes the exact step (lossless verification needs it). A draft's tokens only

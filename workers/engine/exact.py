@@ -46,7 +46,7 @@ def _is_nf4(module) -> bool:
     return hasattr(getattr(module, "weight", None), "quant_state")
 
 
-def _stack(modules, nf4_kernel: str = "auto", l2_ahead: int = 0) -> Weight:
+def _stack(modules, nf4_kernel: str = "auto", l2_ahead: int = 0, scale_bytes: bool = False) -> Weight:
     """One Weight over several linear modules stacked along N; the modules then read views of it."""
     for mod in modules:
         if getattr(mod, "bias", None) is not None:
@@ -76,7 +76,7 @@ def _stack(modules, nf4_kernel: str = "auto", l2_ahead: int = 0) -> Weight:
         mod.weight.data = packed[offset: offset + p.numel()].view(mod.weight.data.shape)
         offset += p.numel()
     weight = Weight(n, k, packed=packed, absmax=absmax, code=parts[0][2], nf4_kernel=nf4_kernel, l2_ahead=l2_ahead,
-                    nested=[nf4.nested_absmax(m.weight) for m in modules])
+                    nested=[nf4.nested_absmax(m.weight) for m in modules], scale_bytes=scale_bytes)
     if weight.tile_major:
         _read_tile_major(modules, weight)
     return weight
@@ -109,7 +109,18 @@ def _read_tile_major(modules, weight: Weight) -> None:
 
 
 class ExactStepModel(CudaGraphStepModel):
-    """CudaGraphStepModel whose step runs the row-invariant kernels (CUDA; the CPU under TRITON_INTERPRET)."""
+    """CudaGraphStepModel whose step runs the row-invariant kernels (CUDA; the CPU under TRITON_INTERPRET).
+    `nf4_scales`: "float32" (the NF4 kernel reads each block's absmax expanded once to float32) or "bytes"
+    (it reads bitsandbytes' double-quantized bytes and computes each absmax: the same bits, 0.28 GiB less
+    for a 7B model, ~2 % slower a decode step and 5 % a verification of 8 on an H200)."""
+
+    NF4_SCALES = ("float32", "bytes")
+
+    def __init__(self, model, *, nf4_scales: str = "float32", **kwargs):
+        if nf4_scales not in self.NF4_SCALES:
+            raise ValueError(f"nf4_scales must be one of {', '.join(self.NF4_SCALES)}; got {nf4_scales!r}")
+        self.nf4_scales = nf4_scales
+        super().__init__(model, **kwargs)
 
     def _setup(self) -> None:
         if not usable_on(self.device):
@@ -120,6 +131,7 @@ class ExactStepModel(CudaGraphStepModel):
         self.layers_w: list[_Layer] = []
         # NF4 on tensor cores takes 16-bit inputs; a float32 model keeps the rows kernel
         kernel = "auto" if d.embed_tokens.weight.dtype in (torch.bfloat16, torch.float16) else "rows"
+        keep_bytes = self.nf4_scales == "bytes"
         with torch.inference_mode():
             for layer in d.layers:
                 attn, mlp = layer.self_attn, layer.mlp
@@ -127,10 +139,10 @@ class ExactStepModel(CudaGraphStepModel):
                     input_norm=layer.input_layernorm.weight.data,
                     post_norm=layer.post_attention_layernorm.weight.data,
                     eps=float(getattr(layer.input_layernorm, "variance_epsilon", config.rms_norm_eps)),
-                    qkv=_stack([attn.q_proj, attn.k_proj, attn.v_proj], kernel),
-                    o=_stack([attn.o_proj], kernel, l2_ahead=L2_AHEAD),
-                    gate_up=_stack([mlp.gate_proj, mlp.up_proj], kernel),
-                    down=_stack([mlp.down_proj], kernel),
+                    qkv=_stack([attn.q_proj, attn.k_proj, attn.v_proj], kernel, scale_bytes=keep_bytes),
+                    o=_stack([attn.o_proj], kernel, l2_ahead=L2_AHEAD, scale_bytes=keep_bytes),
+                    gate_up=_stack([mlp.gate_proj, mlp.up_proj], kernel, scale_bytes=keep_bytes),
+                    down=_stack([mlp.down_proj], kernel, scale_bytes=keep_bytes),
                 ))
             self.final_norm = d.norm.weight.data
             self.final_eps = float(getattr(d.norm, "variance_epsilon", config.rms_norm_eps))

@@ -332,9 +332,11 @@ def make_step_model(
     buckets: Sequence[int] = DEFAULT_BUCKETS,
     compile: bool = False,
     exact: bool = True,
+    nf4_scales: str = "float32",
 ) -> HFStepModel:
     """On a CUDA device with `cuda_graphs`: ExactStepModel (row-invariant kernels, bit-identical decode and
-    verification) when `exact` and Triton is there, else CudaGraphStepModel; otherwise the eager HFStepModel."""
+    verification) when `exact` and Triton is there (`nf4_scales`: how its NF4 kernel reads the scales,
+    `ExactStepModel`), else CudaGraphStepModel; otherwise the eager HFStepModel."""
     if cuda_graphs and torch.device(device).type == "cuda":
         if exact:
             from .exact import ExactStepModel
@@ -344,6 +346,7 @@ def make_step_model(
                                  "cuBLAS/SDPA step, which is not bit-exact between decode and verification")
             return ExactStepModel(
                 model, max_cache_len=max_cache_len, buckets=buckets, want_hidden=want_hidden, use_graphs=True,
+                nf4_scales=nf4_scales,
             )
         return CudaGraphStepModel(
             model, max_cache_len=max_cache_len, buckets=buckets, want_hidden=want_hidden, use_graphs=True,

@@ -351,6 +351,7 @@ class Weight:
     nf4_kernel: str = "auto"        # "rows": nf4_rows.py even where nf4_cuda.py could run (float32 inputs)
     l2_ahead: int = 0               # ask L2 for the whole weight before waiting for x (`L2_AHEAD`); speed only
     nested: list | None = None      # the stacked modules' double-quantized scales (`nf4.Nested` each), if any
+    scale_bytes: bool = False       # the NF4 CUDA kernel reads `nested` as bytes (also EVENTSPEC_NF4_CUDA=dq=1)
 
     def __post_init__(self):
         if self.packed is not None and self.k % NF4_BLOCK:
@@ -401,7 +402,7 @@ class Weight:
         # values), else the float32 absmax (`tile_absmax`); `absmax` then holds that
         config = nf4_cuda.CONFIG
         stacked = None
-        if config.dq and config.layout and not (config.persist or config.xring):
+        if (config.dq or self.scale_bytes) and config.layout and not (config.persist or config.xring):
             stacked = nf4_cuda.double_quant(self.nested or [], self.k)
         if stacked is not None:
             q, self.dq = stacked
