@@ -33,6 +33,7 @@ def render_markdown(data: dict) -> str:
         for role, v in info.items():
             about = v.get("info") or {}
             kernels = "".join([", programmatic dependent launch" if about.get("pdl") else ""]
+                              + [f", NF4 scales read as {about['nf4_scales']}" if about.get("nf4_scales") else ""]
                               + [f", {k}={val}" for k, val in (about.get("kernel_env") or {}).items()])
             lines.append(f"- {info_key} {role}: {v.get('model_id')} on {v.get('device')} "
                          f"({about.get('cuda_device') or ''}, {about.get('precision')}, "

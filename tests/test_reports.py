@@ -315,3 +315,16 @@ def test_signal_guard_raises_once_then_only_notes():
     finally:
         guard.restore()
     assert sig.getsignal(sig.SIGTERM) == before
+
+
+def test_bench_md_names_how_each_workers_nf4_kernel_reads_its_scales():
+    """A worker run with `--draft-option nf4_scales=bytes` says so beside its model in bench.md (its run_info
+    carries it); a worker without the option, or not in nf4, says nothing about it."""
+    from coordinator.bench_report import render_markdown
+    agg = {"rows": [], "contention": {}, "costs_alone": {}, "floor": [], "ceiling": []}
+    info = {"draft": {"model_id": "d", "device": "cuda", "info": {"precision": "nf4", "pdl": True, "nf4_scales": "bytes"}},
+            "target": {"model_id": "t", "device": "cuda", "info": {"precision": "bf16", "pdl": True}}}
+    md = render_markdown({"aggregate": agg, "command": "coordinator bench", "run_info": {"s": info}})
+    draft = next(line for line in md.splitlines() if line.startswith("- s draft"))
+    target = next(line for line in md.splitlines() if line.startswith("- s target"))
+    assert "programmatic dependent launch, NF4 scales read as bytes" in draft and "NF4 scales" not in target
