@@ -12,7 +12,11 @@ real prompt length is prefilled once, then
   verification of k drafts, and the same for the previous CUDA-graph step (cuBLAS or bitsandbytes + SDPA);
 - floors: bytes one step reads (every weight once + the K/V of the cached positions) at the datasheet
   bandwidth, and at the copy bandwidth the device gives (`workers/bandwidth.py`, as `bench` measures it:
-  best of timed groups of device-to-device copies of up to 1 GiB, counted as read + write).
+  best of timed groups of device-to-device copies of up to 1 GiB, counted as read + write); and the floor of
+  the weights as their format stores them (`floor_as_stored_ms`: NF4 with bitsandbytes' double-quantized
+  scales, which the kernel reads expanded to float32 unless asked otherwise);
+- `--profile`: GPU time per kernel name of a decode and a verify-8 step, and each kernel's share of the
+  step's critical path (`critical_path`).
 Needs CUDA (and bitsandbytes for nf4). Prints and writes one JSON object.
 """
 from __future__ import annotations

@@ -26,7 +26,8 @@ cached positions and 0.666 / 0.696 at Video-LLaVA's 2,076; 16-row tiles 0.324 / 
 (the ticket's 1-row and the combine's 9-row figures: what `auto` takes); torch's SDPA, which is not
 row-invariant, 0.298 / 0.529 and 0.516 / 1.099. None of 15 other shapes (64- or 256-slot chunks, 8 warps,
 128-slot loop steps, other pipeline depths) was faster by more than 1 % in any column. In the step the attention went 0.366 → 0.310 ms (EventGPT) and 0.675 → 0.507 ms
-(Video-LLaVA) of kernel time (BENCHMARKS.md, sixth session)."""
+(Video-LLaVA) of kernel time (BENCHMARKS.md, sixth session). `Config.prefetch` (the K/V asked into L2 before
+the PDL wait) left its share of a step's critical path where it was (0.309 → 0.304 ms; tenth session): off."""
 from __future__ import annotations
 
 import math

@@ -337,7 +337,8 @@ def _cdiv(a: int, b: int) -> int:
 @dataclass
 class Weight:
     """A linear layer's weight as the kernels read it: `dense` [N, K], or NF4 `packed` uint8 [N·K/2] with
-    float32 `absmax` [N·K/64] (re-laid out by `nf4_cuda.tile_absmax` for the tensor-core kernel) and
+    float32 `absmax` [N·K/64] (re-laid out by `nf4_cuda.tile_absmax` for the tensor-core kernel, or, with
+    `scale_bytes` and double-quantized modules, bitsandbytes' scale bytes by `tile_scale_bytes` and `dq`) and
     `code` [16]. The split of K depends on (N, K) and the kernel only; the
     NF4 kernel (CUDA tensor cores for 16-bit inputs where NVRTC runs, else the Triton rows kernel) is
     chosen here, once."""

@@ -649,11 +649,12 @@ class Config:
                             # issued before it; 0: ptxas schedules the wait ahead of them (read in the SASS)
     dq: int = 0             # 1: a weight whose bitsandbytes scales are double-quantized keeps them so (uint8 a block,
                             # float32 per 256 blocks) and the kernel computes each absmax as bitsandbytes does: the
-                            # same bits, 0.28 GiB less GPU memory for a 7B model, and on an H200 no faster a decode
-                            # step (2.25 against 2.21-2.26 ms) and 5 % slower a verification of 8 (tenth session);
-                            # 0: float32 absmax expanded once
+                            # same bits, 0.28 GiB less GPU memory for a 7B model, and on an H200 ~2 % slower a
+                            # decode step (2.25-2.26 against 2.21-2.26 ms) and 5 % a verification of 8 (tenth
+                            # session); 0: float32 absmax expanded once. Per worker: ExactStepModel(nf4_scales=)
     trigger: int = 0        # PDL: 1 lets the next kernel be scheduled from this one's entry (it may then be resident
-                            # while this one runs), 0 only after this one's wait for the kernel ahead
+                            # while this one runs), 0 only after this one's wait for the kernel ahead; 1 with the
+                            # Triton kernels' early trigger made a step 4 % slower on an H200 (tenth session)
     prefetch: int = 0       # 1: each program first prefetches its tile's weight bytes and scales into L2 (a
                             # prefetch a line), 2: as 4 KB bulk prefetches (compute capability 9+); tile-major only
     probe: int = 0          # measurement only (kernel_probe.py), the sums are wrong: 1 = the weight, scale and
