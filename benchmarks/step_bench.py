@@ -228,7 +228,7 @@ def bench_one(kind: str, precision: str, repeats: int, tbs: float | None, copy_t
         # the floor of the weights as their format stores them (NF4: bitsandbytes' double-quantized scales,
         # a byte a block, where the kernel reads float32 ones unless nf4_cuda.Config.dq)
         "weight_bytes_as_stored": sizes.get("weights_as_stored"),
-        "floor_as_stored_ms": ((sizes.get("weights_as_stored", sizes["weights"]) + sizes["kv_per_position"] * (prompt_len + 5))
+        "floor_as_stored_ms": ((sizes.get("weights_as_stored", sizes["weights"]) + step_bytes - sizes["weights"])
                                / (tbs * 1e9) if tbs else None),
     })
     if result["floor_ms"]:

@@ -54,19 +54,15 @@ def unpack_bnb(param) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     state = param.quant_state
     if getattr(state, "quant_type", "nf4") != "nf4" or int(state.blocksize) != BLOCK:
         raise ValueError(f"only NF4 with block size {BLOCK} is supported; got {state.quant_type}/{state.blocksize}")
-    absmax = state.absmax
-    if getattr(state, "nested", False):
-        nested = state.state2
-        codes = nested.code.float()[absmax.long()]
-        scales = nested.absmax.float().repeat_interleave(int(nested.blocksize))[: absmax.numel()]
-        absmax = codes * scales + state.offset
+    nested = nested_absmax(param)
+    absmax = state.absmax if nested is None else nested.expand()
     return param.data.reshape(-1).contiguous(), absmax.float().contiguous(), state.code.float().contiguous()
 
 
 @dataclass
 class Nested:
     """A double-quantized absmax as bitsandbytes keeps it: absmax[i] = code2[q[i]] · absmax2[i // group] +
-    offset (float32, the product rounded before the sum, as `unpack_bnb` computes it)."""
+    offset (float32, the product rounded before the sum; `unpack_bnb` expands it so)."""
 
     q: torch.Tensor              # uint8 [blocks]
     absmax2: torch.Tensor        # float32 [ceil(blocks / group)]

@@ -234,11 +234,12 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, start_ptr, po_ptr, pm_ptr, p
     s = tl.program_id(1)
     mt = tl.program_id(2)
     start = tl.load(start_ptr)                  # as in `_ticket_kernel`: readable before the wait
+    active = s < _chunks_seen(start, mt, SLOTS, BLOCK_M, SPLIT_LEN)
     if PREFETCH:
-        if s < _chunks_seen(start, mt, SLOTS, BLOCK_M, SPLIT_LEN):
+        if active:
             _prefetch_chunk(k_ptr, v_ptr, h, s, mt, start, SLOTS, GROUP, D, BLOCK_M, SPLIT_LEN, LINE)
     wait_for_inputs(PDL)
-    if s < _chunks_seen(start, mt, SLOTS, BLOCK_M, SPLIT_LEN):
+    if active:
         _partial(q_ptr, k_ptr, v_ptr, valid_ptr, po_ptr, pm_ptr, pl_ptr, h, s, mt, start, M, H, SLOTS, sm_scale,
                  GROUP, D, UPCAST, BLOCK_M, BLOCK_N, SPLIT_LEN)
 
