@@ -290,3 +290,83 @@ def test_double_quantized_scales_give_the_kernel_the_float32_scales_bits(shape):
         nf4_cuda.partials(x, weight, scales, pairs, n, k, want, per)
         nf4_cuda.partials(x, weight, q_tiles, pairs, n, k, got, per, dq=dq)
         assert not want.isnan().any() and torch.equal(want, got), f"{rows} rows"
+
+
+def _wg_ready(config):
+    """Skip unless `Config.wg`'s kernel runs here (compute capability 9.0, NVRTC with sm_90a)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("Config.wg needs a compute capability 9.0 GPU")
+    if nf4_cuda.unavailable_reason("cuda"):
+        pytest.skip("NF4 CUDA kernel unavailable")
+    if nf4_cuda._compile(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16, config, True,
+                         nf4_cuda._pdl(torch.device("cuda"))) is None:
+        pytest.skip(f"the warpgroup kernel did not compile: {nf4_cuda._failure}")
+
+
+def test_warpgroup_splits_stage_at_most_wg_max_split_blocks_and_cover_k():
+    from dataclasses import replace
+    config = replace(nf4_cuda.CONFIG, wg=1)
+    for n, k in [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (40, 320), (32000, 4096)]:
+        splits, per = nf4_cuda.splits_for(n, k, config=config)
+        assert splits * per >= k // 64 > (splits - 1) * per
+        assert per <= nf4_cuda.WG_MAX_SPLIT
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(256, 4096), (4096, 11008), (40, 320), (136, 1024)])
+@pytest.mark.parametrize("change", [dict(depth=4, wstage=2, minb=2), dict(depth=4, wstage=1, minb=2),
+                                    dict(depth=4, wstage=2, minb=2, wn16=1)])
+def test_warpgroup_partials_are_right_and_row_invariant(dtype, shape, change):
+    """`Config.wg` (Hopper's warpgroup MMAs, x staged in shared memory): the partials against the float64
+    reference, and a row's bits the same among 1, 2, 8, 9, 16, 17 or 33 rows (two 8-row groups as two
+    m64n8k16 MMAs, or as one m64n16k16 with `wn16`); shapes with a partial program of tiles (40, 136 rows)."""
+    from dataclasses import replace
+    config = replace(nf4_cuda.CONFIG, wg=1, **change)
+    _wg_ready(config)
+    n, k = shape
+    gen = torch.Generator().manual_seed(n + k + 7)
+    packed, absmax = nf4.quantize(torch.randn(n, k, generator=gen))
+    packed, absmax = packed.cuda(), absmax.cuda()
+    tiles = nf4_cuda.tile_absmax(absmax, n, k)
+    code = nf4.code_tensor("cuda")
+    pairs = nf4_cuda.pair_table(code, dtype)
+    splits, per = nf4_cuda.splits_for(n, k, config=config)
+    x = torch.randn(33, k, generator=gen).to("cuda", dtype)
+    weight = nf4_cuda.tile_packed(packed, n, k)
+
+    def run(rows):
+        out = torch.full((splits, rows, n), float("nan"), device="cuda")
+        return nf4_cuda.partials(x[:rows].contiguous(), weight, tiles, pairs, n, k, out, per, config)
+
+    full = run(33)
+    assert not full.isnan().any()
+    q = torch.stack([packed.cpu() >> 4, packed.cpu() & 15], dim=1).reshape(-1).long()
+    w = (code.cpu().to(dtype).double()[q].reshape(-1, 64) * absmax.cpu().double()[:, None]).reshape(n, k)
+    ref = x.cpu().double() @ w.T
+    got = full.sum(0).cpu().double()
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for rows in (1, 2, 8, 9, 16, 17):
+        assert torch.equal(run(rows), full[:, :rows]), f"{rows} rows differ from the same rows among 33"
+
+
+@cuda
+def test_warpgroup_ring_depth_stage_and_registers_change_no_bit():
+    """`depth`, `wstage` and `minb` change only when loads are issued and MMAs waited for: the same bits."""
+    from dataclasses import replace
+    base = replace(nf4_cuda.CONFIG, wg=1, depth=4, wstage=2, minb=2)
+    _wg_ready(base)
+    n, k = 4096, 11008
+    gen = torch.Generator().manual_seed(5)
+    packed, absmax = nf4.quantize(torch.randn(n, k, generator=gen))
+    weight, tiles = nf4_cuda.tile_packed(packed.cuda(), n, k), nf4_cuda.tile_absmax(absmax.cuda(), n, k)
+    pairs = nf4_cuda.pair_table(nf4.code_tensor("cuda"), torch.bfloat16)
+    splits, per = nf4_cuda.splits_for(n, k, config=base)
+    for rows in (1, 9):
+        x = torch.randn(rows, k, generator=gen).to("cuda", torch.bfloat16)
+        want = nf4_cuda.partials(x, weight, tiles, pairs, n, k, torch.empty((splits, rows, n), device="cuda"), per, base)
+        for change in (dict(depth=2, wstage=1), dict(depth=6, wstage=2), dict(depth=6, wstage=3), dict(minb=3),
+                       dict(depth=8, wstage=4, minb=1), dict(wcache=0)):
+            other = nf4_cuda.partials(x, weight, tiles, pairs, n, k, torch.full((splits, rows, n), float("nan"), device="cuda"),
+                                      per, replace(base, **change))
+            assert torch.equal(want, other), f"{rows} rows, {change}"
