@@ -370,3 +370,30 @@ def test_warpgroup_ring_depth_stage_and_registers_change_no_bit():
             other = nf4_cuda.partials(x, weight, tiles, pairs, n, k, torch.full((splits, rows, n), float("nan"), device="cuda"),
                                       per, replace(base, **change))
             assert torch.equal(want, other), f"{rows} rows, {change}"
+
+
+@cuda
+@pytest.mark.parametrize("shape", [(4096, 11008), (136, 1024), (12288, 4096)])
+def test_warpgroup_kernel_adds_its_splits_in_split_order(shape):
+    """With `total`, the last program of each (tile group, row group) adds the S partials in split order: the same
+    bits as adding them in that order afterwards (what the finish kernels do), launch after launch (the ticket
+    counters return to zero), for 1, 9 and 33 rows."""
+    from dataclasses import replace
+    config = replace(nf4_cuda.CONFIG, wg=1, depth=2, minb=3)
+    _wg_ready(config)
+    n, k = shape
+    gen = torch.Generator().manual_seed(n + 2 * k)
+    packed, absmax = nf4.quantize(torch.randn(n, k, generator=gen))
+    weight, tiles = nf4_cuda.tile_packed(packed.cuda(), n, k), nf4_cuda.tile_absmax(absmax.cuda(), n, k)
+    pairs = nf4_cuda.pair_table(nf4.code_tensor("cuda"), torch.bfloat16)
+    splits, per = nf4_cuda.splits_for(n, k, config=config)
+    for rows in (1, 9, 33, 1):
+        x = torch.randn(rows, k, generator=gen).to("cuda", torch.bfloat16)
+        part = torch.empty((splits, rows, n), device="cuda")
+        total = torch.full((rows, n), float("nan"), device="cuda")
+        nf4_cuda.partials(x, weight, tiles, pairs, n, k, part, per, config, total=total)
+        want = torch.zeros((rows, n), device="cuda")
+        for s in range(splits):
+            want = want + part[s]
+        assert torch.equal(total, want), f"{rows} rows"
+    assert int(nf4_cuda.wg_tickets(torch.device("cuda", torch.cuda.current_device()), 1).abs().sum()) == 0

@@ -370,8 +370,11 @@ class Weight:
         if self.nf4:
             self._choose_nf4_kernel()
         if self.tensor_cores:
-            self.splits, per_split = nf4_cuda.splits_for(self.n, self.k)
+            self.kernel_splits, per_split = nf4_cuda.splits_for(self.n, self.k, config=self.nf4_config)
             self.k_split = per_split * NF4_BLOCK
+            # Config.wg's kernel adds its splits itself (in split order, as the finish kernels would): the callers
+            # then see one partial
+            self.splits = 1 if self.nf4_config.wg else self.kernel_splits
             return
         if self.nf4:        # the one-row kernels (nf4_rows.py): their own tiles and programs per row
             block_k, block_n, programs = ROWS_BLOCK_K, ROWS_BLOCK_N, ROWS_PROGRAMS
@@ -397,13 +400,14 @@ class Weight:
             self.nf4_kernel_note = reason
             return
         self.tensor_cores = True
+        self.nf4_config = nf4_cuda.config_for(self.packed.device)
         self.pairs = {dtype: nf4_cuda.pair_table(self.code, dtype) for dtype in (torch.bfloat16, torch.float16)}
         # only the kernel's tiled layout is kept: bitsandbytes' double-quantized bytes where the kernel can read
         # them (`nf4_cuda.Config.dq`, `tile_scale_bytes`: a quarter of the float32 scales' bytes, the same
         # values), else the float32 absmax (`tile_absmax`); `absmax` then holds that
-        config = nf4_cuda.CONFIG
+        config = self.nf4_config
         stacked = None
-        if (config.dq or self.scale_bytes) and config.layout and not (config.persist or config.xring):
+        if (config.dq or self.scale_bytes) and config.layout and not (config.persist or config.xring or config.wg):
             stacked = nf4_cuda.double_quant(self.nested or [], self.k)
         if stacked is not None:
             q, self.dq = stacked
@@ -444,7 +448,12 @@ class Weight:
             return out
         if x.dtype not in self.pairs:
             raise ValueError(f"the NF4 CUDA kernel takes bf16 or fp16 inputs; got {x.dtype}")
-        config = nf4_cuda.CONFIG
+        config = self.nf4_config
+        if config.wg:                       # split partials in scratch, their sum in `out` [1, M, N]
+            scratch = torch.empty((self.kernel_splits, x.shape[0], self.n), dtype=torch.float32, device=x.device)
+            nf4_cuda.partials(x, self.packed, self.absmax, self.pairs[x.dtype], self.n, self.k, scratch, config=config,
+                              total=out[0])
+            return out
         if self.l2_ahead and config.layout and pdl_mode(x.device):
             config = replace(config, prefetch=self.l2_ahead)
         return nf4_cuda.partials(x, self.packed, self.absmax, self.pairs[x.dtype], self.n, self.k, out, config=config,

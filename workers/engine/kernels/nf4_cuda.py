@@ -689,8 +689,12 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
         const float2* __restrict__ absmax,         // [N / 16, K / 64, 8]: (row g, row g + 8) of a tile
         float* __restrict__ out,                   // [S, M, N] float32 partials
         int M, int N, int K, int split_blocks,
-        unsigned c0, unsigned c1, unsigned c2, unsigned c3, unsigned c4, unsigned c5, unsigned c6, unsigned c7) {
+        unsigned c0, unsigned c1, unsigned c2, unsigned c3, unsigned c4, unsigned c5, unsigned c6, unsigned c7,
+        float* __restrict__ total,                 // [M, N]: the splits' partials added in split order (`reduce`)
+        int* __restrict__ tickets,                 // per (program column, row group): zero between launches
+        int reduce) {
     extern __shared__ __align__(128) unsigned shared[];
+    __shared__ int is_last;
     unsigned* stage = shared + TABLE_WORDS;               // x: [block][step][group][k half][row][4 words]
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int KB = K >> 6, KW = K >> 1;
@@ -784,6 +788,31 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
             if (m < here && n < N) out[((size_t)split * M + m0 + m) * N + n] = acc[e];
         }
     }
+    if (!reduce) return;
+    // The program that draws the last ticket of its (tile group, row group) adds the S partials of its 128 columns
+    // in split order (0 + p0 + p1 + ..., as the finish kernels would), so they read one partial, not S. Only who adds
+    // depends on timing. Ordering as `attention._ticket_kernel`'s: a CTA barrier, one thread's acq_rel atomic at GPU
+    // scope, then loads that bypass L1
+    __syncthreads();
+    int* ticket = tickets + blockIdx.z * gridDim.x + blockIdx.x;
+    if (tid == 0) {
+        int drawn;
+        __threadfence();
+        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n" : "=r"(drawn) : "l"(ticket) : "memory");
+        is_last = drawn == (int)gridDim.y - 1;
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    const int n = blockIdx.x * 128 + (tid & 127);
+    if (n < N) {
+        for (int m = tid >> 7; m < here; m += 2) {
+            float sum = 0.f;
+            for (int sp = 0; sp < (int)gridDim.y; ++sp) sum += __ldcg(out + ((size_t)sp * M + m0 + m) * N + n);
+            total[(size_t)(m0 + m) * N + n] = sum;
+        }
+    }
+    if (tid == 0) *ticket = 0;                            // every program of the group has drawn
 }
 """
 WG_TILES = 8                   # tiles of 16 weight rows per program (`Config.wg`): one per warp
@@ -836,7 +865,7 @@ class Config:
                             # (`splits_for`) and so its own sums, the same for every row count
     wn16: int = 0           # with wg, 9-16 rows as one m64n16k16 MMA per step instead of two m64n8k16
     wswap: int = 0          # with wg, the descriptor's strides swapped: a layout check for the GPU tests, wrong sums
-    wstage: int = 2         # with wg, blocks whose MMAs are in flight before one wait (`depth` is a multiple)
+    wstage: int = 1         # with wg, blocks whose MMAs are in flight before one wait (`depth` is a multiple)
     probe: int = 0          # measurement only (kernel_probe.py), the sums are wrong: 1 = the weight, scale and
                             # x loads alone, 2 = loads and table lookups, no MMA, 3 = 1 without the table
                             # fill, 4 = the weight loads in whole 128-byte lines (the dense kernels' shape),
@@ -952,6 +981,15 @@ def _pdl(device: torch.device) -> bool:
     return pdl_on(device) and cuda_launch.available()
 
 
+def config_for(device) -> Config:
+    """The process's `Config` on `device`: `Config.wg` only where warpgroup MMAs exist (compute capability 9.0);
+    elsewhere the mma.sync kernel (with its own split, chosen per weight from this config)."""
+    device = torch.device(device)
+    if CONFIG.wg and (device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0)):
+        return replace(CONFIG, wg=0)
+    return CONFIG
+
+
 def unavailable_reason(device) -> str | None:
     """Why the CUDA kernel cannot run on `device` (None when it can); compiles it for both 16-bit types."""
     device = torch.device(device)
@@ -961,10 +999,11 @@ def unavailable_reason(device) -> str | None:
     if major < 8:
         return "bf16 MMAs need compute capability 8.0 or newer"
     pdl = _pdl(device)
+    config = config_for(device)
     for dtype in _MMA_TYPE:
         for two in (False, True):
-            if _compile(device, dtype, CONFIG, two, pdl) is None:
-                return _failure[(device.index, dtype, CONFIG, two, pdl)]
+            if _compile(device, dtype, config, two, pdl) is None:
+                return _failure[(device.index, dtype, config, two, pdl)]
     return None
 
 
@@ -1084,7 +1123,7 @@ def code_words(code: torch.Tensor, dtype: torch.dtype) -> tuple[int, ...]:
 
 def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor, n: int, k: int,
              out: torch.Tensor, per_split: int | None = None, config: Config = CONFIG,
-             dq: DoubleQuant | None = None) -> torch.Tensor:
+             dq: DoubleQuant | None = None, total: torch.Tensor | None = None) -> torch.Tensor:
     """Float32 split partials out [S, M, n] of x [M, k] @ W.T; `absmax` from `tile_absmax` (float32), or with
     `dq` the bytes from `tile_scale_bytes` (uint8), `pairs` from `pair_table` in x's dtype.
     `per_split` (NF4 blocks per split) and `config` override the step's choice for
@@ -1111,7 +1150,9 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
     two = m > 8
     tiles = -(-n // 16)
     if config.wg:
-        return _wg_partials(x, packed, absmax, pairs, n, k, out, per_split, config, dq)
+        return _wg_partials(x, packed, absmax, pairs, n, k, out, per_split, config, dq, total)
+    if total is not None:
+        raise ValueError("total (the splits added in the kernel) is Config.wg's only")
     grid = (-(-tiles // max(1, config.tiles)), splits, -(-m // ROWS_PER_PROGRAM))
     if config.persist:
         if config.layout and config.probe == 0 and (k // 64) % 8 == 0 and per_split % 8 == 0:
@@ -1133,8 +1174,26 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
     return out
 
 
-def _wg_partials(x, packed, absmax, pairs, n, k, out, per_split, config, dq):
-    """`partials` on `Config.wg`'s kernel (checked by `partials` but for its own limits)."""
+_WG_TICKETS: dict = {}
+
+
+def wg_tickets(device: torch.device, count: int) -> torch.Tensor:
+    """The device's int32 ticket counters of `Config.wg`'s reduction (zero between launches; each launch leaves
+    them so), at least `count`; grown only outside a CUDA graph capture (the step runs every bucket eagerly
+    first), older ones kept alive for the graphs that hold their address."""
+    held = _WG_TICKETS.setdefault(device, [])
+    if held and held[-1].numel() >= count:
+        return held[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"the NF4 warpgroup kernel needs {count} ticket counters on {device}, none were allocated "
+                           "before this CUDA graph capture: run it eagerly with as many rows first")
+    held.append(torch.zeros(max(count, 4096), dtype=torch.int32, device=device))
+    return held[-1]
+
+
+def _wg_partials(x, packed, absmax, pairs, n, k, out, per_split, config, dq, total=None):
+    """`partials` on `Config.wg`'s kernel (checked by `partials` but for its own limits); with `total` [M, n]
+    float32, the kernel also adds the partials in split order into it."""
     m = x.shape[0]
     if dq is not None or not config.layout or per_split > WG_MAX_SPLIT:
         raise ValueError(f"Config.wg reads tile-major bytes and float32 scales, at most {WG_MAX_SPLIT} blocks a split")
@@ -1149,5 +1208,11 @@ def _wg_partials(x, packed, absmax, pairs, n, k, out, per_split, config, dq):
     if words is None:
         raise ValueError("pairs must come from pair_table (it carries the codes as kernel arguments)")
     shared = 4 * TABLE_WORDS + per_split * (1 + two) * 1024
-    cuda_launch.launch(kernel, grid, (32 * WARPS, 1, 1), [x, packed, absmax, out, m, n, k, per_split, *words], shared, pdl=pdl)
+    if total is not None and (total.shape != (m, n) or total.dtype != torch.float32 or not total.is_contiguous()):
+        raise ValueError(f"total must be contiguous float32 [{m}, {n}]; got {tuple(total.shape)} {total.dtype}")
+    reduce = total is not None
+    tickets = wg_tickets(x.device, grid[0] * grid[2]) if reduce else out
+    cuda_launch.launch(kernel, grid, (32 * WARPS, 1, 1),
+                       [x, packed, absmax, out, m, n, k, per_split, *words, total if reduce else out, tickets, int(reduce)],
+                       shared, pdl=pdl)
     return out
