@@ -804,11 +804,19 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    const int n = blockIdx.x * 128 + (tid & 127);
+    const int n = blockIdx.x * 128 + (tid & 127), S = gridDim.y;
     if (n < N) {
         for (int m = tid >> 7; m < here; m += 2) {
+            const float* p = out + (size_t)(m0 + m) * N + n;
+            const size_t stride = (size_t)M * N;
             float sum = 0.f;
-            for (int sp = 0; sp < (int)gridDim.y; ++sp) sum += __ldcg(out + ((size_t)sp * M + m0 + m) * N + n);
+            for (int sp0 = 0; sp0 < S; sp0 += 8) {         // 8 loads in flight, then added in split order
+                float v[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) v[j] = sp0 + j < S ? __ldcg(p + (size_t)(sp0 + j) * stride) : 0.f;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) if (sp0 + j < S) sum += v[j];
+            }
             total[(size_t)(m0 + m) * N + n] = sum;
         }
     }
@@ -865,6 +873,8 @@ class Config:
                             # (`splits_for`) and so its own sums, the same for every row count
     wn16: int = 0           # with wg, 9-16 rows as one m64n16k16 MMA per step instead of two m64n8k16
     wswap: int = 0          # with wg, the descriptor's strides swapped: a layout check for the GPU tests, wrong sums
+    wreduce: int = 1        # with wg, 1: the kernel's last program of a tile group adds the splits (the finish kernels
+                            # read one partial); 0: the finish kernels add them
     wstage: int = 1         # with wg, blocks whose MMAs are in flight before one wait (`depth` is a multiple)
     probe: int = 0          # measurement only (kernel_probe.py), the sums are wrong: 1 = the weight, scale and
                             # x loads alone, 2 = loads and table lookups, no MMA, 3 = 1 without the table
