@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs of issues 10 and 11: a bf16 target beside an nf4 draft, random full-size weights
 # (--synthetic-weights 7b), DSEC-size inputs with mp4 decoding included, 10 samples, one GPU and two.
-#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|attention-sweep|attention-ab|same-gpu-5|pdl-ab|prefetch-ab|dense-prefetch-ab|early-ab|argtable-ab|wcache-ab|depth-ab|wcache-check|persist-ab|trigger-ab|l2ahead-ab|dq-ab|wg-ab|all]
+#   benchmarks/h200.sh OUT_DIR [same-gpu|two-gpu|seed50|nf4-target|lossless|step|nf4-tune|nf4-layout|prefill|nf4-stalls|attention|attention-sweep|attention-ab|same-gpu-5|pdl-ab|prefetch-ab|dense-prefetch-ab|early-ab|argtable-ab|wcache-ab|depth-ab|wcache-check|persist-ab|trigger-ab|l2ahead-ab|dq-ab|all]
 # two-gpu needs two GPUs of one host. Needs PyAV (writing and reading the mp4 clips), Triton (the exact
 # step) and bitsandbytes (nf4). Each part is one `coordinator bench` run; bench.json/bench.md are written
 # after every (placement, MPS) session, so a run cut short keeps what it finished. MPS=on,off adds the MPS
@@ -182,20 +182,6 @@ if [[ $WHAT == dq-ab ]]; then   # the NF4 kernel reading double-quantized scale 
         echo "$(date +%T) step $kind nf4 dq=${v%p}"
         EVENTSPEC_NF4_CUDA=dq=${v%p} "$PY" benchmarks/step_bench.py --kinds "$kind" --precisions nf4 --repeats 15 \
             --no-previous $profile --out "$OUT/step-$kind-nf4-dq$v-$SECONDS.json" | cut -c1-300
-    done
-    echo "$(date +%T) done"
-    exit 0
-fi
-if [[ $WHAT == wg-ab ]]; then   # the NF4 kernel on Hopper's warpgroup MMAs (Config.wg): errors, tests, kernel times, steps
-    "$PY" benchmarks/wg_check.py --configs "${WG_CHECK:-wg=1,minb=2;wg=1,minb=2,wswap=1;wg=1,minb=2,wn16=1}" 2>&1 | tee "$OUT/wg_check.txt"
-    "$PY" -m pytest -q tests/test_nf4_cuda.py -k warpgroup -x 2>&1 | tail -${WG_TAIL:-4} || true
-    "$PY" benchmarks/kernel_probe.py --sweep nf4-cuda --rows 1,9 --configs "${WG_CONFIGS:-wg=1,minb=2}" \
-        > "$OUT/kernel_probe-wg.json" 2> "$OUT/kernel_probe-wg.log" || tail -3 "$OUT/kernel_probe-wg.log"
-    for config in ${WG_STEPS:-default wg=1,minb=2}; do
-        [[ $config == default ]] && config=""
-        echo "$(date +%T) step eventgpt nf4 ${config:-default}"
-        EVENTSPEC_NF4_CUDA=$config "$PY" benchmarks/step_bench.py --kinds eventgpt --precisions nf4 --repeats 15 \
-            --no-previous --out "$OUT/step-wg-${config//[=,]/_}-$SECONDS.json" | cut -c1-400 || true
     done
     echo "$(date +%T) done"
     exit 0

@@ -188,7 +188,7 @@ def cuda_sweep(configs_list=None, rows_list=(1, 2, 5, 9, 16, 17)):
             configs = [{}] + ((CUDA_CONFIGS if configs_list is None else configs_list) if rows in (1, 9) else [])
             for change in configs:
                 config = replace(nf4_cuda.CONFIG, **change)
-                splits, per = nf4_cuda.splits_for(n, k, config.programs, config)
+                splits, per = nf4_cuda.splits_for(n, k, config.programs)
                 if config.layout and tiled is None:       # the same weights, tile-major
                     tiled = [nf4_cuda.tile_packed(p, n, k) for p in packs]
                 weights = tiled if config.layout else packs

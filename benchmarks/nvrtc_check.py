@@ -2,14 +2,16 @@
 wheel unpacked somewhere): the compile errors and ptxas' register and spill report (`-Xptxas -v`) per variant,
 before device time is spent on them.
 
-    python benchmarks/nvrtc_check.py --nvrtc /tmp/nvrtc/nvidia/cu13/lib/libnvrtc.so.13 --configs "wg=1,depth=4;"
+    python benchmarks/nvrtc_check.py --nvrtc /tmp/nvrtc/nvidia/cu13/lib/libnvrtc.so.13 --configs ";depth=4,minb=3"
+
+Used in the eleventh session to check a warpgroup-MMA variant's registers and spills before running it (its
+source is in commit 4d34a7a; BENCHMARKS.md, eleventh session).
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,21 +38,18 @@ def compile_source(lib, text: str, name: str, arch: str) -> tuple[bool, str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nvrtc", required=True, help="path of libnvrtc.so (its builtins library beside it)")
-    parser.add_argument("--configs", default=";wg=1", help="EVENTSPEC_NF4_CUDA forms separated by ';'")
-    parser.add_argument("--arch", default=None, help="sm_ARCH (default: 90a for wg configs, else 90)")
+    parser.add_argument("--configs", default=";dq=1", help="EVENTSPEC_NF4_CUDA forms separated by ';'")
+    parser.add_argument("--arch", default="90", help="sm_ARCH, e.g. 90 (H100/H200), 89 (RTX 4090), 90a")
     args = parser.parse_args(argv)
     lib = ctypes.CDLL(args.nvrtc)
     failed = 0
     for text in args.configs.split(";"):
-        config = replace(nf4_cuda.parse_config(text, allow_probe=True))
+        config = nf4_cuda.parse_config(text, allow_probe=True)
         for dtype in (torch.bfloat16,):
             for two in (False, True):
                 for pdl in (False, True):
-                    if config.wg:
-                        source, name = nf4_cuda.wg_source(dtype, config, two, pdl)
-                    else:
-                        source, name = nf4_cuda.source(dtype, config, two, pdl)
-                    arch = args.arch or ("90a" if config.wg else "90")
+                    source, name = nf4_cuda.source(dtype, config, two, pdl, bool(config.dq))
+                    arch = args.arch
                     ok, log = compile_source(lib, source, name, arch)
                     failed += not ok
                     lines = [line for line in log.splitlines() if "error" in line or "registers" in line

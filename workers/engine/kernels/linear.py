@@ -370,11 +370,8 @@ class Weight:
         if self.nf4:
             self._choose_nf4_kernel()
         if self.tensor_cores:
-            self.kernel_splits, per_split = nf4_cuda.splits_for(self.n, self.k, config=self.nf4_config)
+            self.splits, per_split = nf4_cuda.splits_for(self.n, self.k)
             self.k_split = per_split * NF4_BLOCK
-            # Config.wg's kernel adds its splits itself (in split order, as the finish kernels would): the callers
-            # then see one partial
-            self.splits = 1 if self.nf4_config.wg and self.nf4_config.wreduce else self.kernel_splits
             return
         if self.nf4:        # the one-row kernels (nf4_rows.py): their own tiles and programs per row
             block_k, block_n, programs = ROWS_BLOCK_K, ROWS_BLOCK_N, ROWS_PROGRAMS
@@ -400,14 +397,13 @@ class Weight:
             self.nf4_kernel_note = reason
             return
         self.tensor_cores = True
-        self.nf4_config = nf4_cuda.config_for(self.packed.device)
         self.pairs = {dtype: nf4_cuda.pair_table(self.code, dtype) for dtype in (torch.bfloat16, torch.float16)}
         # only the kernel's tiled layout is kept: bitsandbytes' double-quantized bytes where the kernel can read
         # them (`nf4_cuda.Config.dq`, `tile_scale_bytes`: a quarter of the float32 scales' bytes, the same
         # values), else the float32 absmax (`tile_absmax`); `absmax` then holds that
-        config = self.nf4_config
+        config = nf4_cuda.CONFIG
         stacked = None
-        if (config.dq or self.scale_bytes) and config.layout and not (config.persist or config.xring or config.wg):
+        if (config.dq or self.scale_bytes) and config.layout and not (config.persist or config.xring):
             stacked = nf4_cuda.double_quant(self.nested or [], self.k)
         if stacked is not None:
             q, self.dq = stacked
@@ -448,12 +444,7 @@ class Weight:
             return out
         if x.dtype not in self.pairs:
             raise ValueError(f"the NF4 CUDA kernel takes bf16 or fp16 inputs; got {x.dtype}")
-        config = self.nf4_config
-        if config.wg and config.wreduce:    # split partials in scratch, their sum in `out` [1, M, N]
-            scratch = torch.empty((self.kernel_splits, x.shape[0], self.n), dtype=torch.float32, device=x.device)
-            nf4_cuda.partials(x, self.packed, self.absmax, self.pairs[x.dtype], self.n, self.k, scratch, config=config,
-                              total=out[0])
-            return out
+        config = nf4_cuda.CONFIG
         if self.l2_ahead and config.layout and pdl_mode(x.device):
             config = replace(config, prefetch=self.l2_ahead)
         return nf4_cuda.partials(x, self.packed, self.absmax, self.pairs[x.dtype], self.n, self.k, out, config=config,
@@ -553,14 +544,6 @@ def linear(x: torch.Tensor, weight: Weight, *, out_dtype: torch.dtype | None = N
     return out.sum(0).to(out_dtype or x.dtype)      # not on the step's path: see linear_residual_norm
 
 
-def finish_warps(splits: int) -> int:
-    """`_finish_kernel`'s warps for a weight of `splits` partials: 8 up to 4 splits (the mma.sync NF4 kernel's 1-2,
-    the dense weights'), 32 beyond (`nf4_cuda.Config.wg` with `wreduce=0`: up to 16 partials of a row, whose
-    loads 8 warps cannot hold in flight). The warps set the order of the norm's sum, so they are a function of
-    the weight's shape and kernel only, the same for every row count."""
-    return 8 if splits <= 4 else 32
-
-
 def linear_residual_norm(x: torch.Tensor, weight: Weight, residual: torch.Tensor, norm_weight: torch.Tensor,
                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden = residual + x @ W.T; returns (hidden, rmsnorm(hidden) · norm_weight)."""
@@ -573,8 +556,7 @@ def linear_residual_norm(x: torch.Tensor, weight: Weight, residual: torch.Tensor
     normed = torch.empty_like(hidden)
     pdl = pdl_mode(x.device)
     _finish_kernel[(m,)](part, residual, hidden, norm_weight, normed, m, n, eps, SPLITS=weight.splits,
-                         BLOCK=triton.next_power_of_2(n), EMULATE=INTERPRET, PDL=pdl, num_warps=finish_warps(weight.splits),
-                         launch_pdl=pdl > 0)
+                         BLOCK=triton.next_power_of_2(n), EMULATE=INTERPRET, PDL=pdl, num_warps=8, launch_pdl=pdl > 0)
     return hidden, normed
 
 

@@ -617,217 +617,6 @@ extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
 }
 """
 
-# `Config.wg`: the same NF4 blocks on Hopper's warpgroup MMAs (`wgmma.mma_async`, compute capability 9.0, compiled
-# for sm_90a). Appended to SOURCE's helpers (the table, the weight loads, the PDL wait); SOURCE's own kernel is cut off.
-# A program = 8 warps = 8 tiles of 16 weight rows (128 rows) × a K split × 16 rows of x; the two warpgroups each
-# issue an m64nNk16 MMA whose A operand is their four warps' looked-up weights (registers, the m16n8k16 A fragment
-# per warp, as `block_mma` builds it) and whose B operand is x, staged once per program in shared memory in the
-# MMA's k order. Every warp streams its own tile's blocks of the split in order (a ring of DEPTH blocks) and keeps
-# its rows' sums to the end: no sums across warps. The MMAs run asynchronously: block i's four MMAs are issued into
-# one of two partial sums, then block i - 1's are waited for and added, scaled by its absmax (float32 FMA).
-WG_SOURCE = r"""
-#define WG_Q WG_Q_VALUE             // 8-row groups of x a program holds: 1 (1-8 rows) or 2 (9-16 rows)
-#define WG_N16 WG_N16_VALUE         // 1: two groups as one m64n16k16 MMA; 0: two m64n8k16 MMAs
-#define WG_SWAP WG_SWAP_VALUE       // 1: the descriptor's two strides swapped (a layout check, not a choice)
-#define WG_STAGE WG_STAGE_VALUE     // blocks whose MMAs are in flight together (DEPTH is a multiple)
-
-__device__ __forceinline__ unsigned long long wg_desc(unsigned address) {
-    // no swizzle; core matrices of 8 rows × 16 bytes: 128 bytes from one k half to the next, 256 from 8 rows of x
-    // to the next 8
-    const unsigned long long lbo = WG_SWAP ? 256u : 128u, sbo = WG_SWAP ? 128u : 256u;
-    return (unsigned long long)((address & 0x3FFFFu) >> 4) | ((lbo >> 4) << 16) | ((sbo >> 4) << 32);
-}
-
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wg_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
-}
-
-// d (+)= A · B for 64 weight rows (this warp's 16: a0..a3) × k16 × 8 rows of x at `desc`; `acc` 0: d = A · B
-__device__ __forceinline__ void wg_mma8(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                                        unsigned long long desc, int acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n8k16.f32.DT.DT "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
-}
-
-__device__ __forceinline__ void wg_mma16(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                                         unsigned long long desc, int acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n16k16.f32.DT.DT "
-                 "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
-}
-
-// One NF4 block of this warp's rows g, g + 8 into `part` (overwritten): 4 k16 steps, step s taking bytes 2s,
-// 2s + 1 of the lane's 8 (the k order `block_mma` uses; the staged x follows it). `xs` = the block's staged x
-__device__ __forceinline__ void wg_block(float* part, unsigned lt, uint2 wa, uint2 wb, unsigned xs) {
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-        const unsigned ra = s < 2 ? wa.x : wa.y, rb = s < 2 ? wb.x : wb.y;
-        const int lo = 2 * (s & 1);
-        const unsigned a0 = lut(lt, ra, lo), a1 = lut(lt, rb, lo), a2 = lut(lt, ra, lo + 1), a3 = lut(lt, rb, lo + 1);
-        const unsigned step = xs + (unsigned)s * WG_Q * 256u;
-#if WG_Q == 2 && WG_N16
-        wg_mma16(part, a0, a1, a2, a3, wg_desc(step), s);
-#else
-        wg_mma8(part, a0, a1, a2, a3, wg_desc(step), s);
-#if WG_Q == 2
-        wg_mma8(part + 4, a0, a1, a2, a3, wg_desc(step + 256u), s);
-#endif
-#endif
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(256, MINB_VALUE) NAME(
-        const unsigned* __restrict__ x,            // [M, K / 2] words, two 16-bit values each
-        const unsigned char* __restrict__ w,       // tile-major packed bytes (`tile_packed`)
-        const float2* __restrict__ absmax,         // [N / 16, K / 64, 8]: (row g, row g + 8) of a tile
-        float* __restrict__ out,                   // [S, M, N] float32 partials
-        int M, int N, int K, int split_blocks,
-        unsigned c0, unsigned c1, unsigned c2, unsigned c3, unsigned c4, unsigned c5, unsigned c6, unsigned c7,
-        float* __restrict__ total,                 // [M, N]: the splits' partials added in split order (`reduce`)
-        int* __restrict__ tickets,                 // per (program column, row group): zero between launches
-        int reduce) {
-    extern __shared__ __align__(128) unsigned shared[];
-    __shared__ int is_last;
-    unsigned* stage = shared + TABLE_WORDS;               // x: [block][step][group][k half][row][4 words]
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const int KB = K >> 6, KW = K >> 1;
-    const int split = blockIdx.y, m0 = blockIdx.z * 16;
-    const int b_begin = split * split_blocks, nb = min(split_blocks, KB - b_begin);
-    const int tiles = (N + 15) >> 4, my_tile = blockIdx.x * 8 + warp;
-    const int tile = min(my_tile, tiles - 1);             // a warp past the last tile reads the last (never stored)
-    const int here = min(16, M - m0);
-    {
-        const unsigned codes[8] = {c0, c1, c2, c3, c4, c5, c6, c7};
-        fill_table_args(shared, codes, tid);
-    }
-    const unsigned lt = (unsigned)__cvta_generic_to_shared(shared) + 4u * lane;
-    const unsigned xs0 = (unsigned)__cvta_generic_to_shared(stage);
-    const uint2* pa = (const uint2*)(w + ((size_t)tile * KB + b_begin) * 512) + 4 * g + t;
-    const float2* ps = absmax + ((size_t)tile * KB + b_begin) * 8 + g;
-    uint2 ring_a[DEPTH], ring_b[DEPTH];
-    float2 ring_s[DEPTH];
-#pragma unroll
-    for (int d = 0; d < DEPTH; ++d) {
-        if (d < nb) {
-            ring_a[d] = load_w(pa + d * 64);
-            ring_b[d] = load_w(pa + d * 64 + 32);
-            ring_s[d] = load_s(ps + d * 8);
-        }
-    }
-    wait_inputs();
-    // x rows m0 .. m0 + 8 WG_Q - 1 of the split's blocks into the stage (rows past M as zeros): a 16-byte piece
-    // (words 8 t' + 4 h .. + 3 of a block's row) holds words 2 s + c of steps s = 2 h, 2 h + 1, halves c = 0, 1
-    for (int i = tid; i < nb * WG_Q * 64; i += 32 * WARPS) {
-        const int blk = i / (WG_Q * 64), rem = i - blk * (WG_Q * 64), row = rem >> 3, piece = rem & 7;
-        const int tp = piece >> 1, h = piece & 1, q = row >> 3, r = row & 7;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (row < here) v = *((const uint4*)(x + (size_t)(m0 + row) * KW + (size_t)(b_begin + blk) * 32) + piece);
-        const unsigned words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int s = 2 * h + (j >> 1), c = j & 1;
-            stage[((((blk * 4 + s) * WG_Q + q) * 2 + c) * 8 + r) * 4 + tp] = words[j];
-        }
-    }
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    __syncthreads();
-
-    // a stage = WG_STAGE blocks: their MMAs issued into their own partials, one commit, one wait, then each partial
-    // scaled by its block's absmax and added in block order (no accumulator is read while an MMA is in flight)
-    float acc[4 * WG_Q];
-#pragma unroll
-    for (int e = 0; e < 4 * WG_Q; ++e) acc[e] = 0.f;
-    for (int b0 = 0; b0 < nb; b0 += DEPTH) {
-#pragma unroll
-        for (int d0 = 0; d0 < DEPTH; d0 += WG_STAGE) {
-            if (b0 + d0 < nb) {                              // the same for the whole program
-                float part[WG_STAGE][4 * WG_Q];
-                float2 scale[WG_STAGE];
-                wg_fence();
-#pragma unroll
-                for (int j = 0; j < WG_STAGE; ++j) {
-                    const int i = b0 + d0 + j;
-                    if (i < nb)
-                        wg_block(part[j], lt, ring_a[d0 + j], ring_b[d0 + j], xs0 + (unsigned)i * 4u * WG_Q * 256u);
-                    scale[j] = ring_s[d0 + j];
-                }
-                wg_commit();
-#pragma unroll
-                for (int j = 0; j < WG_STAGE; ++j) {         // refill the stage's slots with the blocks DEPTH ahead
-                    const int i = b0 + d0 + j + DEPTH;
-                    if (i < nb) {
-                        ring_a[d0 + j] = load_w(pa + i * 64);
-                        ring_b[d0 + j] = load_w(pa + i * 64 + 32);
-                        ring_s[d0 + j] = load_s(ps + i * 8);
-                    }
-                }
-                wg_wait<0>();
-#pragma unroll
-                for (int j = 0; j < WG_STAGE; ++j) {
-                    if (b0 + d0 + j < nb) {
-#pragma unroll
-                        for (int e = 0; e < 4 * WG_Q; ++e)
-                            acc[e] = __fmaf_rn(part[j][e], (e & 2) ? scale[j].y : scale[j].x, acc[e]);
-                    }
-                }
-            }
-        }
-    }
-    // C fragment: (weight row g, x rows 2t, 2t + 1), (g + 8, 2t, 2t + 1); the second group: x rows + 8
-    if (my_tile < tiles) {
-#pragma unroll
-        for (int e = 0; e < 4 * WG_Q; ++e) {
-            const int n = my_tile * 16 + g + ((e & 2) ? 8 : 0), m = (e >> 2) * 8 + 2 * t + (e & 1);
-            if (m < here && n < N) out[((size_t)split * M + m0 + m) * N + n] = acc[e];
-        }
-    }
-    if (!reduce) return;
-    // The program that draws the last ticket of its (tile group, row group) adds the S partials of its 128 columns
-    // in split order (0 + p0 + p1 + ..., as the finish kernels would), so they read one partial, not S. Only who adds
-    // depends on timing. Ordering as `attention._ticket_kernel`'s: a CTA barrier, one thread's acq_rel atomic at GPU
-    // scope, then loads that bypass L1
-    __syncthreads();
-    int* ticket = tickets + blockIdx.z * gridDim.x + blockIdx.x;
-    if (tid == 0) {
-        int drawn;
-        __threadfence();
-        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n" : "=r"(drawn) : "l"(ticket) : "memory");
-        is_last = drawn == (int)gridDim.y - 1;
-    }
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    const int n = blockIdx.x * 128 + (tid & 127), S = gridDim.y;
-    if (n < N) {
-        for (int m = tid >> 7; m < here; m += 2) {
-            const float* p = out + (size_t)(m0 + m) * N + n;
-            const size_t stride = (size_t)M * N;
-            float sum = 0.f;
-            for (int sp0 = 0; sp0 < S; sp0 += 8) {         // 8 loads in flight, then added in split order
-                float v[8];
-#pragma unroll
-                for (int j = 0; j < 8; ++j) v[j] = sp0 + j < S ? __ldcg(p + (size_t)(sp0 + j) * stride) : 0.f;
-#pragma unroll
-                for (int j = 0; j < 8; ++j) if (sp0 + j < S) sum += v[j];
-            }
-            total[(size_t)(m0 + m) * N + n] = sum;
-        }
-    }
-    if (tid == 0) *ticket = 0;                            // every program of the group has drawn
-}
-"""
-WG_TILES = 8                   # tiles of 16 weight rows per program (`Config.wg`): one per warp
-WG_MAX_SPLIT = 32              # NF4 blocks per split at most (`Config.wg`): the staged x stays ≤ 64 KB
-WG_MIN_SPLIT = 4               # and at least (where K allows)
-
-
 _MMA_TYPE = {torch.bfloat16: "bf16", torch.float16: "f16"}
 _lock = threading.Lock()
 _kernels: dict = {}
@@ -868,14 +657,6 @@ class Config:
                             # Triton kernels' early trigger made a step 4 % slower on an H200 (tenth session)
     prefetch: int = 0       # 1: each program first prefetches its tile's weight bytes and scales into L2 (a
                             # prefetch a line), 2: as 4 KB bulk prefetches (compute capability 9+); tile-major only
-    wg: int = 0             # 1: Hopper's warpgroup MMAs (`WG_SOURCE`, compute capability 9.0 only: elsewhere the
-                            # mma.sync kernel): 128 weight rows a program, x staged in shared memory; its own split
-                            # (`splits_for`) and so its own sums, the same for every row count
-    wn16: int = 0           # with wg, 9-16 rows as one m64n16k16 MMA per step instead of two m64n8k16
-    wswap: int = 0          # with wg, the descriptor's strides swapped: a layout check for the GPU tests, wrong sums
-    wreduce: int = 1        # with wg, 1: the kernel's last program of a tile group adds the splits (the finish kernels
-                            # read one partial); 0: the finish kernels add them
-    wstage: int = 1         # with wg, blocks whose MMAs are in flight before one wait (`depth` is a multiple)
     probe: int = 0          # measurement only (kernel_probe.py), the sums are wrong: 1 = the weight, scale and
                             # x loads alone, 2 = loads and table lookups, no MMA, 3 = 1 without the table
                             # fill, 4 = the weight loads in whole 128-byte lines (the dense kernels' shape),
@@ -934,26 +715,6 @@ def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True, pdl: b
     return text.replace("NAME", name), name
 
 
-def wg_source(dtype: torch.dtype, config: Config, two: bool, pdl: bool) -> tuple[str, str]:
-    """(CUDA C source, kernel name) of `Config.wg`'s kernel: SOURCE's helpers (its own kernel cut off) and
-    WG_SOURCE; `two`: 9-16 rows of x a program (two 8-row groups)."""
-    kind = _MMA_TYPE[dtype]
-    helpers, _ = source(dtype, replace(config, depth1=0), two, pdl)
-    helpers = helpers[:helpers.index('extern "C"')]
-    name = (f"eventspec_nf4_wgmma_{kind}_d{config.depth}m{config.minb}q{1 + two}"
-            + f"s{config.wstage}" + ("n" if two and config.wn16 else "") + ("x" if config.wswap else "") + (f"c{config.wcache}" if config.wcache else "")
-            + ("w" if pdl else ""))
-    text = (WG_SOURCE.replace("WG_Q_VALUE", str(1 + two)).replace("WG_N16_VALUE", str(int(bool(config.wn16))))
-            .replace("WG_SWAP_VALUE", str(int(bool(config.wswap)))).replace("WG_STAGE_VALUE", str(config.wstage)).replace("MINB_VALUE", str(config.minb))
-            .replace(".DT.DT ", f".{kind}.{kind} ").replace("NAME", name))
-    return helpers + text, name
-
-
-def wg_shared_bytes(two: bool) -> int:
-    """`Config.wg`'s shared memory: the table and the largest split's staged x."""
-    return 4 * TABLE_WORDS + WG_MAX_SPLIT * (1 + two) * 1024
-
-
 def _compile(device: torch.device, dtype: torch.dtype, config: Config = CONFIG, two: bool = True,
              pdl: bool = False, dq: bool = False):
     key = (device.index, dtype, config, two, pdl) + ((True,) if dq else ())
@@ -963,21 +724,11 @@ def _compile(device: torch.device, dtype: torch.dtype, config: Config = CONFIG, 
         if key in _failure:
             return None
         try:
-            if config.wg:
-                if torch.cuda.get_device_capability(device) != (9, 0):
-                    raise RuntimeError("Config.wg needs compute capability 9.0 (warpgroup MMAs)")
-                if config.wstage < 1 or config.depth % config.wstage or dq or config.probe or config.persist or not config.layout:
-                    raise ValueError("Config.wg takes a depth that wstage divides, tile-major bytes, float32 scales, no "
-                                     "probe or persist")
-                text, name = wg_source(dtype, config, two, pdl)
-                shared = wg_shared_bytes(two)
-            else:
-                text, name = source(dtype, config, two, pdl, dq)
-                shared = config.shared_bytes()
+            text, name = source(dtype, config, two, pdl, dq)
             with torch.cuda.device(device):
-                kernel = torch.cuda._compile_kernel(text, name, **({"compute_capability": "90a"} if config.wg else {}))
-                if shared >= 48 * 1024:
-                    kernel.set_shared_memory_config(shared)
+                kernel = torch.cuda._compile_kernel(text, name)
+                if config.shared_bytes() >= 48 * 1024:
+                    kernel.set_shared_memory_config(config.shared_bytes())
         except Exception as exc:  # noqa: BLE001 - no NVRTC, an old torch or an unsupported GPU: Triton path
             _failure[key] = f"{type(exc).__name__}: {exc}"
             return None
@@ -991,15 +742,6 @@ def _pdl(device: torch.device) -> bool:
     return pdl_on(device) and cuda_launch.available()
 
 
-def config_for(device) -> Config:
-    """The process's `Config` on `device`: `Config.wg` only where warpgroup MMAs exist (compute capability 9.0);
-    elsewhere the mma.sync kernel (with its own split, chosen per weight from this config)."""
-    device = torch.device(device)
-    if CONFIG.wg and (device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0)):
-        return replace(CONFIG, wg=0)
-    return CONFIG
-
-
 def unavailable_reason(device) -> str | None:
     """Why the CUDA kernel cannot run on `device` (None when it can); compiles it for both 16-bit types."""
     device = torch.device(device)
@@ -1009,25 +751,18 @@ def unavailable_reason(device) -> str | None:
     if major < 8:
         return "bf16 MMAs need compute capability 8.0 or newer"
     pdl = _pdl(device)
-    config = config_for(device)
     for dtype in _MMA_TYPE:
         for two in (False, True):
-            if _compile(device, dtype, config, two, pdl) is None:
-                return _failure[(device.index, dtype, config, two, pdl)]
+            if _compile(device, dtype, CONFIG, two, pdl) is None:
+                return _failure[(device.index, dtype, CONFIG, two, pdl)]
     return None
 
 
-def splits_for(n: int, k: int, programs: int | None = None, config: Config | None = None) -> tuple[int, int]:
-    """(split count, NF4 blocks per split) for a weight [n, k]: a function of the shape (and of whether the
-    process runs `Config.wg`'s kernel, whose programs hold 8 tiles and at most WG_MAX_SPLIT blocks) only."""
-    config = CONFIG if config is None else config
+def splits_for(n: int, k: int, programs: int | None = None) -> tuple[int, int]:
+    """(split count, NF4 blocks per split) for a weight [n, k]: a function of the shape only."""
     tiles = -(-n // 16)
     blocks = k // 64
-    if config.wg:
-        groups = -(-tiles // WG_TILES)
-        splits = max(1, min(blocks // WG_MIN_SPLIT, round((programs or config.programs) / groups)), -(-blocks // WG_MAX_SPLIT))
-    else:
-        splits = max(1, min(blocks // MIN_SPLIT_BLOCKS, round((programs or config.programs) / tiles)))
+    splits = max(1, min(blocks // MIN_SPLIT_BLOCKS, round((programs or CONFIG.programs) / tiles)))
     per_split = -(-blocks // splits)
     return -(-blocks // per_split), per_split
 
@@ -1133,13 +868,13 @@ def code_words(code: torch.Tensor, dtype: torch.dtype) -> tuple[int, ...]:
 
 def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor, n: int, k: int,
              out: torch.Tensor, per_split: int | None = None, config: Config = CONFIG,
-             dq: DoubleQuant | None = None, total: torch.Tensor | None = None) -> torch.Tensor:
+             dq: DoubleQuant | None = None) -> torch.Tensor:
     """Float32 split partials out [S, M, n] of x [M, k] @ W.T; `absmax` from `tile_absmax` (float32), or with
     `dq` the bytes from `tile_scale_bytes` (uint8), `pairs` from `pair_table` in x's dtype.
     `per_split` (NF4 blocks per split) and `config` override the step's choice for
     benchmarks/kernel_probe.py's sweep."""
     m = x.shape[0]
-    splits, default = splits_for(n, k, config=config)
+    splits, default = splits_for(n, k)
     if per_split is None:
         per_split = default
     splits = -(-(k // 64) // per_split)
@@ -1159,10 +894,6 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
         raise ValueError("x must be 16-byte aligned and the packed weight 8-byte aligned")
     two = m > 8
     tiles = -(-n // 16)
-    if config.wg:
-        return _wg_partials(x, packed, absmax, pairs, n, k, out, per_split, config, dq, total)
-    if total is not None:
-        raise ValueError("total (the splits added in the kernel) is Config.wg's only")
     grid = (-(-tiles // max(1, config.tiles)), splits, -(-m // ROWS_PER_PROGRAM))
     if config.persist:
         if config.layout and config.probe == 0 and (k // 64) % 8 == 0 and per_split % 8 == 0:
@@ -1181,48 +912,4 @@ def partials(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs:
     extra = [dq.absmax2, dq.code2, dq.tile_offset, dq.absmax2.numel()] if dq is not None else [x, x, x, 1]
     cuda_launch.launch(kernel, grid, (32 * WARPS, 1, 1), [x, packed, absmax, pairs, out, m, n, k, per_split, *words, *extra],
            config.shared_bytes(), pdl=pdl)
-    return out
-
-
-_WG_TICKETS: dict = {}
-
-
-def wg_tickets(device: torch.device, count: int) -> torch.Tensor:
-    """The device's int32 ticket counters of `Config.wg`'s reduction (zero between launches; each launch leaves
-    them so), at least `count`; grown only outside a CUDA graph capture (the step runs every bucket eagerly
-    first), older ones kept alive for the graphs that hold their address."""
-    held = _WG_TICKETS.setdefault(device, [])
-    if held and held[-1].numel() >= count:
-        return held[-1]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(f"the NF4 warpgroup kernel needs {count} ticket counters on {device}, none were allocated "
-                           "before this CUDA graph capture: run it eagerly with as many rows first")
-    held.append(torch.zeros(max(count, 4096), dtype=torch.int32, device=device))
-    return held[-1]
-
-
-def _wg_partials(x, packed, absmax, pairs, n, k, out, per_split, config, dq, total=None):
-    """`partials` on `Config.wg`'s kernel (checked by `partials` but for its own limits); with `total` [M, n]
-    float32, the kernel also adds the partials in split order into it."""
-    m = x.shape[0]
-    if dq is not None or not config.layout or per_split > WG_MAX_SPLIT:
-        raise ValueError(f"Config.wg reads tile-major bytes and float32 scales, at most {WG_MAX_SPLIT} blocks a split")
-    two = m > 8
-    splits = -(-(k // 64) // per_split)
-    grid = (-(-(-(-n // 16)) // WG_TILES), splits, -(-m // ROWS_PER_PROGRAM))
-    pdl = _pdl(x.device)
-    kernel = _compile(x.device, x.dtype, config, two, pdl)
-    if kernel is None:
-        raise RuntimeError(f"the NF4 warpgroup kernel is not available: {_failure.get((x.device.index, x.dtype, config, two, pdl))}")
-    words = getattr(pairs, "code_words", None)
-    if words is None:
-        raise ValueError("pairs must come from pair_table (it carries the codes as kernel arguments)")
-    shared = 4 * TABLE_WORDS + per_split * (1 + two) * 1024
-    if total is not None and (total.shape != (m, n) or total.dtype != torch.float32 or not total.is_contiguous()):
-        raise ValueError(f"total must be contiguous float32 [{m}, {n}]; got {tuple(total.shape)} {total.dtype}")
-    reduce = total is not None
-    tickets = wg_tickets(x.device, grid[0] * grid[2]) if reduce else out
-    cuda_launch.launch(kernel, grid, (32 * WARPS, 1, 1),
-                       [x, packed, absmax, out, m, n, k, per_split, *words, total if reduce else out, tickets, int(reduce)],
-                       shared, pdl=pdl)
     return out
