@@ -126,7 +126,7 @@ def test_ring_depth_x_ring_and_tiles_per_program_give_the_same_bits(shape):
                        dict(layout=1, early=1, tiles=3), dict(layout=1, argtable=1),
                        dict(layout=1, argtable=1, early=1), dict(layout=1, argtable=1, tiles=3),
                        dict(layout=1, argtable=0), dict(layout=1, wcache=0), dict(layout=1, wcache=2),
-                       dict(layout=1, depth1=5), dict(layout=1, persist=1), dict(layout=1, persist=1, wcache=2)):
+                       dict(layout=1, depth1=5), dict(layout=1, minb1=5), dict(layout=1, persist=1), dict(layout=1, persist=1, wcache=2)):
             other = torch.full((splits, rows, n), float("nan"), device="cuda")
             weight = nf4_cuda.tile_packed(packed, n, k) if change.get("layout") else packed
             nf4_cuda.partials(x, weight, tiles, pairs, n, k, other, per, replace(nf4_cuda.CONFIG, **change))

@@ -631,6 +631,9 @@ class Config:
     depth: int = 3          # NF4 blocks of weights in flight per warp
     depth1: int = 0         # the same for the kernel of 1–8 rows (no second MMA: registers to spare); 0 = `depth`.
                             # Only the loads' timing changes, so both kernels still give a row the same bits
+    minb1: int = 0          # the same for the kernel of 1–8 rows; 0 = `minb`. 5 (48 registers: 5 programs of 41 KB shared
+                            # memory per SM) compiles without spills there, where the 9–16-row kernel spills
+                            # (`benchmarks/nvrtc_check.py`). Only occupancy changes, not a row's arithmetic
     xring: int = 0          # 1: x rows 0..7 ride in the ring too (more registers, no x latency per block)
     minb: int = 4           # programs per SM the compiler budgets registers for (4: 64 registers; the 9–16
                             # row kernel then runs 10 % faster, measured: verify8 3.69 instead of 4.07 ms)
@@ -701,7 +704,8 @@ def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True, pdl: b
     weight loads (`launch`); `dq`: the scales are double-quantized bytes (`tile_scale_bytes`)."""
     kind = _MMA_TYPE[dtype]
     depth = config.depth1 if config.depth1 and not two else config.depth
-    name = (f"eventspec_nf4_partials_{kind}_d{depth}x{config.xring}m{config.minb}r{1 + two}"
+    minb = config.minb1 if config.minb1 and not two else config.minb
+    name = (f"eventspec_nf4_partials_{kind}_d{depth}x{config.xring}m{minb}r{1 + two}"
             + (f"p{config.probe}" if config.probe else "") + ("t" if config.layout else "")
             + (f"f{config.prefetch}" if config.prefetch else "") + ("e" if config.early else "") + (f"c{config.wcache}" if config.wcache else "") + ("s" if config.persist else "") + ("a" if config.argtable else "")
             + ("g" if config.trigger else "") + ("q" if dq else "") + ("w" if pdl else ""))
@@ -711,7 +715,7 @@ def source(dtype: torch.dtype, config: Config = CONFIG, two: bool = True, pdl: b
             .replace("TRIGGER_VALUE", str(int(bool(config.trigger)))).replace("DQ_VALUE", str(int(dq)))
             .replace("ARGTABLE_VALUE", str(int(bool(config.argtable))))
             .replace("TWO_VALUE", str(int(two))).replace("TILED_VALUE", str(int(bool(config.layout))))
-            .replace("MINB_VALUE", str(config.minb)).replace(".DT.DT.", f".{kind}.{kind}."))
+            .replace("MINB_VALUE", str(minb)).replace(".DT.DT.", f".{kind}.{kind}."))
     return text.replace("NAME", name), name
 
 
