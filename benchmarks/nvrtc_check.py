@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 import sys
 from pathlib import Path
 
@@ -43,20 +44,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     lib = ctypes.CDLL(args.nvrtc)
     failed = 0
-    for text in args.configs.split(";"):
-        config = nf4_cuda.parse_config(text, allow_probe=True)
-        for dtype in (torch.bfloat16,):
-            for two in (False, True):
-                for pdl in (False, True):
-                    source, name = nf4_cuda.source(dtype, config, two, pdl, bool(config.dq))
-                    arch = args.arch
-                    ok, log = compile_source(lib, source, name, arch)
-                    failed += not ok
-                    lines = [line for line in log.splitlines() if "error" in line or "registers" in line
-                             or "spill" in line or "warning" in line.lower()]
-                    print(f"{'ok ' if ok else 'ERR'} {name} sm_{arch}")
-                    for line in lines:
-                        print("    " + line.strip())
+    configs = [nf4_cuda.parse_config(text, allow_probe=True) for text in args.configs.split(";")]
+    for config, two, pdl in itertools.product(configs, (False, True), (False, True)):
+        source, name = nf4_cuda.source(torch.bfloat16, config, two, pdl, bool(config.dq))
+        ok, log = compile_source(lib, source, name, args.arch)
+        failed += not ok
+        print(f"{'ok ' if ok else 'ERR'} {name} sm_{args.arch}")
+        for line in log.splitlines():
+            if "error" in line or "registers" in line or "spill" in line or "warning" in line.lower():
+                print("    " + line.strip())
     return 1 if failed else 0
 
 

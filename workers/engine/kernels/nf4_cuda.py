@@ -631,12 +631,13 @@ class Config:
     depth: int = 3          # NF4 blocks of weights in flight per warp
     depth1: int = 0         # the same for the kernel of 1–8 rows (no second MMA: registers to spare); 0 = `depth`.
                             # Only the loads' timing changes, so both kernels still give a row the same bits
-    minb1: int = 0          # the same for the kernel of 1–8 rows; 0 = `minb`. 5 (48 registers: 5 programs of 41 KB shared
-                            # memory per SM) compiles without spills there, where the 9–16-row kernel spills
-                            # (`benchmarks/nvrtc_check.py`). Only occupancy changes, not a row's arithmetic
     xring: int = 0          # 1: x rows 0..7 ride in the ring too (more registers, no x latency per block)
     minb: int = 4           # programs per SM the compiler budgets registers for (4: 64 registers; the 9–16
                             # row kernel then runs 10 % faster, measured: verify8 3.69 instead of 4.07 ms)
+    minb1: int = 0          # the same for the kernel of 1–8 rows; 0 = `minb`. 5 (48 registers: 5 programs of 41 KB shared
+                            # memory per SM) compiles without spills there, where the 9–16-row kernel spills
+                            # (`benchmarks/nvrtc_check.py`); no faster a step on an H200 (eleventh session): off.
+                            # Only occupancy changes, not a row's arithmetic
     programs: int = TARGET_PROGRAMS     # programs a weight aims at (sets the split of K)
     tiles: int = 1          # tiles of 16 weight rows per program: the 32 KB table is filled once for them all
     layout: int = 1         # 1: the weight bytes tile-major (`tile_packed`): a warp's load is 256 contiguous
