@@ -75,7 +75,10 @@ def render_markdown(data: dict) -> str:
               "draft's token ids with the baseline's answer (right with probability α per position, or per the "
               "seed's per-position profile) while the draft model runs every forward pass; vs baseline is paired "
               "with the baseline of the same placement and MPS setting, vs best baseline with the fastest "
-              "baseline of the run for that sample.", ""]
+              "baseline of the run for that sample; lossless = the record's tokens equal the baseline's, which "
+              "eventspec's modes must (one row-invariant step); hf-generate runs transformers' own kernels, equal to "
+              "the baseline's only to rounding, so at near-tied logits (random weights have many) its tokens may part "
+              "from the baseline's (README, where bit-exactness does not hold).", ""]
     return "\n".join(lines)
 
 
