@@ -104,3 +104,13 @@ def test_critical_path_charges_each_kernel_what_it_adds_to_the_step():
     assert path["span_ms"] == pytest.approx(0.150)
     assert sum(r["marginal_ms"] for r in path["kernels"]) + path["idle_ms"] == pytest.approx(path["span_ms"])
     assert critical_path(events, steps=2)["span_ms"] == pytest.approx(0.075)
+
+
+def test_layer_launch_probe_folds_a_layers_shapes_into_one_weight_of_the_same_bytes():
+    from benchmarks.layer_launch_probe import LAYER, merged_shape
+    n, k = merged_shape()
+    assert (n, k) == (49408, 4096)
+    assert n * k == sum(rows * cols for rows, cols in LAYER)
+    assert merged_shape(((8, 128), (4, 64)), k=64) == (20, 64)
+    with pytest.raises(ValueError, match="do not fold"):
+        merged_shape(((3, 100),), k=64)
