@@ -40,7 +40,7 @@ def quantized(n: int, k: int, copies: int):
     """`copies` tile-major NF4 copies of one random [n, k] weight, their tile scales and the pair tables."""
     packed, absmax = nf4.quantize(torch.randn(n, k, device="cuda") / 64)
     tiles = nf4_cuda.tile_absmax(absmax, n, k)
-    packs = [nf4_cuda.tile_packed(packed.clone(), n, k) for _ in range(copies)]
+    packs = [nf4_cuda.tile_packed(packed, n, k) for _ in range(copies)]     # each call makes a new tensor
     return packs, [tiles.clone() for _ in range(copies)]
 
 
